@@ -1,0 +1,30 @@
+"""fastnn: fast kernels for neural-network training on NumPy arrays.
+
+Dense layers, activations, losses and optimizers as Cython/OpenMP, numba and
+CUDA kernels under one contract, each checked against a NumPy reference.
+
+>>> import fastnn as fn
+>>> fn.get_backend() in fn.backends()
+True
+"""
+
+import os as _os
+
+# OpenMP threads that spin-wait after a parallel region steal the cores from
+# the BLAS threads of the next GEMM (measured: 10x slower steps). libgomp reads
+# this once, when it is first loaded, which happens after this line.
+_os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
+from . import ops  # noqa: E402
+from ._backend import (  # noqa: E402
+    BackendInfo, BackendUnavailable, backends, get_backend, set_backend, use_backend,
+)
+from ._threads import get_num_threads, num_threads, set_num_threads  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ops", "backends", "get_backend", "set_backend", "use_backend", "BackendInfo",
+    "BackendUnavailable", "set_num_threads", "get_num_threads", "num_threads",
+    "__version__",
+]

@@ -1,0 +1,259 @@
+"""The backend registry: names, availability, selection.
+
+A backend is a module under ``fastnn.kernels`` that exports the kernels of the
+contract (``kernels.reference.CONTRACT``). Modules are imported only when a
+backend is first used, so ``import fastnn`` imports no numba. A backend that
+lacks a kernel, or an activation inside a kernel, runs the reference there;
+``backends()`` lists those as its ``fallbacks``.
+
+A backend module may define:
+
+* ``available() -> (bool, reason)``: whether it can run here (default: it can
+  when it imports); an available backend's reason is a caveat or empty;
+* ``ACTIVATIONS``: the activations its kernels implement (default: all);
+* ``COMPLETE``: True when it is meant to implement the whole contract (the
+  contract test then requires every kernel of it);
+* ``PARITY_SHAPES``: the (batch, width) pairs the parity suite should use
+  (the CUDA simulator wants small ones);
+* ``info() -> dict``: extra lines for ``python -m fastnn info``.
+
+Selection: ``set_backend(name)`` sets the process default, ``use_backend`` a
+thread- and task-local one (``contextvars``); the initial default is
+``FASTNN_BACKEND`` if set, else ``cython`` when built, else ``numba`` when
+installed, else ``numpy``.
+"""
+
+import contextlib
+import contextvars
+import importlib
+import importlib.util
+import inspect
+import os
+import threading
+from collections import namedtuple
+
+from .kernels import reference
+
+MODULES = {
+    "numpy": "fastnn.kernels.reference",
+    "cython": "fastnn.kernels.cython_cpu",
+    "numba": "fastnn.kernels.numba_cpu",
+    "cuda": "fastnn.kernels.cuda",
+}
+#: Preference order of the automatic default.
+DEFAULT_ORDER = ("cython", "numba", "numpy")
+#: Kernels that take an activation name, and so may fall back per activation.
+_ACT_KERNELS = ("dense_forward", "activation_forward", "activation_backward", "backprop_delta")
+
+BackendInfo = namedtuple("BackendInfo", "available reason fallbacks")
+BackendInfo.__doc__ = """Whether a backend can run here, why not, and what it leaves to the reference.
+
+available : bool
+reason : str
+    Why not, when unavailable (an import error, no GPU, ...); when available,
+    empty or a caveat (``"compiled without OpenMP: runs serially"``).
+fallbacks : tuple of str
+    Kernels (``"adam_step"``) and kernel-activation pairs
+    (``"activation_forward[gelu]"``) that run the NumPy reference instead.
+"""
+
+
+class Backend:
+    """A loaded backend: one attribute per contract kernel, ready to call."""
+
+    def __init__(self, name, module, note=""):
+        self.name = name
+        self.note = note
+        self.module = module
+        self.complete = bool(getattr(module, "COMPLETE", False))
+        supported = tuple(getattr(module, "ACTIVATIONS", reference.ACTIVATIONS))
+        missing_acts = [a for a in reference.ACTIVATIONS if a not in supported]
+        fallbacks = []
+        for kernel in reference.CONTRACT:
+            native = getattr(module, kernel, None)
+            if native is None:
+                setattr(self, kernel, getattr(reference, kernel))
+                fallbacks.append(kernel)
+            elif kernel in _ACT_KERNELS and missing_acts:
+                setattr(self, kernel, _per_activation(kernel, native, supported))
+                fallbacks.extend(f"{kernel}[{a}]" for a in missing_acts)
+            else:
+                setattr(self, kernel, native)
+        self.fallbacks = tuple(fallbacks)
+
+    def __repr__(self):
+        return f"<fastnn backend {self.name!r}>"
+
+
+def _per_activation(kernel, native, supported):
+    """Call ``native`` for the supported activations and the reference otherwise."""
+    ref = getattr(reference, kernel)
+    position = list(inspect.signature(ref).parameters).index("act")
+    supported = frozenset(supported)
+
+    def dispatch(*args, **kwargs):
+        act = args[position] if len(args) > position else kwargs["act"]
+        return (native if act in supported else ref)(*args, **kwargs)
+
+    dispatch.__name__ = dispatch.__qualname__ = kernel
+    dispatch.__doc__ = ref.__doc__
+    return dispatch
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend that exists but cannot run here (the message says why)."""
+
+
+_lock = threading.Lock()
+_loaded = {}       # name -> Backend
+_failed = {}       # name -> reason
+_default = None    # process default name, resolved on first use
+_context = contextvars.ContextVar("fastnn_backend", default=None)
+
+
+def _check_name(name):
+    if not isinstance(name, str):
+        raise TypeError(f"backend name must be a str, got {type(name).__name__}")
+    if name not in MODULES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(MODULES)}")
+
+
+def _load(name):
+    """Import and wrap a backend, or record why it cannot run. Returns the
+    Backend or None."""
+    backend = _loaded.get(name)
+    if backend is not None or name in _failed:
+        return backend
+    with _lock:
+        if name in _loaded or name in _failed:
+            return _loaded.get(name)
+        try:
+            module = importlib.import_module(MODULES[name])
+        except Exception as exc:  # ImportError, or a broken install of a dependency
+            _failed[name] = _import_reason(name, exc)
+            return None
+        ok, reason = getattr(module, "available", lambda: (True, ""))()
+        if not ok:
+            _failed[name] = reason
+            return None
+        backend = Backend(name, module, note=reason)
+        _loaded[name] = backend
+        return backend
+
+
+def _import_reason(name, exc):
+    if name == "cython" and isinstance(exc, ImportError):
+        return (f"the compiled extensions are not built ({exc}); install with "
+                f"`pip install .` or `pip install -e .`")
+    if isinstance(exc, ImportError):
+        return f"{type(exc).__name__}: {exc}"
+    return f"import failed: {type(exc).__name__}: {exc}"
+
+
+def load(name):
+    """Return the loaded ``Backend`` ``name``, or raise ``BackendUnavailable``
+    saying why it cannot run (``ValueError`` for an unknown name)."""
+    _check_name(name)
+    backend = _load(name)
+    if backend is None:
+        raise BackendUnavailable(f"backend {name!r} is not available: {_failed[name]}")
+    return backend
+
+
+def _resolve_default():
+    env = os.environ.get("FASTNN_BACKEND", "").strip()
+    if env:
+        if env not in MODULES:
+            raise ValueError(f"FASTNN_BACKEND={env!r} is not a backend; choose one of "
+                             f"{', '.join(MODULES)}")
+        load(env)
+        return env
+    for name in DEFAULT_ORDER:
+        if name == "numba" and importlib.util.find_spec("numba") is None:
+            continue
+        if _load(name) is not None:
+            return name
+    return "numpy"
+
+
+def get_backend():
+    """Return the name of the backend in effect for this thread / context.
+
+    Returns
+    -------
+    str
+        The innermost ``use_backend`` of this context, else the process
+        default (``set_backend``, ``FASTNN_BACKEND``, or the automatic choice
+        cython > numba > numpy).
+    """
+    global _default
+    name = _context.get()
+    if name is not None:
+        return name
+    if _default is None:
+        _default = _resolve_default()
+    return _default
+
+
+def current():
+    """The ``Backend`` object in effect (what ``fastnn.ops`` dispatches to)."""
+    return load(get_backend())
+
+
+def set_backend(name):
+    """Set the process-wide default backend.
+
+    Parameters
+    ----------
+    name : str
+        One of ``"numpy"``, ``"cython"``, ``"numba"``, ``"cuda"``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name (the message lists the choices).
+    BackendUnavailable
+        When the backend cannot run here (the message says why); the default
+        is then left as it was.
+    """
+    global _default
+    load(name)
+    _default = name
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Use backend ``name`` inside a ``with`` block, for this thread (or
+    asyncio task) only; other threads keep theirs.
+
+    Yields
+    ------
+    Backend
+    """
+    backend = load(name)
+    token = _context.set(name)
+    try:
+        yield backend
+    finally:
+        _context.reset(token)
+
+
+def backends():
+    """Report every backend: available or not, why not, and what falls back.
+
+    Loading a backend to answer imports its module (numba for ``numba``).
+
+    Returns
+    -------
+    dict
+        ``{name: BackendInfo(available, reason, fallbacks)}`` in the order
+        numpy, cython, numba, cuda.
+    """
+    result = {}
+    for name in MODULES:
+        backend = _load(name)
+        if backend is None:
+            result[name] = BackendInfo(False, _failed[name], ())
+        else:
+            result[name] = BackendInfo(True, backend.note, backend.fallbacks)
+    return result

@@ -1,0 +1,344 @@
+"""The one gate in front of every kernel.
+
+Kernels trust their inputs (no bounds checks in the hot loops), so every call
+that reaches a backend passes through here first: per call through
+``fastnn.ops``, or once for the buffers a model owns. Each check raises a
+``TypeError`` (wrong kind of object or dtype) or a ``ValueError`` (wrong shape,
+layout, range or aliasing) that names the argument and what was expected, and
+nothing is written before all checks of a call have passed.
+
+Arrays may be NumPy arrays or, for the cuda backend, device arrays exposing
+``__cuda_array_interface__``; both are described by :class:`ArrayInfo`.
+Non-finite values are never rejected: kernels compute them as IEEE does.
+"""
+
+import numbers
+from collections import namedtuple
+
+import numpy as np
+
+from .kernels.reference import ACTIVATIONS, Y_ACTIVATIONS
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+ArrayInfo = namedtuple("ArrayInfo", "shape dtype c_contiguous writeable start end")
+
+
+def _c_contiguous(shape, strides, itemsize):
+    if strides is None:
+        return True
+    expected = itemsize
+    for dim, stride in zip(reversed(shape), reversed(strides)):
+        if dim > 1 and stride != expected:
+            return False
+        expected *= dim
+    return True
+
+
+def array_info(name, a):
+    """Describe ``a`` (NumPy or CUDA array) or raise ``TypeError``."""
+    if isinstance(a, np.ndarray):
+        start = a.__array_interface__["data"][0]
+        return ArrayInfo(a.shape, a.dtype, a.flags.c_contiguous, a.flags.writeable,
+                         start, start + a.nbytes)
+    cai = getattr(a, "__cuda_array_interface__", None)
+    if cai is not None:
+        dtype = np.dtype(cai["typestr"])
+        shape = tuple(cai["shape"])
+        start, readonly = cai["data"]
+        nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        return ArrayInfo(shape, dtype, _c_contiguous(shape, cai.get("strides"), dtype.itemsize),
+                         not readonly, start, start + nbytes)
+    raise TypeError(f"{name} must be a numpy.ndarray (or a CUDA device array on the cuda "
+                    f"backend), got {type(a).__name__}")
+
+
+def _overlap(a, b):
+    return a.start < b.end and b.start < a.end and a.start != a.end and b.start != b.end
+
+
+def _identical(a, b):
+    return a.start == b.start and a.shape == b.shape
+
+
+class Call:
+    """Collects the arrays of one kernel call and checks them together."""
+
+    def __init__(self):
+        self.dtype = None
+        self.dtype_from = None
+        self.inputs = {}
+        self.outputs = {}
+
+    def float_array(self, name, a, shape, *, out=False):
+        """Check a floating array: dtype float32/float64 shared by the call,
+        the given shape (ints, or None for "any size >= 1"), C-contiguity and,
+        for outputs, writability. Returns the resolved shape."""
+        info = array_info(name, a)
+        if info.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must have dtype float32 or float64, got {info.dtype}")
+        if self.dtype is None:
+            self.dtype, self.dtype_from = info.dtype, name
+        elif info.dtype != self.dtype:
+            raise TypeError(f"{name} has dtype {info.dtype} but {self.dtype_from} has "
+                            f"{self.dtype}: all arrays of a call share one dtype "
+                            f"(fastnn never casts)")
+        self._shape(name, info, shape)
+        if not info.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous (numpy.ascontiguousarray makes a copy)")
+        if out:
+            if not info.writeable:
+                raise ValueError(f"{name} is an output and must be writable")
+            self.outputs[name] = info
+        else:
+            self.inputs[name] = info
+        return info.shape
+
+    @staticmethod
+    def _shape(name, info, shape):
+        if len(info.shape) != len(shape):
+            raise ValueError(f"{name} must be {len(shape)}-D with shape "
+                             f"{_fmt(shape)}, got shape {info.shape}")
+        for got, want in zip(info.shape, shape):
+            if got == 0:
+                raise ValueError(f"{name} must not be empty, got shape {info.shape}")
+            if want is not None and got != want:
+                raise ValueError(f"{name} must have shape {_fmt(shape)}, got {info.shape}")
+
+    def labels(self, name, a, batch, classes):
+        """Integer class indices of shape ``(batch,)`` with values in ``[0, classes)``."""
+        info = array_info(name, a)
+        if info.dtype.kind not in "iu":
+            raise TypeError(f"{name} must have an integer dtype, got {info.dtype}")
+        self._shape(name, info, (batch,))
+        if not info.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous")
+        host = np.asarray(a) if isinstance(a, np.ndarray) else _to_host(a)
+        lo, hi = host.min(), host.max()
+        if lo < 0 or hi >= classes:
+            raise ValueError(f"{name} must hold class indices in [0, {classes}), got values "
+                             f"in [{lo}, {hi}]")
+        self.inputs[name] = info
+
+    def no_overlap(self, allow_identical=False):
+        """Outputs must not overlap inputs or each other. With
+        ``allow_identical`` an output may be exactly an input (elementwise
+        kernels work in place), but may not partly overlap it."""
+        outs = list(self.outputs.items())
+        for i, (oname, o) in enumerate(outs):
+            for iname, inp in self.inputs.items():
+                if not _overlap(o, inp):
+                    continue
+                if not allow_identical:
+                    raise ValueError(f"{oname} overlaps the input {iname}: the output of a "
+                                     f"kernel with a GEMM or a reduction must not share "
+                                     f"memory with its inputs")
+                if not _identical(o, inp):
+                    raise ValueError(f"{oname} partly overlaps the input {iname}: an "
+                                     f"output may be an input exactly (in place), not "
+                                     f"overlap part of one")
+            for pname, prev in outs[:i]:
+                if _overlap(o, prev):
+                    raise ValueError(f"{oname} overlaps the output {pname}: outputs must "
+                                     f"not share memory")
+
+
+def _to_host(a):
+    import numba.cuda  # only reached with device arrays, when numba is loaded
+
+    return numba.cuda.as_cuda_array(a).copy_to_host()
+
+
+def _fmt(shape):
+    return "(" + ", ".join("n" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+# ------------------------------------------------------------ scalar checks
+
+def activation(name, act):
+    if not isinstance(act, str):
+        raise TypeError(f"{name} must be an activation name (str), got {type(act).__name__}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"{name} must be one of {', '.join(ACTIVATIONS)}; got {act!r}")
+    return act
+
+
+def real(name, value, *, low=None, high=None, low_open=False, high_open=True):
+    """A finite real number within ``[low, high)`` (bounds as given)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not np.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (v < low or (low_open and v == low)):
+        op = ">" if low_open else ">="
+        raise ValueError(f"{name} must be {op} {low}, got {value}")
+    if high is not None and (v > high or (high_open and v == high)):
+        op = "<" if high_open else "<="
+        raise ValueError(f"{name} must be {op} {high}, got {value}")
+    return v
+
+
+def boolean(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def integer(name, value, *, low=None):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
+# ------------------------------------------------------------ per-kernel gates
+
+def _derivative_inputs(c, act, z, y, shape):
+    """``y`` is required for Y_ACTIVATIONS, ``z`` for the others; the unused one
+    may be None (and is checked if given)."""
+    need = "y" if act in Y_ACTIVATIONS else "z"
+    for name, a in (("z", z), ("y", y)):
+        if a is None:
+            if name == need:
+                raise ValueError(f"{name} is required: the derivative of {act} is computed "
+                                 f"from {'the output y' if need == 'y' else 'the pre-activation z'}")
+            continue
+        c.float_array(name, a, shape)
+
+
+def dense_forward(x, w, b, act, out, preact=None):
+    activation("act", act)
+    c = Call()
+    batch, n_in = c.float_array("x", x, (None, None))
+    _, n_out = c.float_array("w", w, (n_in, None))
+    c.float_array("b", b, (n_out,))
+    c.float_array("out", out, (batch, n_out), out=True)
+    if preact is not None:
+        c.float_array("preact", preact, (batch, n_out), out=True)
+    c.no_overlap()
+
+
+def activation_forward(act, z, out):
+    activation("act", act)
+    c = Call()
+    shape = c.float_array("z", z, (None,) * max(_ndim("z", z), 1))
+    c.float_array("out", out, shape, out=True)
+    c.no_overlap(allow_identical=True)
+
+
+def _ndim(name, a):
+    return len(array_info(name, a).shape)
+
+
+def activation_backward(act, dy, z, y, out):
+    activation("act", act)
+    c = Call()
+    shape = c.float_array("dy", dy, (None,) * max(_ndim("dy", dy), 1))
+    _derivative_inputs(c, act, z, y, shape)
+    c.float_array("out", out, shape, out=True)
+    c.no_overlap(allow_identical=True)
+
+
+def backprop_delta(dy, w, z, y, act, out):
+    activation("act", act)
+    c = Call()
+    batch, n_out = c.float_array("dy", dy, (None, None))
+    n_in, _ = c.float_array("w", w, (None, n_out))
+    _derivative_inputs(c, act, z, y, (batch, n_in))
+    c.float_array("out", out, (batch, n_in), out=True)
+    c.no_overlap()
+
+
+def dense_backward(x, dz, dw, db):
+    c = Call()
+    batch, n_in = c.float_array("x", x, (None, None))
+    _, n_out = c.float_array("dz", dz, (batch, None))
+    c.float_array("dw", dw, (n_in, n_out), out=True)
+    c.float_array("db", db, (n_out,), out=True)
+    c.no_overlap()
+
+
+def softmax_cross_entropy(logits, labels, grad):
+    c = Call()
+    batch, classes = c.float_array("logits", logits, (None, None))
+    c.labels("labels", labels, batch, classes)
+    c.float_array("grad", grad, (batch, classes), out=True)
+    c.no_overlap()
+
+
+def sigmoid_binary_cross_entropy(logits, targets, grad):
+    c = Call()
+    shape = c.float_array("logits", logits, (None,) * max(_ndim("logits", logits), 1))
+    c.float_array("targets", targets, shape)
+    c.float_array("grad", grad, shape, out=True)
+    if isinstance(targets, np.ndarray) and np.any((targets < 0) | (targets > 1)):
+        raise ValueError("targets must lie in [0, 1]")
+    c.no_overlap()
+
+
+def mse(pred, target, grad):
+    c = Call()
+    shape = c.float_array("pred", pred, (None,) * max(_ndim("pred", pred), 1))
+    c.float_array("target", target, shape)
+    c.float_array("grad", grad, shape, out=True)
+    c.no_overlap()
+
+
+def softmax(z, out):
+    c = Call()
+    shape = c.float_array("z", z, (None, None))
+    c.float_array("out", out, shape, out=True)
+    c.no_overlap(allow_identical=True)
+
+
+def _optimizer_arrays(p, g, states):
+    c = Call()
+    (n,) = c.float_array("p", p, (None,), out=True)
+    c.float_array("g", g, (n,))
+    for name, a in states:
+        if a is not None:
+            c.float_array(name, a, (n,), out=True)
+    c.no_overlap()
+
+
+def _regularisation(lr, weight_decay, l1):
+    real("lr", lr, low=0, high=None)
+    real("weight_decay", weight_decay, low=0, high=None)
+    real("l1", l1, low=0, high=None)
+
+
+def sgd_step(p, g, buf, lr, momentum, nesterov, weight_decay, l1):
+    _regularisation(lr, weight_decay, l1)
+    momentum = real("momentum", momentum, low=0, high=None)
+    if boolean("nesterov", nesterov) and momentum == 0:
+        raise ValueError("nesterov requires momentum > 0")
+    if momentum > 0 and buf is None:
+        raise ValueError("buf is required when momentum > 0 (a zero-initialised array like p)")
+    _optimizer_arrays(p, g, [("buf", buf)])
+
+
+def adam_step(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, l1, vmax):
+    _regularisation(lr, weight_decay, l1)
+    integer("step", step, low=1)
+    real("beta1", beta1, low=0, high=1)
+    real("beta2", beta2, low=0, high=1)
+    real("eps", eps, low=0, low_open=True, high=None)
+    boolean("decoupled", decoupled)
+    for name, a in (("m", m), ("v", v)):
+        if a is None:
+            raise TypeError(f"{name} must be a numpy.ndarray, got NoneType")
+    _optimizer_arrays(p, g, [("m", m), ("v", v), ("vmax", vmax)])
+
+
+def rmsprop_step(p, g, sq, buf, lr, rho, eps, momentum, centered_mean, weight_decay, l1):
+    _regularisation(lr, weight_decay, l1)
+    real("rho", rho, low=0, high=1)
+    real("eps", eps, low=0, low_open=True, high=None)
+    momentum = real("momentum", momentum, low=0, high=None)
+    if sq is None:
+        raise TypeError("sq must be a numpy.ndarray, got NoneType")
+    if momentum > 0 and buf is None:
+        raise ValueError("buf is required when momentum > 0 (a zero-initialised array like p)")
+    _optimizer_arrays(p, g, [("sq", sq), ("buf", buf), ("centered_mean", centered_mean)])
