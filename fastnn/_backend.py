@@ -15,7 +15,11 @@ A backend module may define:
   contract test then requires every kernel of it);
 * ``PARITY_SHAPES``: the (batch, width) pairs the parity suite should use
   (the CUDA simulator wants small ones);
-* ``info() -> dict``: extra lines for ``python -m fastnn info``.
+* ``info() -> dict``: extra lines for ``python -m fastnn info``;
+* array hooks for a model's buffers, where arrays do not live in host memory
+  (the cuda backend): ``empty(shape, dtype)``, ``zeros(shape, dtype)``,
+  ``from_host(ndarray)``, ``to_host(array) -> ndarray`` and
+  ``count_correct(logits, labels) -> int`` (defaults: NumPy, below).
 
 Selection: ``set_backend(name)`` sets the process default, ``use_backend`` a
 thread- and task-local one (``contextvars``); the initial default is
@@ -31,6 +35,8 @@ import inspect
 import os
 import threading
 from collections import namedtuple
+
+import numpy as np
 
 from .kernels import reference
 
@@ -80,9 +86,28 @@ class Backend:
             else:
                 setattr(self, kernel, native)
         self.fallbacks = tuple(fallbacks)
+        for hook in _HOST_HOOKS:
+            setattr(self, hook, getattr(module, hook, _HOST_HOOKS[hook]))
 
     def __repr__(self):
         return f"<fastnn backend {self.name!r}>"
+
+
+def _count_correct(logits, labels):
+    """Rows whose prediction equals the label: argmax for several classes, a
+    positive logit for one output (binary)."""
+    if logits.shape[1] == 1:
+        return int(np.count_nonzero((logits[:, 0] > 0) == (labels.reshape(-1) > 0.5)))
+    return int(np.count_nonzero(logits.argmax(axis=1) == labels))
+
+
+_HOST_HOOKS = {
+    "empty": np.empty,
+    "zeros": np.zeros,
+    "from_host": lambda a: a,
+    "to_host": np.asarray,
+    "count_correct": _count_correct,
+}
 
 
 def _per_activation(kernel, native, supported):
