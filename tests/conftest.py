@@ -1,0 +1,59 @@
+"""Shared test settings and helpers.
+
+Hypothesis runs with ``deadline=None`` and a bounded number of examples,
+derandomized in CI (``CI`` set) so that a run is repeatable.
+"""
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "fastnn", deadline=None, max_examples=12, derandomize=bool(os.environ.get("CI")),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("fastnn")
+
+import fastnn  # noqa: E402
+
+DTYPES = (np.float32, np.float64)
+#: (rtol, atol) of DESIGN.md, "Rules the code keeps".
+TOLERANCE = {np.dtype(np.float32): (1e-5, 1e-6), np.dtype(np.float64): (1e-12, 1e-13)}
+
+
+def tolerance(dtype, reduction=1):
+    """(rtol, atol) for ``dtype``; ``atol`` scaled by the length of a sum that a
+    backend may reorder."""
+    rtol, atol = TOLERANCE[np.dtype(dtype)]
+    return rtol, atol * max(1, reduction)
+
+
+def assert_close(actual, expected, dtype, reduction=1, err_msg=""):
+    rtol, atol = tolerance(dtype, reduction)
+    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=rtol, atol=atol,
+                               err_msg=err_msg)
+
+
+def _backend_params():
+    params = []
+    for name, info in fastnn.backends().items():
+        reason = info.reason or "unavailable"
+        params.append(pytest.param(name, id=name, marks=pytest.mark.skipif(
+            not info.available, reason=f"backend {name} unavailable: {reason}")))
+    return params
+
+
+#: Every backend, the unavailable ones skipped with the registry's reason.
+BACKENDS = _backend_params()
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend_default():
+    """Tests that call ``set_backend`` must not leak it into other tests."""
+    from fastnn import _backend
+
+    saved = _backend._default
+    yield
+    _backend._default = saved

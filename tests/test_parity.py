@@ -1,0 +1,281 @@
+"""Parity: every kernel of every available backend against the NumPy reference.
+
+One parametrized suite: a backend joins by registering in ``fastnn._backend``
+and being available; it may name the (batch, width) shapes it wants in
+``PARITY_SHAPES`` (the CUDA simulator wants small ones). Calls go through
+``fastnn.ops`` under ``use_backend``, so the gate is exercised too.
+Inputs are drawn by hypothesis (shapes, seeds, activations, hyper-parameters).
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastnn
+from fastnn import _backend
+from fastnn.kernels import reference as ref
+from conftest import BACKENDS, DTYPES, assert_close
+
+DEFAULT_BATCHES = (1, 3, 127)
+DEFAULT_WIDTHS = (1, 7, 100)
+
+
+def _shapes(backend):
+    shapes = getattr(_backend.load(backend).module, "PARITY_SHAPES", None)
+    if shapes is None:
+        return [(b, w) for b in DEFAULT_BATCHES for w in DEFAULT_WIDTHS]
+    return list(shapes)
+
+
+def _widths(backend):
+    return sorted({w for _, w in _shapes(backend)})
+
+
+@st.composite
+def case(draw, backend):
+    """A seeded generator, a (batch, width) pair, a second width and a dtype."""
+    batch, width = draw(st.sampled_from(_shapes(backend)))
+    width2 = draw(st.sampled_from(_widths(backend)))
+    dtype = draw(st.sampled_from(DTYPES))
+    seed = draw(st.integers(0, 2**32 - 1))
+    return np.random.default_rng(seed), batch, width, width2, np.dtype(dtype)
+
+
+def _normal(rng, shape, dtype, scale=1.0):
+    return np.ascontiguousarray(rng.standard_normal(shape) * scale, dtype=dtype)
+
+
+def _run(backend, kernel, args, outputs):
+    """Run ``kernel`` on the reference and on ``backend`` (through the gate)
+    with separate copies of ``args``; return both results and output arrays."""
+    ref_args = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in args.items()}
+    be_args = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in args.items()}
+    ref_ret = getattr(ref, kernel)(**ref_args)
+    with fastnn.use_backend(backend):
+        be_ret = getattr(fastnn.ops, kernel)(**be_args)
+    for name in outputs:
+        assert be_args[name] is not None
+    return ref_ret, be_ret, ref_args, be_args
+
+
+def _check(backend, kernel, args, outputs, dtype, reduction=1):
+    ref_ret, be_ret, ref_args, be_args = _run(backend, kernel, args, outputs)
+    for name in outputs:
+        assert_close(be_args[name], ref_args[name], dtype, reduction,
+                     err_msg=f"{backend}.{kernel}: {name}")
+    if ref_ret is None:
+        assert be_ret is None, f"{backend}.{kernel} must return None"
+    else:
+        assert type(be_ret) is float, f"{backend}.{kernel} must return a Python float"
+        assert_close(be_ret, ref_ret, dtype, reduction, err_msg=f"{backend}.{kernel}: loss")
+    # inputs are never written
+    for name, value in args.items():
+        if isinstance(value, np.ndarray) and name not in outputs:
+            np.testing.assert_array_equal(be_args[name], value, err_msg=f"input {name} written")
+
+
+def _act_pair(rng, act, shape, dtype):
+    """``z`` and ``y = act(z)`` by the reference."""
+    z = _normal(rng, shape, dtype, 3.0)
+    y = np.empty_like(z)
+    ref.activation_forward(act, z, y)
+    return z, y
+
+
+pytestmark = pytest.mark.parametrize("backend", BACKENDS)
+acts = st.sampled_from(ref.ACTIVATIONS)
+
+
+@given(data=st.data(), act=acts, keep_preact=st.booleans())
+def test_dense_forward(backend, data, act, keep_preact):
+    rng, batch, n_in, n_out, dtype = data.draw(case(backend))
+    args = dict(x=_normal(rng, (batch, n_in), dtype), w=_normal(rng, (n_in, n_out), dtype),
+                b=_normal(rng, n_out, dtype), act=act, out=np.empty((batch, n_out), dtype),
+                preact=np.empty((batch, n_out), dtype) if keep_preact else None)
+    outputs = ("out", "preact") if keep_preact else ("out",)
+    _check(backend, "dense_forward", args, outputs, dtype, reduction=n_in)
+
+
+@given(data=st.data(), act=acts, in_place=st.booleans(), flat=st.booleans())
+def test_activation_forward(backend, data, act, in_place, flat):
+    rng, batch, width, _, dtype = data.draw(case(backend))
+    shape = (batch * width,) if flat else (batch, width)
+    z = _normal(rng, shape, dtype, 3.0)
+    if in_place:
+        expected = np.empty_like(z)
+        ref.activation_forward(act, z, expected)
+        with fastnn.use_backend(backend):
+            fastnn.ops.activation_forward(act, z, z)
+        assert_close(z, expected, dtype, err_msg=f"{backend} in-place {act}")
+    else:
+        _check(backend, "activation_forward", dict(act=act, z=z, out=np.empty_like(z)),
+               ("out",), dtype)
+
+
+@given(data=st.data(), act=acts, in_place=st.booleans(), give_both=st.booleans())
+def test_activation_backward(backend, data, act, in_place, give_both):
+    rng, batch, width, _, dtype = data.draw(case(backend))
+    z, y = _act_pair(rng, act, (batch, width), dtype)
+    dy = _normal(rng, (batch, width), dtype)
+    if not give_both:  # pass only what the derivative needs
+        z, y = (None, y) if act in ref.Y_ACTIVATIONS else (z, None)
+    if in_place:
+        expected = np.empty_like(dy)
+        ref.activation_backward(act, dy, z, y, expected)
+        with fastnn.use_backend(backend):
+            fastnn.ops.activation_backward(act, dy, z, y, dy)
+        assert_close(dy, expected, dtype, err_msg=f"{backend} in-place {act}'")
+    else:
+        _check(backend, "activation_backward",
+               dict(act=act, dy=dy, z=z, y=y, out=np.empty_like(dy)), ("out",), dtype)
+
+
+@given(data=st.data(), act=acts, give_both=st.booleans())
+def test_backprop_delta(backend, data, act, give_both):
+    rng, batch, n_in, n_out, dtype = data.draw(case(backend))
+    z, y = _act_pair(rng, act, (batch, n_in), dtype)
+    if not give_both:
+        z, y = (None, y) if act in ref.Y_ACTIVATIONS else (z, None)
+    args = dict(dy=_normal(rng, (batch, n_out), dtype), w=_normal(rng, (n_in, n_out), dtype),
+                z=z, y=y, act=act, out=np.empty((batch, n_in), dtype))
+    _check(backend, "backprop_delta", args, ("out",), dtype, reduction=n_out)
+
+
+@given(data=st.data())
+def test_dense_backward(backend, data):
+    rng, batch, n_in, n_out, dtype = data.draw(case(backend))
+    args = dict(x=_normal(rng, (batch, n_in), dtype), dz=_normal(rng, (batch, n_out), dtype),
+                dw=np.empty((n_in, n_out), dtype), db=np.empty(n_out, dtype))
+    _check(backend, "dense_backward", args, ("dw", "db"), dtype, reduction=batch)
+
+
+@given(data=st.data(), label_dtype=st.sampled_from([np.int64, np.int32, np.uint8, np.intp]),
+       scale=st.sampled_from([1.0, 30.0]))
+def test_softmax_cross_entropy(backend, data, label_dtype, scale):
+    rng, batch, classes, _, dtype = data.draw(case(backend))
+    classes = max(classes, 1)
+    labels = rng.integers(0, classes, batch).astype(label_dtype)
+    args = dict(logits=_normal(rng, (batch, classes), dtype, scale), labels=labels,
+                grad=np.empty((batch, classes), dtype))
+    _check(backend, "softmax_cross_entropy", args, ("grad",), dtype, reduction=classes)
+
+
+@given(data=st.data(), scale=st.sampled_from([1.0, 30.0]))
+def test_sigmoid_binary_cross_entropy(backend, data, scale):
+    rng, batch, width, _, dtype = data.draw(case(backend))
+    targets = rng.uniform(0, 1, (batch, width)).astype(dtype)
+    targets[rng.uniform(size=targets.shape) < 0.5] = 1  # hard labels too
+    args = dict(logits=_normal(rng, (batch, width), dtype, scale), targets=targets,
+                grad=np.empty((batch, width), dtype))
+    _check(backend, "sigmoid_binary_cross_entropy", args, ("grad",), dtype,
+           reduction=batch * width)
+
+
+@given(data=st.data())
+def test_mse(backend, data):
+    rng, batch, width, _, dtype = data.draw(case(backend))
+    args = dict(pred=_normal(rng, (batch, width), dtype), target=_normal(rng, (batch, width), dtype),
+                grad=np.empty((batch, width), dtype))
+    _check(backend, "mse", args, ("grad",), dtype, reduction=batch * width)
+
+
+@given(data=st.data(), in_place=st.booleans(), scale=st.sampled_from([1.0, 30.0]))
+def test_softmax(backend, data, in_place, scale):
+    rng, batch, classes, _, dtype = data.draw(case(backend))
+    z = _normal(rng, (batch, classes), dtype, scale)
+    if in_place:
+        expected = np.empty_like(z)
+        ref.softmax(z, expected)
+        with fastnn.use_backend(backend):
+            fastnn.ops.softmax(z, z)
+        assert_close(z, expected, dtype, reduction=classes)
+    else:
+        _check(backend, "softmax", dict(z=z, out=np.empty_like(z)), ("out",), dtype,
+               reduction=classes)
+
+
+regs = st.tuples(st.sampled_from([0.0, 1e-2]), st.sampled_from([0.0, 1e-3]))
+
+
+@given(data=st.data(), reg=regs, momentum=st.sampled_from([0.0, 0.9]), nesterov=st.booleans(),
+       lr=st.sampled_from([0.0, 1e-3, 0.1]))
+def test_sgd_step(backend, data, reg, momentum, nesterov, lr):
+    rng, batch, width, _, dtype = data.draw(case(backend))
+    n = batch * width
+    nesterov = nesterov and momentum > 0
+    args = dict(p=_normal(rng, n, dtype), g=_normal(rng, n, dtype),
+                buf=_normal(rng, n, dtype) if momentum > 0 else None, lr=lr, momentum=momentum,
+                nesterov=nesterov, weight_decay=reg[0], l1=reg[1])
+    _check(backend, "sgd_step", args, ("p", "buf") if momentum > 0 else ("p",), dtype)
+
+
+@given(data=st.data(), reg=regs, decoupled=st.booleans(), amsgrad=st.booleans(),
+       step=st.integers(1, 5000), betas=st.sampled_from([(0.9, 0.999), (0.0, 0.5)]))
+def test_adam_step(backend, data, reg, decoupled, amsgrad, step, betas):
+    rng, batch, width, _, dtype = data.draw(case(backend))
+    n = batch * width
+    v = np.abs(_normal(rng, n, dtype))
+    args = dict(p=_normal(rng, n, dtype), g=_normal(rng, n, dtype), m=_normal(rng, n, dtype),
+                v=v, step=step, lr=1e-3, beta1=betas[0], beta2=betas[1], eps=1e-8,
+                weight_decay=reg[0], decoupled=decoupled, l1=reg[1],
+                vmax=(v + np.abs(_normal(rng, n, dtype))).astype(dtype) if amsgrad else None)
+    outputs = ("p", "m", "v") + (("vmax",) if amsgrad else ())
+    _check(backend, "adam_step", args, outputs, dtype)
+
+
+@given(data=st.data(), reg=regs, momentum=st.sampled_from([0.0, 0.9]), centered=st.booleans())
+def test_rmsprop_step(backend, data, reg, momentum, centered):
+    rng, batch, width, _, dtype = data.draw(case(backend))
+    n = batch * width
+    cm = _normal(rng, n, dtype) if centered else None
+    sq = np.abs(_normal(rng, n, dtype)) + (cm * cm if centered else 0)
+    args = dict(p=_normal(rng, n, dtype), g=_normal(rng, n, dtype), sq=sq.astype(dtype),
+                buf=_normal(rng, n, dtype) if momentum > 0 else None, lr=1e-2, rho=0.99,
+                eps=1e-8, momentum=momentum, centered_mean=cm, weight_decay=reg[0], l1=reg[1])
+    outputs = ("p", "sq") + (("buf",) if momentum > 0 else ()) + (("centered_mean",) if centered else ())
+    _check(backend, "rmsprop_step", args, outputs, dtype)
+
+
+# ------------------------------------------------------------ non-finite values
+
+SPECIAL = [0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 1e-30, -1e-30, 20.0, -20.0, 88.0, -88.0, 89.0,
+           -104.0, 710.0, -750.0, 1e30, -1e30, np.inf, -np.inf, np.nan]
+
+
+@pytest.mark.parametrize("act", ref.ACTIVATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_activation_special_values(backend, act, dtype):
+    """Extreme and non-finite inputs give what IEEE arithmetic gives in the
+    reference (same infinities, NaNs in the same places)."""
+    with np.errstate(all="ignore"):
+        z = np.array(SPECIAL, dtype=dtype)
+        dy = np.ones_like(z)
+        expected_y = np.empty_like(z)
+        ref.activation_forward(act, z, expected_y)
+        expected_dz = np.empty_like(z)
+        ref.activation_backward(act, dy, z, expected_y, expected_dz)
+        y = np.empty_like(z)
+        dz = np.empty_like(z)
+        with fastnn.use_backend(backend):
+            fastnn.ops.activation_forward(act, z, y)
+            fastnn.ops.activation_backward(act, dy, z, expected_y, dz)
+    assert_close(y, expected_y, dtype, err_msg=f"{act}({z})")
+    assert_close(dz, expected_dz, dtype, err_msg=f"{act}'({z})")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_losses_non_finite(backend, dtype):
+    """A NaN or inf logit yields the reference's NaN/inf loss and gradient."""
+    with np.errstate(all="ignore"):
+        logits = np.array([[0.0, 1.0, np.nan], [np.inf, 0.0, 1.0], [1e30, -1e30, 0.0]], dtype)
+        labels = np.array([0, 1, 0])
+        for kernel, args in (
+            ("softmax_cross_entropy", dict(logits=logits, labels=labels)),
+            ("sigmoid_binary_cross_entropy", dict(logits=logits, targets=np.ones_like(logits))),
+            ("mse", dict(pred=logits, target=np.zeros_like(logits))),
+        ):
+            args["grad"] = np.empty_like(logits)
+            ref_ret, be_ret, ref_args, be_args = _run(backend, kernel, args, ("grad",))
+            assert_close(be_args["grad"], ref_args["grad"], dtype, err_msg=kernel)
+            assert_close(be_ret, ref_ret, dtype, err_msg=kernel)
