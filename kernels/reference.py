@@ -38,6 +38,9 @@ CONTRACT = (
     "rmsprop_step", "softmax",
 )
 
+#: The reference implements the whole contract (the registry's ``COMPLETE``).
+COMPLETE = True
+
 #: Activations whose derivative is computed from the output ``y``.
 Y_ACTIVATIONS = ("identity", "relu", "sigmoid", "tanh")
 #: Activations whose derivative needs the pre-activation ``z``.

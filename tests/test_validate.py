@@ -1,0 +1,275 @@
+"""The gate: every class of bad input, for every kernel, raises the right
+error naming the argument, and leaves every array byte-for-byte unchanged."""
+
+import numpy as np
+import pytest
+
+import fastnn
+from fastnn.kernels import reference as ref
+
+F = np.float32
+
+
+def valid(kernel):
+    """Valid keyword arguments of ``kernel`` (float32, batch 3, in 4, out 5)."""
+    rng = np.random.default_rng(0)
+
+    def a(*shape):
+        return rng.standard_normal(shape).astype(F)
+
+    if kernel == "dense_forward":
+        return dict(x=a(3, 4), w=a(4, 5), b=a(5), act="relu", out=a(3, 5), preact=a(3, 5))
+    if kernel == "activation_forward":
+        return dict(act="gelu", z=a(3, 5), out=a(3, 5))
+    if kernel == "activation_backward":
+        return dict(act="silu", dy=a(3, 5), z=a(3, 5), y=a(3, 5), out=a(3, 5))
+    if kernel == "backprop_delta":
+        return dict(dy=a(3, 5), w=a(4, 5), z=a(3, 4), y=a(3, 4), act="softplus", out=a(3, 4))
+    if kernel == "dense_backward":
+        return dict(x=a(3, 4), dz=a(3, 5), dw=a(4, 5), db=a(5))
+    if kernel == "softmax_cross_entropy":
+        return dict(logits=a(3, 5), labels=np.array([0, 4, 2]), grad=a(3, 5))
+    if kernel == "sigmoid_binary_cross_entropy":
+        return dict(logits=a(3, 1), targets=np.array([[0], [1], [0.5]], F), grad=a(3, 1))
+    if kernel == "mse":
+        return dict(pred=a(3, 2), target=a(3, 2), grad=a(3, 2))
+    if kernel == "softmax":
+        return dict(z=a(3, 5), out=a(3, 5))
+    if kernel == "sgd_step":
+        return dict(p=a(6), g=a(6), buf=a(6), lr=0.1, momentum=0.9, nesterov=True,
+                    weight_decay=0.01, l1=0.0)
+    if kernel == "adam_step":
+        return dict(p=a(6), g=a(6), m=a(6), v=np.abs(a(6)), step=3, lr=1e-3, beta1=0.9,
+                    beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False, l1=0.0,
+                    vmax=np.abs(a(6)) + 1)
+    if kernel == "rmsprop_step":
+        return dict(p=a(6), g=a(6), sq=np.abs(a(6)) + 1, buf=a(6), lr=1e-2, rho=0.99, eps=1e-8,
+                    momentum=0.9, centered_mean=a(6) * 0.1, weight_decay=0.0, l1=0.0)
+    raise AssertionError(kernel)
+
+
+ARRAYS = {k: [n for n, v in valid(k).items() if isinstance(v, np.ndarray)] for k in ref.CONTRACT}
+OUTPUTS = {
+    "dense_forward": ["out", "preact"], "activation_forward": ["out"],
+    "activation_backward": ["out"], "backprop_delta": ["out"], "dense_backward": ["dw", "db"],
+    "softmax_cross_entropy": ["grad"], "sigmoid_binary_cross_entropy": ["grad"], "mse": ["grad"],
+    "softmax": ["out"], "sgd_step": ["p", "buf"], "adam_step": ["p", "m", "v", "vmax"],
+    "rmsprop_step": ["p", "sq", "buf", "centered_mean"],
+}
+FLOAT_ARRAYS = {k: [n for n in v if n != "labels"] for k, v in ARRAYS.items()}
+
+
+def check_rejected(kernel, args, exc, match):
+    """Call ``fastnn.ops.kernel(**args)``; it must raise ``exc`` matching
+    ``match`` and leave every array argument unchanged."""
+    before = {k: v.copy() for k, v in args.items() if isinstance(v, np.ndarray)}
+    with pytest.raises(exc, match=match):
+        getattr(fastnn.ops, kernel)(**args)
+    for k, v in before.items():
+        assert args[k].tobytes() == v.tobytes(), f"{kernel}: {k} was written by a failed call"
+
+
+@pytest.mark.parametrize("kernel", ref.CONTRACT)
+def test_valid_arguments_pass(kernel):
+    getattr(fastnn.ops, kernel)(**valid(kernel))
+
+
+def _cases(table):
+    return [(k, n) for k in ref.CONTRACT for n in table[k]]
+
+
+@pytest.mark.parametrize("kernel,name", _cases(ARRAYS))
+def test_not_an_array(kernel, name):
+    args = valid(kernel)
+    args[name] = args[name].tolist()
+    check_rejected(kernel, args, TypeError, name)
+
+
+@pytest.mark.parametrize("kernel,name", _cases(FLOAT_ARRAYS))
+@pytest.mark.parametrize("bad", [np.int32, np.float16, np.complex64])
+def test_wrong_dtype(kernel, name, bad):
+    args = valid(kernel)
+    args[name] = args[name].astype(bad)
+    check_rejected(kernel, args, TypeError, name)
+
+
+@pytest.mark.parametrize("kernel,name", _cases(FLOAT_ARRAYS))
+def test_mixed_dtypes(kernel, name):
+    args = valid(kernel)
+    args[name] = args[name].astype(np.float64)
+    check_rejected(kernel, args, TypeError, "dtype")
+
+
+@pytest.mark.parametrize("kernel,name", _cases(ARRAYS))
+def test_wrong_shape(kernel, name):
+    args = valid(kernel)
+    a = args[name]
+    args[name] = np.concatenate([a, a[:1]])  # one row / element too many
+    check_rejected(kernel, args, ValueError, "shape")
+
+
+@pytest.mark.parametrize("kernel,name", _cases(ARRAYS))
+def test_wrong_ndim(kernel, name):
+    args = valid(kernel)
+    args[name] = args[name][..., None]
+    # elementwise kernels take any ndim: the next array is then the wrong shape
+    check_rejected(kernel, args, ValueError, r"must be \d-D|must have shape")
+
+
+@pytest.mark.parametrize("kernel,name", _cases(ARRAYS))
+def test_not_contiguous(kernel, name):
+    args = valid(kernel)
+    a = args[name]
+    strided = np.repeat(a, 2, axis=-1)[..., ::2]
+    assert not strided.flags.c_contiguous and strided.shape == a.shape
+    args[name] = strided
+    check_rejected(kernel, args, ValueError, f"{name} must be C-contiguous")
+
+
+@pytest.mark.parametrize("kernel,name", _cases(OUTPUTS))
+def test_read_only_output(kernel, name):
+    args = valid(kernel)
+    args[name].flags.writeable = False
+    check_rejected(kernel, args, ValueError, f"{name} is an output and must be writable")
+
+
+@pytest.mark.parametrize("kernel,name", _cases(ARRAYS))
+def test_empty(kernel, name):
+    args = valid(kernel)
+    a = args[name]
+    args[name] = a[:0]
+    check_rejected(kernel, args, ValueError, name)
+
+
+# ------------------------------------------------------------ aliasing
+
+@pytest.mark.parametrize("kernel,out,inp", [
+    ("dense_forward", "out", "preact"), ("backprop_delta", "out", "z"),
+    ("backprop_delta", "out", "y"), ("softmax_cross_entropy", "grad", "logits"),
+    ("mse", "grad", "pred"), ("sigmoid_binary_cross_entropy", "grad", "logits"),
+    ("sgd_step", "buf", "g"), ("adam_step", "m", "v"), ("adam_step", "vmax", "g"),
+    ("rmsprop_step", "centered_mean", "sq"),
+])
+def test_outputs_must_not_alias(kernel, out, inp):
+    args = valid(kernel)
+    args[out] = args[inp]
+    check_rejected(kernel, args, ValueError, "overlap")
+
+
+def test_gemm_output_must_not_alias_input():
+    x = np.ones((4, 4), F)
+    check_rejected("dense_forward", dict(x=x, w=np.ones((4, 4), F), b=np.ones(4, F), act="relu",
+                                         out=x), ValueError, "out overlaps the input x")
+    check_rejected("dense_backward", dict(x=np.ones((4, 4), F), dz=x, dw=x, db=np.ones(4, F)),
+                   ValueError, "dw overlaps the input dz")
+
+
+def test_elementwise_in_place_allowed_partial_overlap_rejected():
+    buf = np.arange(12, dtype=F)
+    z = buf[:10]
+    fastnn.ops.activation_forward("relu", z, z)  # exactly in place: fine
+    check_rejected("activation_forward", dict(act="relu", z=buf[:10], out=buf[2:12]),
+                   ValueError, "partly overlaps")
+    dy = np.ones((2, 3), F)
+    fastnn.ops.activation_backward("tanh", dy, None, np.zeros((2, 3), F), dy)
+    np.testing.assert_array_equal(dy, 1)
+
+
+def test_two_outputs_must_not_overlap():
+    args = valid("dense_backward")
+    flat = np.zeros(20 + 5, F)
+    args["dw"], args["db"] = flat[:20].reshape(4, 5), flat[18:23]
+    check_rejected("dense_backward", args, ValueError, "db overlaps the output dw")
+
+
+# ------------------------------------------------------------ names, labels, hyper-parameters
+
+@pytest.mark.parametrize("kernel", ["dense_forward", "activation_forward",
+                                    "activation_backward", "backprop_delta"])
+def test_activation_names(kernel):
+    args = valid(kernel)
+    args["act"] = "swish"
+    check_rejected(kernel, args, ValueError, "act must be one of identity, relu")
+    args["act"] = 3
+    check_rejected(kernel, args, TypeError, "act must be an activation name")
+
+
+@pytest.mark.parametrize("act,missing", [("relu", "y"), ("tanh", "y"), ("gelu", "z"),
+                                         ("leaky_relu", "z")])
+def test_derivative_input_required(act, missing):
+    args = valid("activation_backward")
+    args["act"], args[missing] = act, None
+    check_rejected("activation_backward", args, ValueError, f"{missing} is required")
+    args = valid("backprop_delta")
+    args["act"], args[missing] = act, None
+    check_rejected("backprop_delta", args, ValueError, f"{missing} is required")
+
+
+@pytest.mark.parametrize("labels,exc,match", [
+    (np.array([0, 5, 1]), ValueError, r"labels must hold class indices in \[0, 5\)"),
+    (np.array([0, -1, 1]), ValueError, "labels must hold class indices"),
+    (np.array([0.0, 1.0, 2.0]), TypeError, "labels must have an integer dtype"),
+    (np.array([True, False, True]), TypeError, "labels must have an integer dtype"),
+    (np.array([0, 1]), ValueError, "labels must have shape"),
+])
+def test_bad_labels(labels, exc, match):
+    args = valid("softmax_cross_entropy")
+    args["labels"] = labels
+    check_rejected("softmax_cross_entropy", args, exc, match)
+
+
+def test_bce_targets_in_unit_interval():
+    args = valid("sigmoid_binary_cross_entropy")
+    args["targets"] = np.array([[0], [1.5], [0]], F)
+    check_rejected("sigmoid_binary_cross_entropy", args, ValueError, r"targets must lie in \[0, 1\]")
+
+
+@pytest.mark.parametrize("kernel,name,value,exc", [
+    ("sgd_step", "lr", -0.1, ValueError), ("sgd_step", "lr", float("nan"), ValueError),
+    ("sgd_step", "lr", "0.1", TypeError), ("sgd_step", "momentum", -0.5, ValueError),
+    ("sgd_step", "weight_decay", -1.0, ValueError), ("sgd_step", "l1", -1e-3, ValueError),
+    ("sgd_step", "nesterov", 1, TypeError),
+    ("adam_step", "beta1", 1.0, ValueError), ("adam_step", "beta2", -0.1, ValueError),
+    ("adam_step", "eps", 0.0, ValueError), ("adam_step", "step", 0, ValueError),
+    ("adam_step", "step", 1.5, TypeError), ("adam_step", "step", True, TypeError),
+    ("adam_step", "lr", float("inf"), ValueError), ("adam_step", "decoupled", "yes", TypeError),
+    ("rmsprop_step", "rho", 1.0, ValueError), ("rmsprop_step", "eps", -1e-8, ValueError),
+    ("rmsprop_step", "momentum", -0.9, ValueError),
+])
+def test_hyper_parameter_ranges(kernel, name, value, exc):
+    args = valid(kernel)
+    args[name] = value
+    check_rejected(kernel, args, exc, name)
+
+
+def test_momentum_needs_buffer_and_nesterov_needs_momentum():
+    args = valid("sgd_step")
+    args["buf"] = None
+    check_rejected("sgd_step", args, ValueError, "buf is required when momentum > 0")
+    args = valid("sgd_step")
+    args["momentum"] = 0.0
+    check_rejected("sgd_step", args, ValueError, "nesterov requires momentum > 0")
+    args = valid("rmsprop_step")
+    args["buf"] = None
+    check_rejected("rmsprop_step", args, ValueError, "buf is required when momentum > 0")
+
+
+def test_optional_state_may_be_none():
+    args = valid("sgd_step")
+    args.update(buf=None, momentum=0.0, nesterov=False)
+    fastnn.ops.sgd_step(**args)
+    args = valid("adam_step")
+    args["vmax"] = None
+    fastnn.ops.adam_step(**args)
+    args = valid("rmsprop_step")
+    args.update(buf=None, momentum=0.0, centered_mean=None)
+    fastnn.ops.rmsprop_step(**args)
+
+
+def test_non_finite_values_are_not_rejected():
+    z = np.array([[np.nan, np.inf, -np.inf]], F)
+    out = np.empty_like(z)
+    fastnn.ops.activation_forward("relu", z, out)
+    p = np.array([np.nan, 1.0], F)
+    fastnn.ops.sgd_step(p, np.array([1.0, np.inf], F), None, 0.1, 0.0, False, 0.0, 0.0)
+    assert np.isnan(p[0]) and p[1] == -np.inf
