@@ -57,3 +57,9 @@ def _restore_backend_default():
     saved = _backend._default
     yield
     _backend._default = saved
+
+
+def pytest_configure(config):
+    # also registered in pyproject.toml; repeated here for runs outside the tree
+    config.addinivalue_line("markers", "gpu: needs a real CUDA GPU (skipped when there is none)")
+    config.addinivalue_line("markers", "slow: long-running")
