@@ -20,6 +20,10 @@ from ._backend import (  # noqa: E402
     BackendInfo, BackendUnavailable, backends, get_backend, set_backend, use_backend,
 )
 from ._threads import get_num_threads, num_threads, set_num_threads  # noqa: E402
+from . import datasets, losses, optim  # noqa: E402
+from .layers import Dense  # noqa: E402
+from .model import History, Sequential, load_model  # noqa: E402
+from .optim import SGD, Adam, AdamW, RMSprop  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -27,4 +31,6 @@ __all__ = [
     "ops", "backends", "get_backend", "set_backend", "use_backend", "BackendInfo",
     "BackendUnavailable", "set_num_threads", "get_num_threads", "num_threads",
     "__version__",
+    "Sequential", "Dense", "History", "load_model", "SGD", "Adam", "AdamW", "RMSprop",
+    "losses", "optim", "datasets",
 ]
