@@ -1,0 +1,671 @@
+"""The ``cuda`` backend: every kernel of the contract on an NVIDIA GPU.
+
+Kernels take device arrays (anything exporting ``__cuda_array_interface__``:
+numba device arrays, CuPy arrays, PyTorch CUDA tensors) and NumPy arrays. A
+NumPy argument is copied to the device, the kernel runs there, and NumPy
+outputs and in-place state are copied back, which is convenient for tests but
+slow; a model on this backend allocates its buffers with the array hooks below
+(``empty``, ``zeros``, ``from_host``) and keeps them on the device for the whole
+of ``fit``: only batches go up, and only scalars (the loss, the count of correct
+predictions) come down. Work is queued on the CUDA default stream; the losses
+and ``count_correct`` wait for it, as they return host numbers.
+
+GEMM is cuBLAS, called through CuPy's bindings with the device pointers (no
+copies, no CuPy arrays), when CuPy and its cuBLAS are installed; otherwise a
+tiled shared-memory ``numba.cuda`` GEMM with the epilogue fused in. Around it,
+``numba.cuda`` kernels from ``_cuda_kernels``: the bias + activation epilogue,
+the derivative epilogue of ``backprop_delta``, the ``db`` column sum, softmax
+cross-entropy (one block per row, shared-memory reductions), BCE, MSE, softmax,
+and the optimizers as grid-stride kernels that read and write each array once
+(bias corrections computed here in float64, once per call).
+
+Availability: numba-cuda must be installed (``pip install 'fastnn[cuda]'``) and
+a GPU usable, or the CUDA simulator enabled (``NUMBA_ENABLE_CUDASIM=1`` in the
+environment before numba is first imported; kernels then run as Python
+threads, for tests only). Importing this module imports no numba;
+``available()`` does, and says why the backend cannot run when it cannot.
+"""
+
+import importlib.util
+import math
+import os
+import threading
+
+import numpy as np
+
+from .reference import ACTIVATIONS
+
+__all__ = [
+    "dense_forward", "activation_forward", "activation_backward",
+    "backprop_delta", "dense_backward", "softmax_cross_entropy",
+    "sigmoid_binary_cross_entropy", "mse", "sgd_step", "adam_step",
+    "rmsprop_step", "softmax",
+    "available", "info", "empty", "zeros", "from_host", "to_host",
+    "count_correct", "synchronize", "set_gemm", "gemm_engine",
+]
+
+COMPLETE = True
+ACTIVATIONS = ACTIVATIONS
+#: (batch, width) pairs for the parity suite: tiny, as the simulator runs
+#: every GPU thread as a Python thread.
+PARITY_SHAPES = tuple((batch, width) for batch in (1, 3, 5) for width in (1, 7, 10))
+
+_cuda = None        # numba.cuda, once probed
+_k = None           # the _cuda_kernels module, once probed
+_status = None      # (available, reason)
+_device_types = ()  # classes of numba's own device arrays
+_probe_lock = threading.Lock()
+
+
+# ------------------------------------------------------------------ availability
+
+def available():
+    """Whether the backend can run here, and why not.
+
+    Returns
+    -------
+    (bool, str)
+        ``(True, "")`` with a usable GPU, ``(True, caveat)`` under the CUDA
+        simulator or without cuBLAS, ``(False, reason)`` when numba-cuda is
+        not installed, there is no CUDA driver, or no GPU.
+    """
+    global _status
+    if _status is None:
+        with _probe_lock:
+            if _status is None:
+                _status = _probe()
+    return _status
+
+
+def _probe():
+    global _cuda, _k, _device_types
+    if importlib.util.find_spec("numba_cuda") is None:
+        return False, ("numba-cuda is not installed (pip install 'fastnn[cuda]', which brings "
+                       "numba-cuda[cu12] and cupy-cuda12x)")
+    try:
+        from numba import cuda
+    except Exception as exc:  # a broken install: missing cuda-bindings, ...
+        return False, f"numba.cuda failed to import: {type(exc).__name__}: {_one_line(exc)}"
+    try:
+        from numba.cuda.core import config
+        simulator = bool(config.ENABLE_CUDASIM)
+    except ImportError:
+        simulator = False
+    if simulator:
+        from . import _cuda_sim
+
+        _device_types = (_cuda_sim.install(cuda),)
+    else:
+        if not cuda.is_available():
+            return False, f"no usable CUDA GPU: {_driver_error(cuda)}"
+        from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+        _device_types = (DeviceNDArray,)
+    from . import _cuda_kernels
+
+    _cuda, _k = cuda, _cuda_kernels
+    if simulator:
+        return True, ("CUDA simulator (NUMBA_ENABLE_CUDASIM=1): kernels run as Python threads, "
+                      "for tests only")
+    engine, why = _resolve_gemm()
+    return True, "" if engine == "cublas" else f"GEMM: numba tiled kernel ({why})"
+
+
+def _one_line(exc):
+    return " ".join(str(exc).split()).rstrip(" :")
+
+
+def _driver_error(cuda):
+    """The driver's own words for why there is no GPU."""
+    try:
+        cuda.current_context()
+    except Exception as exc:
+        return _one_line(exc) or type(exc).__name__
+    return "cuda.is_available() is False"
+
+
+def _ready():
+    """numba.cuda, importing it on a direct call without ``available()``."""
+    if _k is None:
+        ok, reason = available()
+        if not ok:
+            raise RuntimeError(f"the cuda backend is not available: {reason}")
+    return _cuda
+
+
+def info():
+    """Lines for ``python -m fastnn info``: device, GEMM engine, versions."""
+    ok, reason = available()
+    out = {"available": ok}
+    if not ok:
+        out["reason"] = reason
+        return out
+    from importlib.metadata import PackageNotFoundError, version
+
+    for pkg in ("numba-cuda", "cupy-cuda12x"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    if _k.SIMULATOR:
+        out["device"] = "CUDA simulator"
+    else:
+        dev = _cuda.get_current_device()
+        name = dev.name.decode() if isinstance(dev.name, bytes) else dev.name
+        out["device"] = f"{name} (compute capability {dev.compute_capability[0]}."\
+                        f"{dev.compute_capability[1]}, {dev.MULTIPROCESSOR_COUNT} SMs)"
+    out["gemm"] = gemm_engine()
+    return out
+
+
+# ------------------------------------------------------------------ arrays
+
+def _is_device(a):
+    return isinstance(a, _device_types)
+
+
+class _Staging:
+    """Device arrays for the arguments of one call.
+
+    Device arrays pass as they are (foreign ones, CuPy or PyTorch, through
+    ``numba.cuda.as_cuda_array``, no copy). A NumPy array is copied to the
+    device once per call, keyed by its memory, so ``out is z`` stays one
+    array; ``out=True`` marks it to be copied back by ``finish``; ``fresh``
+    allocates without copying in (an output the kernel overwrites).
+    """
+
+    __slots__ = ("host", "back")
+
+    def __init__(self):
+        if _k is None:
+            _ready()
+        self.host = None
+        self.back = None
+
+    def __call__(self, a, out=False, fresh=False):
+        if _is_device(a):
+            return a
+        if not isinstance(a, np.ndarray):
+            return _cuda.as_cuda_array(a)
+        if self.host is None:
+            self.host, self.back = {}, []
+        key = (a.__array_interface__["data"][0], a.shape, a.dtype.str)
+        d = self.host.get(key)
+        if d is None:
+            d = _cuda.device_array(a.shape, a.dtype) if fresh else _cuda.to_device(a)
+            self.host[key] = d
+        if out:
+            self.back.append((d, a))
+        return d
+
+    def finish(self):
+        """Copy the NumPy outputs back (this waits for the kernels)."""
+        if self.back:
+            for d, a in self.back:
+                d.copy_to_host(a)
+
+
+def _flat(d):
+    """A 1-D view of a C-contiguous device array."""
+    shape = d.shape
+    if len(shape) == 1:
+        return d
+    return d.reshape(math.prod(shape))
+
+
+class _Scratch(threading.local):
+    """Per-thread device scratch for the loss reductions: ``partials``
+    (float64, grown as needed), ``result`` (one float64) and a pinned host
+    float64 to read it into."""
+
+    def __init__(self):
+        self.partials = None
+        self.result = None
+        self.host = None
+
+    def get(self, count):
+        if self.partials is None or self.partials.shape[0] < count:
+            size = max(count, 2 * (0 if self.partials is None else self.partials.shape[0]), 1024)
+            self.partials = _cuda.device_array(size, np.float64)
+        if self.result is None:
+            self.result = _cuda.device_array(1, np.float64)
+            self.host = _cuda.pinned_array(1, np.float64)
+        return self.partials, self.result
+
+    def read(self):
+        """The scalar in ``result`` as a Python float (waits for the kernels)."""
+        self.result.copy_to_host(self.host)
+        return float(self.host[0])
+
+
+_scratch = _Scratch()
+_max_blocks = None
+
+
+def _blocks(n):
+    """Blocks of ``BLOCK`` threads for a grid-stride kernel over ``n`` elements:
+    enough to cover it, at most 16 per multiprocessor."""
+    global _max_blocks
+    if _max_blocks is None:
+        _max_blocks = 4 if _k.SIMULATOR else 16 * _cuda.get_current_device().MULTIPROCESSOR_COUNT
+    return max(1, min(-(-n // _k.BLOCK), _max_blocks))
+
+
+def _act(act):
+    return _k.ACT_CODES[act]
+
+
+# ------------------------------------------------------------------ GEMM
+
+_gemm = {"engine": None, "why": ""}
+_cublas = None   # (cublas module, get_cublas_handle, alpha/beta host scalars per dtype)
+
+
+def _resolve_gemm():
+    """Pick cuBLAS (CuPy installed, its cuBLAS found, a GPU) or the numba
+    tiled GEMM; ``FASTNN_CUDA_GEMM=numba`` forces the latter."""
+    global _cublas
+    if _gemm["engine"] is not None:
+        return _gemm["engine"], _gemm["why"]
+    engine, why = "numba", ""
+    if _k.SIMULATOR:
+        why = "CUDA simulator"
+    elif os.environ.get("FASTNN_CUDA_GEMM", "").strip().lower() == "numba":
+        why = "FASTNN_CUDA_GEMM=numba"
+    elif importlib.util.find_spec("cupy") is None:
+        why = "CuPy is not installed"
+    else:
+        try:
+            import cupy.cuda.device
+            from cupy_backends.cuda.libs import cublas
+
+            cupy.cuda.runtime.getDeviceCount()
+            scalars = {}
+            for dt in (np.float32, np.float64):
+                scalars[np.dtype(dt)] = (np.ones(1, dt), np.zeros(1, dt),
+                                         cublas.sgemm if dt is np.float32 else cublas.dgemm)
+            _cublas = (cublas, cupy.cuda.device.get_cublas_handle, scalars)
+            engine = "cublas"
+        except Exception as exc:
+            why = f"CuPy's cuBLAS is not usable: {type(exc).__name__}: {_one_line(exc)}"
+    _gemm["engine"], _gemm["why"] = engine, why
+    return engine, why
+
+
+def gemm_engine():
+    """``"cublas"`` or ``"numba"``: what the GEMM kernels use now."""
+    _ready()
+    return _resolve_gemm()[0]
+
+
+def set_gemm(engine):
+    """Choose the GEMM: ``"cublas"`` (raises ``RuntimeError`` when it is not
+    usable), ``"numba"`` (the tiled kernel) or ``"auto"`` (cuBLAS when usable).
+    For tests and benchmarks; returns the engine now in use."""
+    if engine not in ("cublas", "numba", "auto"):
+        raise ValueError(f"engine must be 'cublas', 'numba' or 'auto', got {engine!r}")
+    _ready()
+    _gemm["engine"] = None
+    best, why = _resolve_gemm()
+    if engine == "cublas" and best != "cublas":
+        raise RuntimeError(f"cuBLAS is not usable: {why}")
+    if engine == "numba":
+        _gemm["engine"], _gemm["why"] = "numba", "set_gemm('numba')"
+    return _gemm["engine"]
+
+
+def cublas_arguments(m, n, k, ta, tb):
+    """Column-major cuBLAS arguments for row-major ``C = op(A) @ op(B)``.
+
+    ``C (m, n)``; ``op(A) = A.T`` when ``ta`` (``A`` stored ``(k, m)``) else
+    ``A`` (``(m, k)``); likewise ``op(B)`` with ``B`` stored ``(n, k)`` or
+    ``(k, n)``. A row-major matrix is its transpose in column-major order, so
+    the call computes ``C.T = op(B).T @ op(A).T``:
+    ``gemm(opB, opA, n, m, k, alpha, B, ldb, A, lda, beta, C, n)``.
+
+    Returns
+    -------
+    (transb, transa, ldb, lda) : ("N" or "T", "N" or "T", int, int)
+    """
+    transb, ldb = ("T", k) if tb else ("N", n)
+    transa, lda = ("T", m) if ta else ("N", k)
+    return transb, transa, ldb, lda
+
+
+def _ptr(d):
+    return d.device_ctypes_pointer.value
+
+
+def _matmul(a, b, c, ta, tb, ks, epi, act=0, bias=None, preact=None, z=None, y=None):
+    """``c = op(a) @ op(b)`` then the epilogue ``epi`` (see ``_cuda_kernels``):
+    one fused tiled kernel, or cuBLAS followed by the epilogue kernel."""
+    k_ = _k
+    m, n = c.shape
+    fc = _flat(c)
+    fpre = fc if preact is None else _flat(preact)
+    if _gemm["engine"] is None:
+        _resolve_gemm()
+    if _gemm["engine"] == "numba":
+        grid = (-(-n // k_.BM), -(-m // k_.BM))
+        ks.gemm[grid, (k_.TS, k_.TS)](
+            a, b, int(ta), int(tb), epi, act, fc if bias is None else bias, fc, fpre,
+            int(preact is not None), fc if z is None else _flat(z), fc if y is None else _flat(y))
+        return
+    cublas, handle, scalars = _cublas
+    alpha, beta, gemm = scalars[c.dtype]
+    k = a.shape[0] if ta else a.shape[1]
+    transb, transa, ldb, lda = cublas_arguments(m, n, k, ta, tb)
+    h = handle()
+    cublas.setPointerMode(h, cublas.CUBLAS_POINTER_MODE_HOST)
+    op = {"N": cublas.CUBLAS_OP_N, "T": cublas.CUBLAS_OP_T}
+    target = c if preact is None else preact
+    gemm(h, op[transb], op[transa], n, m, k, alpha.ctypes.data, _ptr(b), ldb, _ptr(a), lda,
+         beta.ctypes.data, _ptr(target), n)
+    size = m * n
+    if epi == k_.EPI_FORWARD:
+        ks.bias_activation[_blocks(size), k_.BLOCK](fpre, bias, act, fc, fpre,
+                                                     int(preact is not None))
+    elif epi == k_.EPI_DELTA:
+        ks.activation_backward[_blocks(size), k_.BLOCK](
+            act, fc, fc if z is None else _flat(z), fc if y is None else _flat(y), fc)
+
+
+# ------------------------------------------------------------------ dense layer
+
+def dense_forward(x, w, b, act, out, preact=None):
+    """Dense layer forward: ``out = act(x @ w + b)``, keeping ``x @ w + b`` in
+    ``preact`` when given.
+
+    One tiled GEMM with the bias and activation in its store, or cuBLAS and
+    one epilogue kernel (``z = zin + b``, ``preact = z``, ``out = act(z)``).
+    Arrays: ``x (batch, in)``, ``w (in, out)``, ``b (out,)``,
+    ``out``/``preact (batch, out)``, device or NumPy, float32 or float64.
+    """
+    s = _Staging()
+    dx, dw, db = s(x), s(w), s(b)
+    dout = s(out, out=True, fresh=True)
+    dpre = None if preact is None else s(preact, out=True, fresh=True)
+    ks = _k.kernels(dx.dtype)
+    _matmul(dx, dw, dout, False, False, ks, _k.EPI_FORWARD, _act(act), db, preact=dpre)
+    s.finish()
+
+
+def backprop_delta(dy, w, z, y, act, out):
+    """Delta of the layer below: ``out = (dy @ w.T) * act'(z)``, ``act'`` from
+    ``y`` for identity, relu, sigmoid, tanh (``z`` may be None), else from
+    ``z`` (``y`` may be None).
+
+    The GEMM reads ``w`` transposed in place (no copy); the derivative is its
+    fused epilogue (tiled) or one elementwise kernel after cuBLAS.
+    """
+    s = _Staging()
+    ddy, dw = s(dy), s(w)
+    dz = None if z is None else s(z)
+    dyy = None if y is None else s(y)
+    dout = s(out, out=True, fresh=True)
+    ks = _k.kernels(ddy.dtype)
+    code = _act(act)
+    epi = _k.EPI_STORE if code == 0 else _k.EPI_DELTA
+    _matmul(ddy, dw, dout, False, True, ks, epi, code, z=dz, y=dyy)
+    s.finish()
+
+
+def dense_backward(x, dz, dw, db):
+    """Parameter gradients: ``dw = x.T @ dz`` (``x`` read transposed in
+    place) and ``db = dz.sum(0)`` (a shared-memory column sum)."""
+    s = _Staging()
+    dx, ddz = s(x), s(dz)
+    ddw = s(dw, out=True, fresh=True)
+    ddb = s(db, out=True, fresh=True)
+    ks = _k.kernels(dx.dtype)
+    _matmul(dx, ddz, ddw, True, False, ks, _k.EPI_STORE)
+    n = ddz.shape[1]
+    ks.column_sum[-(-n // _k.CW), (_k.CW, _k.RW)](ddz, ddb)
+    s.finish()
+
+
+# ------------------------------------------------------------------ elementwise
+
+def activation_forward(act, z, out):
+    """``out = act(z)`` elementwise, any shape; ``out`` may be ``z``."""
+    s = _Staging()
+    dz = s(z)
+    dout = s(out, out=True, fresh=True)
+    ks = _k.kernels(dz.dtype)
+    fz, fo = _flat(dz), _flat(dout)
+    ks.activation_forward[_blocks(fo.shape[0]), _k.BLOCK](_act(act), fz, fo)
+    s.finish()
+
+
+def activation_backward(act, dy, z, y, out):
+    """``out = dy * act'(z)`` elementwise; ``act'`` from ``y`` for identity,
+    relu, sigmoid, tanh, else from ``z``; ``out`` may be ``dy`` or ``z``."""
+    s = _Staging()
+    ddy = s(dy)
+    dz = None if z is None else s(z)
+    dyy = None if y is None else s(y)
+    dout = s(out, out=True, fresh=True)
+    code = _act(act)
+    if not (code == 0 and dout is ddy):
+        ks = _k.kernels(ddy.dtype)
+        fdy, fo = _flat(ddy), _flat(dout)
+        ks.activation_backward[_blocks(fo.shape[0]), _k.BLOCK](
+            code, fdy, fdy if dz is None else _flat(dz), fdy if dyy is None else _flat(dyy), fo)
+    s.finish()
+
+
+# ------------------------------------------------------------------ losses
+
+def softmax(z, out):
+    """Row-wise softmax ``out_i = exp(z_i - max z_i) / sum exp(z_i - max z_i)``,
+    one block per row; ``out`` may be ``z``."""
+    s = _Staging()
+    dz = s(z)
+    dout = s(out, out=True, fresh=True)
+    ks = _k.kernels(dz.dtype)
+    ks.softmax[dz.shape[0], _k.BLOCK](dz, dout)
+    s.finish()
+
+
+def softmax_cross_entropy(logits, labels, grad):
+    """Mean softmax cross-entropy ``mean_i(log s_i - (z_{i,label_i} - m_i))``
+    and ``grad = (softmax(z) - onehot(labels)) / batch``, with
+    ``m_i = max_j z_ij``, ``s_i = sum_j exp(z_ij - m_i)``.
+
+    One block per row (shared-memory max and sum), then a one-block float64
+    mean of the row losses; only that float comes back.
+
+    Returns
+    -------
+    float
+    """
+    s = _Staging()
+    dl, dlab = s(logits), s(labels)
+    dg = s(grad, out=True, fresh=True)
+    ks = _k.kernels(dl.dtype)
+    batch = dl.shape[0]
+    partials, result = _scratch.get(batch)
+    ks.softmax_cross_entropy[batch, _k.BLOCK](dl, dlab, dg, partials)
+    ks.mean_of_partials[1, _k.BLOCK](partials, batch, float(batch), result)
+    s.finish()
+    return _scratch.read()
+
+
+def sigmoid_binary_cross_entropy(logits, targets, grad):
+    """Mean ``max(z, 0) - z*t + log1p(exp(-|z|))`` over all elements and
+    ``grad = (sigmoid(z) - t) / z.size``.
+
+    Returns
+    -------
+    float
+    """
+    s = _Staging()
+    dl, dt = s(logits), s(targets)
+    dg = s(grad, out=True, fresh=True)
+    ks = _k.kernels(dl.dtype)
+    fl = _flat(dl)
+    n = fl.shape[0]
+    blocks = _blocks(n)
+    partials, result = _scratch.get(blocks)
+    ks.sigmoid_bce[blocks, _k.BLOCK](fl, _flat(dt), _flat(dg), partials)
+    ks.mean_of_partials[1, _k.BLOCK](partials, blocks, float(n), result)
+    s.finish()
+    return _scratch.read()
+
+
+def mse(pred, target, grad):
+    """Mean squared error ``mean((pred - target)^2)`` and
+    ``grad = 2*(pred - target) / pred.size`` (``grad`` may be ``pred``).
+
+    Returns
+    -------
+    float
+    """
+    s = _Staging()
+    dp, dt = s(pred), s(target)
+    dg = s(grad, out=True, fresh=True)
+    ks = _k.kernels(dp.dtype)
+    fp = _flat(dp)
+    n = fp.shape[0]
+    blocks = _blocks(n)
+    partials, result = _scratch.get(blocks)
+    ks.mse[blocks, _k.BLOCK](fp, _flat(dt), _flat(dg), ks.dtype.type(2 / n), partials)
+    ks.mean_of_partials[1, _k.BLOCK](partials, blocks, float(n), result)
+    s.finish()
+    return _scratch.read()
+
+
+# ------------------------------------------------------------------ optimizers
+
+def sgd_step(p, g, buf, lr, momentum, nesterov, weight_decay, l1):
+    """SGD in place, one grid-stride kernel: ``g' = g + weight_decay*p +
+    l1*sign(p)``; with ``momentum > 0`` ``buf = momentum*buf + g'`` and
+    ``d = g' + momentum*buf`` (Nesterov) or ``buf``, else ``d = g'``;
+    ``p -= lr*d``."""
+    s = _Staging()
+    dp = s(p, out=True)
+    dg = s(g)
+    dbuf = s(buf, out=True) if (buf is not None and momentum != 0) else dp
+    ks = _k.kernels(dp.dtype)
+    F = ks.dtype.type
+    ks.sgd[_blocks(dp.shape[0]), _k.BLOCK](dp, dg, dbuf, F(lr), F(momentum), int(bool(nesterov)),
+                                           F(weight_decay), F(l1))
+    s.finish()
+
+
+def adam_step(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, l1, vmax):
+    """Adam / AdamW / AMSGrad in place, one grid-stride kernel.
+
+    ``g' = g + weight_decay*p + l1*sign(p)`` (AdamW: ``p *= 1 - lr*weight_decay``
+    instead of the ``weight_decay`` term); ``m = beta1*m + (1-beta1)*g'``,
+    ``v = beta2*v + (1-beta2)*g'^2``; AMSGrad ``vmax = max(vmax, v)`` replaces
+    ``v``; ``p -= lr/(1-beta1^t) * m / (sqrt(v)/sqrt(1-beta2^t) + eps)``. The bias
+    corrections are computed here in float64, once per call.
+    """
+    s = _Staging()
+    dp = s(p, out=True)
+    dg = s(g)
+    dm, dv = s(m, out=True), s(v, out=True)
+    dvmax = dp if vmax is None else s(vmax, out=True)
+    ks = _k.kernels(dp.dtype)
+    F = ks.dtype.type
+    bc1 = 1.0 - float(beta1) ** step
+    bc2_sqrt = math.sqrt(1.0 - float(beta2) ** step)
+    if decoupled:
+        wd, decay, has_decay = 0.0, 1.0 - lr * weight_decay, int(weight_decay != 0)
+    else:
+        wd, decay, has_decay = weight_decay, 1.0, 0
+    ks.adam[_blocks(dp.shape[0]), _k.BLOCK](
+        dp, dg, dm, dv, dvmax, int(vmax is not None), F(wd), F(l1), F(decay), has_decay,
+        F(beta1), F(1.0 - beta1), F(beta2), F(1.0 - beta2), F(bc2_sqrt), F(eps), F(lr / bc1))
+    s.finish()
+
+
+def rmsprop_step(p, g, sq, buf, lr, rho, eps, momentum, centered_mean, weight_decay, l1):
+    """RMSprop in place, one grid-stride kernel: ``g' = g + weight_decay*p +
+    l1*sign(p)``; ``sq = rho*sq + (1-rho)*g'^2``; centered
+    ``cm = rho*cm + (1-rho)*g'``, ``den = sqrt(sq - cm^2) + eps``, else
+    ``den = sqrt(sq) + eps``; with ``momentum > 0`` ``buf = momentum*buf + g'/den``,
+    ``p -= lr*buf``, else ``p -= lr*g'/den``."""
+    s = _Staging()
+    dp = s(p, out=True)
+    dg = s(g)
+    dsq = s(sq, out=True)
+    dbuf = s(buf, out=True) if (buf is not None and momentum != 0) else dp
+    dcm = dp if centered_mean is None else s(centered_mean, out=True)
+    ks = _k.kernels(dp.dtype)
+    F = ks.dtype.type
+    ks.rmsprop[_blocks(dp.shape[0]), _k.BLOCK](
+        dp, dg, dsq, dbuf, dcm, F(lr), F(rho), F(1.0 - rho), F(eps), F(momentum),
+        int(centered_mean is not None), F(weight_decay), F(l1))
+    s.finish()
+
+
+# ------------------------------------------------------------------ array hooks
+
+def empty(shape, dtype):
+    """An uninitialised device array."""
+    return _ready().device_array(shape, np.dtype(dtype))
+
+
+def zeros(shape, dtype):
+    """A device array of zeros (filled on the device for float32/float64)."""
+    cuda = _ready()
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        return cuda.to_device(np.zeros(shape, dtype))
+    a = cuda.device_array(shape, dtype)
+    fa = _flat(a)
+    if fa.shape[0]:
+        _k.kernels(dtype).fill[_blocks(fa.shape[0]), _k.BLOCK](fa, dtype.type(0))
+    return a
+
+
+def from_host(a):
+    """A device copy of a host array (a device array is returned as it is)."""
+    cuda = _ready()
+    if _is_device(a) or (not isinstance(a, np.ndarray)
+                         and hasattr(a, "__cuda_array_interface__")):
+        return a
+    return cuda.to_device(np.ascontiguousarray(a))
+
+
+def to_host(a):
+    """A NumPy array with the contents of ``a`` (NumPy arrays pass as they are)."""
+    if isinstance(a, np.ndarray):
+        return a
+    cuda = _ready()
+    if not _is_device(a):
+        a = cuda.as_cuda_array(a)
+    return a.copy_to_host()
+
+
+def count_correct(logits, labels):
+    """Rows whose prediction equals the label, counted on the device:
+    ``argmax(logits_i) == labels_i`` for several classes,
+    ``(logits_i > 0) == (labels_i > 0.5)`` for one column.
+
+    Parameters
+    ----------
+    logits : device or NumPy array (batch, classes)
+    labels : device or NumPy array (batch,) or (batch, 1)
+
+    Returns
+    -------
+    int
+    """
+    _ready()
+    s = _Staging()
+    dl, dlab = s(logits), s(labels)
+    ks = _k.kernels(dl.dtype)
+    rows = dl.shape[0]
+    blocks = _blocks(rows)
+    partials, result = _scratch.get(blocks)
+    ks.count_correct[blocks, _k.BLOCK](dl, _flat(dlab), partials)
+    ks.mean_of_partials[1, _k.BLOCK](partials, blocks, 1.0, result)
+    return int(round(_scratch.read()))
+
+
+def synchronize():
+    """Wait until every kernel queued on the device has finished (for timing)."""
+    _ready().synchronize()

@@ -1,0 +1,541 @@
+"""Tests of the cuda backend that the parity suite does not cover.
+
+They run on the CUDA simulator (``.ci/run`` runs this file with
+``NUMBA_ENABLE_CUDASIM=1`` in its own pytest invocation) or on a real GPU;
+elsewhere the backend is unavailable and they skip with its reason. Tests
+marked ``gpu`` need a real GPU. A few tests need neither: the cuBLAS argument
+mapping, the import hygiene, the reason given without a GPU, and the PTX
+compilation of every kernel for a real GPU (which catches float64 promotion in
+float32 kernels that the simulator cannot see).
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fastnn.kernels import cuda as C
+from fastnn.kernels import reference as R
+
+OK, REASON = C.available()
+SIMULATOR = OK and "simulator" in REASON
+REAL_GPU = OK and not SIMULATOR
+HAS_NUMBA_CUDA = importlib.util.find_spec("numba_cuda") is not None
+
+needs_cuda = pytest.mark.skipif(not OK, reason=f"cuda backend unavailable: {REASON}")
+needs_gpu = pytest.mark.skipif(not REAL_GPU, reason="needs a real CUDA GPU"
+                               + ("" if OK else f" ({REASON})") + (" (simulator)" if SIMULATOR else ""))
+DTYPES = (np.float32, np.float64)
+
+
+def tol(dtype, n=1):
+    """rtol/atol of DESIGN.md, scaled by the length ``n`` of a reordered sum."""
+    if np.dtype(dtype) == np.float32:
+        return dict(rtol=1e-5 * n, atol=1e-6 * n)
+    return dict(rtol=1e-12 * n, atol=1e-13 * n)
+
+
+def close(got, want, dtype, n=1):
+    np.testing.assert_allclose(C.to_host(got), want, equal_nan=True, **tol(dtype, n))
+
+
+def rand(rng, shape, dtype, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def dev(a):
+    return C.from_host(a)
+
+
+# ------------------------------------------------------------------ no GPU needed
+
+def test_module_imports_no_numba():
+    """Importing fastnn and the cuda backend module imports no numba; only
+    available() does."""
+    code = ("import sys, fastnn, fastnn.kernels.cuda as c; "
+            "assert 'numba' not in sys.modules, 'numba imported'; print('ok')")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.skipif(not HAS_NUMBA_CUDA or REAL_GPU, reason="needs numba-cuda and no GPU")
+def test_reason_without_gpu_or_simulator():
+    """Without the simulator and without a GPU, fastnn.backends() says why."""
+    code = ("import fastnn; i = fastnn.backends()['cuda']; "
+            "print(i.available); print(i.reason)")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    available, reason = out.stdout.strip().split("\n", 1)
+    assert available == "False"
+    assert reason.startswith("no usable CUDA GPU: ")
+    assert "driver" in reason.lower() or "device" in reason.lower()
+
+
+def test_reason_without_numba_cuda(monkeypatch):
+    """Without numba-cuda the reason says how to install it."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "numba_cuda" else real(name, *a))
+    ok, reason = C._probe()
+    assert not ok
+    assert "numba-cuda is not installed" in reason and "fastnn[cuda]" in reason
+
+
+def test_parity_shapes_are_small():
+    assert C.COMPLETE is True
+    assert C.PARITY_SHAPES and all(1 <= b <= 5 and 1 <= w <= 10 for b, w in C.PARITY_SHAPES)
+    assert set(R.CONTRACT) <= set(C.__all__)
+
+
+def _colmajor(buf, rows, cols, ld):
+    """The column-major ``rows x cols`` matrix with leading dimension ``ld`` in ``buf``."""
+    return buf[:ld * cols].reshape(cols, ld)[:, :rows].T
+
+
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+def test_cublas_arguments(ta, tb):
+    """The column-major cuBLAS call computes the row-major product: emulate
+    gemm(opB, opA, n, m, k, B, ldb, A, lda, C, n) on the raw buffers."""
+    rng = np.random.default_rng(1)
+    m, n, k = 3, 5, 4
+    a = rng.standard_normal((k, m) if ta else (m, k))
+    b = rng.standard_normal((n, k) if tb else (k, n))
+    transb, transa, ldb, lda = C.cublas_arguments(m, n, k, ta, tb)
+    op = {"N": lambda x: x, "T": lambda x: x.T}
+    bcm = _colmajor(b.ravel(), *((k, n) if transb == "T" else (n, k)), ldb)
+    acm = _colmajor(a.ravel(), *((m, k) if transa == "T" else (k, m)), lda)
+    ct = op[transb](bcm) @ op[transa](acm)            # (n, m), column-major C
+    c = np.empty(m * n)
+    _colmajor(c, n, m, n)[...] = ct
+    want = (a.T if ta else a) @ (b.T if tb else b)
+    np.testing.assert_allclose(c.reshape(m, n), want, rtol=1e-12, atol=1e-13)
+
+
+F32_REDUCING = {"mean_of_partials", "softmax_cross_entropy", "sigmoid_bce", "mse",
+                "count_correct"}
+
+
+@pytest.mark.skipif(not HAS_NUMBA_CUDA or SIMULATOR, reason="needs numba-cuda, not the simulator")
+def test_kernels_compile_for_a_real_gpu(monkeypatch):
+    """Every kernel compiles to PTX (compute capability 8.0) in both dtypes,
+    and float32 kernels do no float64 arithmetic except the loss sums."""
+    from numba import cuda
+    import numba.cuda.dispatcher as dispatcher
+    from types import SimpleNamespace
+    from fastnn.kernels import _cuda_kernels as K
+
+    monkeypatch.setattr(dispatcher, "get_current_device",
+                        lambda: SimpleNamespace(compute_capability=(8, 0)))
+    i, f64 = cuda.int64, cuda.float64[::1]
+    for dtype, T in ((np.float32, cuda.float32), (np.float64, cuda.float64)):
+        a1, a2 = T[::1], T[:, ::1]
+        sigs = {
+            "fill": (a1, T),
+            "activation_forward": (i, a1, a1),
+            "activation_backward": (i, a1, a1, a1, a1),
+            "bias_activation": (a1, a1, i, a1, a1, i),
+            "column_sum": (a2, a1),
+            "gemm": (a2, a2, i, i, i, i, a1, a1, a1, i, a1, a1),
+            "mean_of_partials": (f64, i, cuda.float64, f64),
+            "softmax_cross_entropy": (a2, cuda.int64[::1], a2, f64),
+            "softmax": (a2, a2),
+            "sigmoid_bce": (a1, a1, a1, f64),
+            "mse": (a1, a1, a1, T, f64),
+            "count_correct": (a2, cuda.int64[::1], f64),
+            "sgd": (a1, a1, a1, T, T, i, T, T),
+            "adam": (a1, a1, a1, a1, a1, i, T, T, T, i, T, T, T, T, T, T, T),
+            "rmsprop": (a1, a1, a1, a1, a1, T, T, T, T, T, i, T, T),
+        }
+        ks = K.build(np.dtype(dtype))   # fresh dispatchers: the cached set stays untouched
+        for name, sig in sigs.items():
+            try:
+                ptx, _ = cuda.compile_ptx(getattr(ks, name).py_func, sig, cc=(8, 0))
+            except Exception as exc:
+                if "NVVM" in type(exc).__name__ or "libnvvm" in str(exc).lower():
+                    pytest.skip(f"NVVM is not installed: {exc}")
+                raise
+            if dtype is np.float32 and name not in F32_REDUCING:
+                f64_lines = [ln for ln in ptx.splitlines()
+                             if ".f64" in ln and not ln.strip().startswith("//")]
+                assert not f64_lines, f"{name} (float32) computes in float64: {f64_lines[:3]}"
+
+
+# ------------------------------------------------------------------ simulator or GPU
+
+@needs_cuda
+def test_registry_loads_cuda_complete():
+    import fastnn
+
+    info = fastnn.backends()["cuda"]
+    assert info.available and info.fallbacks == ()
+    backend = fastnn._backend.load("cuda")
+    for hook in ("empty", "zeros", "from_host", "to_host", "count_correct"):
+        assert getattr(backend, hook) is getattr(C, hook)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hooks(dtype):
+    z = C.zeros((3, 4), dtype)
+    assert z.shape == (3, 4) and z.dtype == dtype
+    np.testing.assert_array_equal(C.to_host(z), np.zeros((3, 4), dtype))
+    e = C.empty(5, dtype)
+    assert e.shape == (5,) and e.dtype == dtype
+    host = np.arange(6, dtype=dtype).reshape(2, 3)
+    d = C.from_host(host)
+    assert not isinstance(d, np.ndarray) and hasattr(d, "__cuda_array_interface__")
+    assert C.from_host(d) is d
+    back = C.to_host(d)
+    assert isinstance(back, np.ndarray) and back.dtype == dtype
+    np.testing.assert_array_equal(back, host)
+    assert C.to_host(host) is host
+    # a view of a flat buffer, as a model slices its parameters
+    flat = C.zeros(10, dtype)
+    view = flat[2:8].reshape(2, 3)
+    C.activation_forward("identity", d, view)
+    np.testing.assert_array_equal(C.to_host(flat), [0, 0, 0, 1, 2, 3, 4, 5, 0, 0])
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_count_correct(dtype):
+    logits = np.array([[0, 2, 1], [3, 3, 0], [0, 0, 5], [np.nan, 1, 2], [1, np.nan, 9]], dtype)
+    labels = np.array([1, 1, 2, 0, 1])
+    want = int(np.count_nonzero(logits.argmax(1) == labels))   # 1, tie->0, 2, nan->0, nan->1
+    assert want == 4
+    for lg, lb in ((logits, labels), (dev(logits), dev(labels)), (dev(logits), labels)):
+        got = C.count_correct(lg, lb)
+        assert type(got) is int and got == want
+    binary = np.array([[0.5], [-1.0], [2.0], [0.0]], dtype)
+    for y in (np.array([1, 0, 0, 0]), np.array([[1.0], [1.0], [0.0], [0.0]], dtype)):
+        want = int(np.count_nonzero((binary[:, 0] > 0) == (y.reshape(-1) > 0.5)))
+        assert C.count_correct(dev(binary), dev(y)) == want
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (9, 5, 17), (13, 11, 3), (4, 17, 9)])
+def test_gemm_odd_shapes(dtype, m, k, n):
+    """The three GEMMs (plain, A transposed, B transposed) on shapes that cut
+    the tiles at odd places, through device arrays."""
+    rng = np.random.default_rng(m * 100 + k * 10 + n)
+    x, w, b = rand(rng, (m, k), dtype), rand(rng, (k, n), dtype), rand(rng, n, dtype)
+    out = C.empty((m, n), dtype)
+    C.dense_forward(dev(x), dev(w), dev(b), "identity", out)
+    close(out, x @ w + b, dtype, k)
+    dz = rand(rng, (m, n), dtype)
+    dw, db = C.empty((k, n), dtype), C.empty(n, dtype)
+    C.dense_backward(dev(x), dev(dz), dw, db)
+    close(dw, x.T @ dz, dtype, m)
+    close(db, dz.sum(0), dtype, m)
+    delta = C.empty((m, k), dtype)
+    y = np.abs(rand(rng, (m, k), dtype))
+    C.backprop_delta(dev(dz), dev(w), None, dev(y), "identity", delta)
+    close(delta, dz @ w.T, dtype, n)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", R.ACTIVATIONS)
+def test_dense_device_and_numpy_paths(dtype, act):
+    rng = np.random.default_rng(7)
+    x, w, b = rand(rng, (5, 7), dtype), rand(rng, (7, 10), dtype), rand(rng, 10, dtype)
+    want, want_z = np.empty((5, 10), dtype), np.empty((5, 10), dtype)
+    R.dense_forward(x, w, b, act, want, want_z)
+    # NumPy in, NumPy out
+    out, z = np.empty_like(want), np.empty_like(want)
+    C.dense_forward(x, w, b, act, out, z)
+    close(out, want, dtype, 7)
+    close(z, want_z, dtype, 7)
+    # device in, device out
+    dout, dz = C.empty(want.shape, dtype), C.empty(want.shape, dtype)
+    C.dense_forward(dev(x), dev(w), dev(b), act, dout, dz)
+    close(dout, want, dtype, 7)
+    close(dz, want_z, dtype, 7)
+    # backprop_delta through this layer's weights into a layer below with `act`
+    dy = rand(rng, (5, 10), dtype)
+    zb = rand(rng, (5, 7), dtype)
+    yb = np.empty_like(zb)
+    R.activation_forward(act, zb, yb)
+    zarg, yarg = (None, yb) if act in R.Y_ACTIVATIONS else (zb, None)
+    want_d = np.empty((5, 7), dtype)
+    R.backprop_delta(dy, w, zarg, yarg, act, want_d)
+    got = np.empty_like(want_d)
+    C.backprop_delta(dy, w, zarg, yarg, act, got)
+    close(got, want_d, dtype, 10)
+    dgot = C.empty((5, 7), dtype)
+    C.backprop_delta(dev(dy), dev(w), None if zarg is None else dev(zarg),
+                     None if yarg is None else dev(yarg), act, dgot)
+    close(dgot, want_d, dtype, 10)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", R.ACTIVATIONS)
+def test_elementwise_in_place(dtype, act):
+    rng = np.random.default_rng(3)
+    z = rand(rng, (3, 7), dtype, 3.0)
+    z[0, :4] = [np.nan, np.inf, -np.inf, 0]
+    want = np.empty_like(z)
+    R.activation_forward(act, z, want)
+    # NumPy, out is z
+    a = z.copy()
+    C.activation_forward(act, a, a)
+    close(a, want, dtype)
+    # device, out is z
+    d = dev(z)
+    C.activation_forward(act, d, d)
+    close(d, want, dtype)
+    # backward, out is dy
+    dy = rand(rng, z.shape, dtype)
+    zz, yy = np.abs(z) + 0.5, want
+    zarg, yarg = (None, yy) if act in R.Y_ACTIVATIONS else (zz, None)
+    want_b = np.empty_like(z)
+    R.activation_backward(act, dy, zarg, yarg, want_b)
+    g = dev(dy)
+    C.activation_backward(act, g, None if zarg is None else dev(zarg),
+                          None if yarg is None else dev(yarg), g)
+    close(g, want_b, dtype)
+    h = dy.copy()
+    C.activation_backward(act, h, zarg, yarg, h)
+    close(h, want_b, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_losses_return_floats(dtype):
+    rng = np.random.default_rng(5)
+    logits = rand(rng, (5, 10), dtype, 3.0)
+    labels = rng.integers(0, 10, 5).astype(np.int32)
+    want_g = np.empty_like(logits)
+    want = R.softmax_cross_entropy(logits, labels, want_g)
+    for lg, lb in ((logits, labels), (dev(logits), dev(labels))):
+        g = C.empty(logits.shape, dtype) if not isinstance(lg, np.ndarray) else np.empty_like(logits)
+        loss = C.softmax_cross_entropy(lg, lb, g)
+        assert type(loss) is float
+        np.testing.assert_allclose(loss, want, **tol(dtype, 10))
+        close(g, want_g, dtype, 10)
+
+    z = rand(rng, (5, 1), dtype, 4.0)
+    t = (rng.random((5, 1)) > 0.5).astype(dtype)
+    want_g = np.empty_like(z)
+    want = R.sigmoid_binary_cross_entropy(z, t, want_g)
+    g = C.empty(z.shape, dtype)
+    loss = C.sigmoid_binary_cross_entropy(dev(z), dev(t), g)
+    assert type(loss) is float
+    np.testing.assert_allclose(loss, want, **tol(dtype, 5))
+    close(g, want_g, dtype)
+
+    p, q = rand(rng, (3, 7), dtype), rand(rng, (3, 7), dtype)
+    want_g = np.empty_like(p)
+    want = R.mse(p, q, want_g)
+    d = dev(p)
+    loss = C.mse(d, dev(q), d)          # grad may be pred
+    assert type(loss) is float
+    np.testing.assert_allclose(loss, want, **tol(dtype, 21))
+    close(d, want_g, dtype)
+
+    want_s = np.empty_like(logits)
+    R.softmax(logits, want_s)
+    s = dev(logits)
+    C.softmax(s, s)
+    close(s, want_s, dtype, 10)
+
+
+OPTIMIZERS = [
+    ("sgd", dict(lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0, l1=0.0)),
+    ("sgd", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, l1=0.001)),
+    ("adam", dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
+                  decoupled=False, l1=0.001, amsgrad=False)),
+    ("adam", dict(lr=1e-2, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1,
+                  decoupled=True, l1=0.0, amsgrad=True)),
+    ("rmsprop", dict(lr=1e-2, rho=0.9, eps=1e-8, momentum=0.0, centered=False,
+                     weight_decay=0.0, l1=0.0)),
+    ("rmsprop", dict(lr=1e-2, rho=0.9, eps=1e-8, momentum=0.5, centered=True,
+                     weight_decay=0.01, l1=0.001)),
+]
+
+
+def _opt_step(mod, kind, arrays, hp, step):
+    p, g, s1, s2, s3 = arrays
+    if kind == "sgd":
+        mod.sgd_step(p, g, s1 if hp["momentum"] else None, hp["lr"], hp["momentum"],
+                     hp["nesterov"], hp["weight_decay"], hp["l1"])
+    elif kind == "adam":
+        mod.adam_step(p, g, s1, s2, step, hp["lr"], hp["beta1"], hp["beta2"], hp["eps"],
+                      hp["weight_decay"], hp["decoupled"], hp["l1"],
+                      s3 if hp["amsgrad"] else None)
+    else:
+        mod.rmsprop_step(p, g, s1, s2 if hp["momentum"] else None, hp["lr"], hp["rho"],
+                         hp["eps"], hp["momentum"], s3 if hp["centered"] else None,
+                         hp["weight_decay"], hp["l1"])
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind,hp", OPTIMIZERS)
+def test_optimizers_device_and_numpy(dtype, kind, hp):
+    rng = np.random.default_rng(11)
+    n = 37
+    p = rand(rng, n, dtype)
+    p[:3] = 0
+    ref = [p.copy(), None, np.zeros(n, dtype), np.zeros(n, dtype), np.zeros(n, dtype)]
+    host = [a.copy() if a is not None else None for a in ref]
+    devs = [dev(p), None] + [C.zeros(n, dtype) for _ in range(3)]
+    for step in (1, 2, 3):
+        g = rand(rng, n, dtype)
+        ref[1], host[1], devs[1] = g, g.copy(), dev(g)
+        _opt_step(R, kind, ref, hp, step)
+        _opt_step(C, kind, host, hp, step)
+        _opt_step(C, kind, devs, hp, step)
+        np.testing.assert_array_equal(C.to_host(devs[1]), g)   # g is never written
+    for r, h, d in zip(ref, host, devs):
+        close(h, r, dtype)
+        close(d, r, dtype)
+
+
+@needs_cuda
+def test_gate_accepts_device_arrays():
+    """fastnn.ops validates device arrays on the cuda backend (overlap checks
+    see device addresses) and runs them."""
+    import fastnn
+
+    rng = np.random.default_rng(2)
+    x, w, b = rand(rng, (3, 4), np.float32), rand(rng, (4, 2), np.float32), rand(rng, 2, np.float32)
+    with fastnn.use_backend("cuda"):
+        out = C.empty((3, 2), np.float32)
+        fastnn.ops.dense_forward(dev(x), dev(w), dev(b), "relu", out)
+        want = np.empty((3, 2), np.float32)
+        R.dense_forward(x, w, b, "relu", want)
+        close(out, want, np.float32, 4)
+        buf = C.zeros(12, np.float32)
+        with pytest.raises(ValueError, match="overlap"):
+            fastnn.ops.activation_forward("relu", buf[0:6], buf[3:9])
+        with pytest.raises(TypeError, match="dtype"):
+            fastnn.ops.activation_forward("relu", C.zeros(3, np.float64), C.zeros(3, np.float32))
+        labels = dev(np.array([0, 1, 5]))
+        with pytest.raises(ValueError, match="class indices"):
+            fastnn.ops.softmax_cross_entropy(dev(x[:, :2].copy()), labels,
+                                             C.empty((3, 2), np.float32))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_model_shaped_training_steps(dtype):
+    """Two Adam steps of a 7-10-3 MLP (gelu, then softmax cross-entropy) with
+    every buffer a view of one flat device buffer, against the reference."""
+    rng = np.random.default_rng(42)
+    batch, sizes = 5, (7, 10, 3)
+    shapes = [(7, 10), (10,), (10, 3), (3,)]
+    total = sum(int(np.prod(s)) for s in shapes)
+    p0 = rand(rng, total, dtype, 0.5)
+
+    def views(flat):
+        out, off = [], 0
+        for s in shapes:
+            size = int(np.prod(s))
+            out.append(flat[off:off + size].reshape(s))
+            off += size
+        return out
+
+    def run(mod, params, grads, m, v, alloc, put):
+        w1, b1, w2, b2 = views(params)
+        gw1, gb1, gw2, gb2 = views(grads)
+        losses = []
+        for step in (1, 2):
+            x = put(rand(np.random.default_rng(step), (batch, sizes[0]), dtype))
+            labels = put(np.array([0, 2, 1, 2, 0][:batch], dtype=np.int64))
+            z1, h1 = alloc((batch, 10)), alloc((batch, 10))
+            mod.dense_forward(x, w1, b1, "gelu", h1, z1)
+            logits = alloc((batch, 3))
+            mod.dense_forward(h1, w2, b2, "identity", logits)
+            dlog = alloc((batch, 3))
+            losses.append(mod.softmax_cross_entropy(logits, labels, dlog))
+            mod.dense_backward(h1, dlog, gw2, gb2)
+            d1 = alloc((batch, 10))
+            mod.backprop_delta(dlog, w2, z1, None, "gelu", d1)
+            mod.dense_backward(x, d1, gw1, gb1)
+            mod.adam_step(params, grads, m, v, step, 1e-2, 0.9, 0.999, 1e-8, 0.0, False, 0.0,
+                          None)
+        return losses
+
+    ref_p = p0.copy()
+    ref_losses = run(R, ref_p, np.zeros(total, dtype), np.zeros(total, dtype),
+                     np.zeros(total, dtype), lambda s: np.empty(s, dtype), lambda a: a)
+    dev_p = C.from_host(p0)
+    dev_losses = run(C, dev_p, C.zeros(total, dtype), C.zeros(total, dtype),
+                     C.zeros(total, dtype), lambda s: C.empty(s, dtype), C.from_host)
+    np.testing.assert_allclose(dev_losses, ref_losses, **tol(dtype, 10))
+    close(dev_p, ref_p, dtype, 10)
+
+
+# ------------------------------------------------------------------ real GPU only
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("engine", ["numba", "cublas"])
+def test_gemm_engines_on_gpu(dtype, engine):
+    """Both GEMM engines match the reference on shapes larger than a tile."""
+    try:
+        C.set_gemm(engine)
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    try:
+        rng = np.random.default_rng(0)
+        m, k, n = 130, 257, 65
+        x, w, b = rand(rng, (m, k), dtype), rand(rng, (k, n), dtype), rand(rng, n, dtype)
+        want, want_z = np.empty((m, n), dtype), np.empty((m, n), dtype)
+        R.dense_forward(x, w, b, "silu", want, want_z)
+        out, z = C.empty((m, n), dtype), C.empty((m, n), dtype)
+        C.dense_forward(dev(x), dev(w), dev(b), "silu", out, z)
+        close(out, want, dtype, k)
+        close(z, want_z, dtype, k)
+        dz = rand(rng, (m, n), dtype)
+        dw, db = C.empty((k, n), dtype), C.empty(n, dtype)
+        C.dense_backward(dev(x), dev(dz), dw, db)
+        close(dw, x.T @ dz, dtype, m)
+        close(db, dz.sum(0), dtype, m)
+        zb = rand(rng, (m, k), dtype)
+        want_d = np.empty((m, k), dtype)
+        R.backprop_delta(dz, w, zb, None, "softplus", want_d)
+        d = C.empty((m, k), dtype)
+        C.backprop_delta(dev(dz), dev(w), dev(zb), None, "softplus", d)
+        close(d, want_d, dtype, n)
+    finally:
+        C.set_gemm("auto")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_foreign_device_arrays_on_gpu():
+    """CuPy arrays and PyTorch CUDA tensors work as they are (no copies)."""
+    rng = np.random.default_rng(0)
+    x = rand(rng, (6, 5), np.float32)
+    want = np.empty_like(x)
+    R.activation_forward("tanh", x, want)
+    tried = 0
+    if importlib.util.find_spec("cupy") is not None:
+        import cupy
+
+        a = cupy.asarray(x)
+        C.activation_forward("tanh", a, a)
+        np.testing.assert_allclose(cupy.asnumpy(a), want, **tol(np.float32))
+        tried += 1
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            t = torch.from_numpy(x.copy()).cuda()
+            C.activation_forward("tanh", t, t)
+            np.testing.assert_allclose(t.cpu().numpy(), want, **tol(np.float32))
+            tried += 1
+    if not tried:
+        pytest.skip("neither CuPy nor PyTorch CUDA is installed")
