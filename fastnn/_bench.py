@@ -1,0 +1,1107 @@
+"""Benchmark machinery: cases, timing, probes, training contenders, start-up.
+
+One module, shared by ``python -m fastnn bench`` (``fastnn._cli_bench``), the
+pytest-benchmark suites in ``benchmarks/`` and ``benchmarks/goals.py``, so
+that every number is measured the same way:
+
+* every figure is a ratio against the NumPy baseline (the ``numpy`` backend,
+  ``fastnn.kernels.reference``) measured in the same run, interleaved with
+  the backend it is compared with (round robin, so that a noisy neighbour
+  slows both alike), as the median of several repeats;
+* the first call of each kernel is a warm-up and is not timed (numba
+  compiles then);
+* inputs come from ``numpy.random.default_rng(SEED)``;
+* two probes say how far a kernel is from what the hardware allows: the bare
+  BLAS GEMM of the same shape (``np.matmul(..., out=)``) for the dense
+  kernels, and a plain streaming kernel that reads and writes the optimizer's
+  arrays once (Adam: 4 reads, 3 writes; SGD with momentum and RMSprop: 3
+  reads, 2 writes) for the optimizers, DESIGN.md's memory-bandwidth floor.
+
+Importing this module imports neither numba nor matplotlib; the floor probe
+imports numba when it is first used.
+"""
+
+import contextlib
+import functools
+import gc
+import importlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import fastnn
+from fastnn import _backend
+from fastnn.kernels import reference
+
+SEED = 0
+DTYPES = ("float32", "float64")
+BACKEND_ORDER = tuple(_backend.MODULES)          # numpy, cython, numba, cuda
+
+#: (batch, in, out) of the dense kernels. The 4096x4096 layer only at batch
+#: 32 and 128: at batch 1024 one NumPy call takes seconds on 2 cores.
+DENSE_SHAPES = ((32, 784, 256), (128, 784, 256), (1024, 784, 256),
+                (32, 1024, 1024), (128, 1024, 1024), (1024, 1024, 1024),
+                (32, 4096, 4096), (128, 4096, 4096))
+#: (rows, cols) of the elementwise kernels: a hidden layer's output and 1 M elements.
+ELEMENTWISE_SHAPES = ((128, 256), (1024, 1024))
+#: (batch, classes) of softmax cross-entropy (issue 5: batch 128..1024, classes 10..1000).
+SOFTMAX_CE_SHAPES = ((32, 10), (128, 10), (1024, 10), (128, 1000), (1024, 1000))
+SOFTMAX_SHAPES = ((128, 10), (1024, 1000))
+BCE_SHAPES = ((128, 1), (1024, 1), (1024, 1000))
+MSE_SHAPES = ((128, 10), (1024, 1000))
+OPTIMIZER_SIZES = (1_000_000, 10_000_000)
+#: The MNIST MLP of the training benchmarks.
+TRAIN_LAYERS = (784, 256, 128, 10)
+TRAIN_BATCHES = (32, 128)
+
+
+# ======================================================================= machine
+
+def _version(dist):
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_model():
+    """The CPU's model name (Linux: /proc/cpuinfo), else platform's guess."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average():
+    """The 1-minute load average, or None where the OS has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def machine_info():
+    """What a reader needs to judge a figure: CPU, cores, threads, BLAS, versions, load.
+
+    Returns
+    -------
+    dict
+    """
+    from threadpoolctl import threadpool_info
+
+    blas = []
+    for pool in threadpool_info():
+        if pool.get("user_api") == "blas":
+            lib = "numpy" if "numpy" in pool.get("filepath", "") else (
+                "scipy" if "scipy" in pool.get("filepath", "") else os.path.basename(
+                    pool.get("filepath", "")))
+            blas.append(f"{pool.get('internal_api')} {pool.get('version')} "
+                        f"({pool.get('architecture')}, {pool.get('num_threads')} threads, {lib})")
+    versions = {"python": platform.python_version(), "numpy": np.__version__,
+                "fastnn": fastnn.__version__}
+    for dist in ("scipy", "numba", "torch", "scikit-learn"):
+        v = _version(dist)
+        if v:
+            versions[dist] = v
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": fastnn.get_num_threads(),
+        "blas": blas,
+        "versions": versions,
+        "platform": platform.platform(),
+        "load": load_average(),
+    }
+
+
+def machine_line(info=None):
+    """One line: ``CPU, cores, threads; BLAS; versions; load``."""
+    info = info or machine_info()
+    vers = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+    blas = "; ".join(dict.fromkeys(info["blas"])) or "BLAS unknown"
+    load = "" if info["load"] is None else f"; load average {info['load']:.1f} at start"
+    return (f"{info['cpu']}, {info['cores']} cores, {info['threads']} threads used; "
+            f"BLAS: {blas}; {vers}; {info['platform']}{load}")
+
+
+# ======================================================================= timing
+
+def _sync_for(backend_name):
+    """A callable that waits for the device (cuda), else None."""
+    if backend_name != "cuda":
+        return None
+    from numba import cuda
+    return cuda.synchronize
+
+
+def measure(fns, repeats=7, min_time=0.02, max_time=3.0, warmup=1):
+    """Median seconds per call of each callable, sampled round robin.
+
+    Parameters
+    ----------
+    fns : dict
+        ``{name: zero-argument callable}``.
+    repeats : int
+        Samples per callable; the result is their median. Fewer are taken
+        (at least 3) when one call is so slow that ``repeats`` would exceed
+        ``max_time`` seconds.
+    min_time : float
+        Each sample times enough consecutive calls to last about this long
+        (timer resolution and call overhead vanish); the sample is their mean.
+    max_time : float
+        Soft cap on the seconds spent sampling one callable.
+    warmup : int
+        Untimed calls first (numba compiles on the first).
+
+    Returns
+    -------
+    dict
+        ``{name: seconds}``, the median of the per-call sample means.
+    """
+    names = list(fns)
+    loops, reps = {}, {}
+    for name in names:
+        fn = fns[name]
+        for _ in range(warmup):
+            fn()
+        t0 = time.perf_counter()
+        fn()
+        t = max(time.perf_counter() - t0, 1e-7)
+        loops[name] = max(1, int(min_time / t))
+        reps[name] = max(3, min(repeats, math.ceil(max_time / (t * loops[name]))))
+    samples = {name: [] for name in names}
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(max(reps.values(), default=0)):
+            for name in names:
+                if r >= reps[name]:
+                    continue
+                fn, n = fns[name], loops[name]
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                samples[name].append((time.perf_counter() - t0) / n)
+    finally:
+        if gc_was:
+            gc.enable()
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+# ======================================================================= cases
+
+@dataclass(frozen=True)
+class Case:
+    """One kernel at one shape and dtype.
+
+    ``make(rng)`` returns the kernel's positional arguments as NumPy arrays
+    and scalars; ``probe`` names the probe that bounds it (``"gemm"``,
+    ``"floor"`` or None).
+    """
+
+    kernel: str
+    variant: str        # activation or optimizer configuration, "" if none
+    shape: str          # label, e.g. "128x784x256", "1024x1024", "10M"
+    dtype: str
+    make: object = field(compare=False, repr=False)
+    probe: str = None
+    dims: tuple = ()
+
+    @property
+    def name(self):
+        """``kernel[variant]``, as in the report."""
+        return f"{self.kernel}[{self.variant}]" if self.variant else self.kernel
+
+    @property
+    def id(self):
+        """A pytest id: ``dense_forward[relu]-128x784x256-float32``."""
+        return f"{self.name}-{self.shape}-{self.dtype}"
+
+    @property
+    def fallback_key(self):
+        """How ``BackendInfo.fallbacks`` names this case when it runs the reference."""
+        return self.kernel, (f"{self.kernel}[{self.variant}]" if self.kernel in
+                             _backend._ACT_KERNELS else None)
+
+
+def _rand(rng, shape, dtype, scale=1.0):
+    a = rng.standard_normal(shape, dtype=np.float64) * scale
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def _count(n):
+    return f"{n // 1_000_000}M" if n % 1_000_000 == 0 else str(n)
+
+
+def _dense_forward(dims, dtype, act="relu"):
+    bsz, din, dout = dims
+
+    def make(rng):
+        x = _rand(rng, (bsz, din), dtype)
+        w = _rand(rng, (din, dout), dtype, 1 / math.sqrt(din))
+        b = _rand(rng, (dout,), dtype, 0.1)
+        out = np.empty((bsz, dout), dtype)
+        pre = np.empty_like(out) if act in reference.Z_ACTIVATIONS else None
+        return x, w, b, act, out, pre
+    return Case("dense_forward", act, "x".join(map(str, dims)), dtype, make, "gemm", dims)
+
+
+def _backprop_delta(dims, dtype, act="relu"):
+    bsz, din, dout = dims
+
+    def make(rng):
+        dy = _rand(rng, (bsz, dout), dtype)
+        w = _rand(rng, (din, dout), dtype, 1 / math.sqrt(din))
+        z = _rand(rng, (bsz, din), dtype)
+        y = np.empty_like(z)
+        reference.activation_forward(act, z, y)
+        out = np.empty((bsz, din), dtype)
+        return dy, w, z, y, act, out
+    return Case("backprop_delta", act, "x".join(map(str, dims)), dtype, make, "gemm", dims)
+
+
+def _dense_backward(dims, dtype):
+    bsz, din, dout = dims
+
+    def make(rng):
+        x = _rand(rng, (bsz, din), dtype)
+        dz = _rand(rng, (bsz, dout), dtype)
+        return x, dz, np.empty((din, dout), dtype), np.empty(dout, dtype)
+    return Case("dense_backward", "", "x".join(map(str, dims)), dtype, make, "gemm", dims)
+
+
+def _activation(kernel, act, dims, dtype):
+    def make(rng):
+        z = _rand(rng, dims, dtype, 2.0)
+        out = np.empty_like(z)
+        if kernel == "activation_forward":
+            return act, z, out
+        y = np.empty_like(z)
+        reference.activation_forward(act, z, y)
+        return act, _rand(rng, dims, dtype), z, y, out
+    return Case(kernel, act, "x".join(map(str, dims)), dtype, make, None, dims)
+
+
+def _loss(kernel, dims, dtype):
+    def make(rng):
+        z = _rand(rng, dims, dtype, 3.0)
+        if kernel == "softmax":
+            return z, np.empty_like(z)
+        if kernel == "softmax_cross_entropy":
+            labels = rng.integers(0, dims[1], dims[0]).astype(np.int64)
+        elif kernel == "sigmoid_binary_cross_entropy":
+            labels = (rng.random(dims) < 0.5).astype(dtype)
+        else:
+            labels = _rand(rng, dims, dtype)
+        return z, labels, np.empty_like(z)
+    return Case(kernel, "", "x".join(map(str, dims)), dtype, make, None, dims)
+
+
+def _optimizer(kernel, n, dtype):
+    """Adam (plain), SGD with momentum 0.9, RMSprop (plain): the configurations of
+    the speed goals, each on flat arrays of ``n`` parameters."""
+    def make(rng):
+        p = _rand(rng, n, dtype)
+        g = _rand(rng, n, dtype, 1e-2)
+        if kernel == "adam_step":
+            m = _rand(rng, n, dtype, 1e-3)
+            v = np.abs(_rand(rng, n, dtype, 1e-4))
+            return p, g, m, v, 10, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, 0.0, None
+        if kernel == "sgd_step":
+            return p, g, _rand(rng, n, dtype, 1e-2), 1e-3, 0.9, False, 0.0, 0.0
+        sq = np.abs(_rand(rng, n, dtype, 1e-4))
+        return p, g, sq, None, 1e-3, 0.99, 1e-8, 0.0, None, 0.0, 0.0
+    variant = {"adam_step": "", "sgd_step": "momentum", "rmsprop_step": ""}[kernel]
+    return Case(kernel, variant, _count(n), dtype, make, "floor", (n,))
+
+
+def all_cases(dtypes=DTYPES):
+    """Every contract kernel at the sizes users meet (the pytest suites' set).
+
+    Returns
+    -------
+    list of Case
+    """
+    cases = []
+    for dtype in dtypes:
+        for dims in DENSE_SHAPES:
+            cases.append(_dense_forward(dims, dtype))
+        for dims in DENSE_SHAPES:
+            cases.append(_backprop_delta(dims, dtype))
+        for dims in DENSE_SHAPES:
+            cases.append(_dense_backward(dims, dtype))
+        for kernel in ("activation_forward", "activation_backward"):
+            for act in reference.ACTIVATIONS:
+                for dims in ELEMENTWISE_SHAPES:
+                    cases.append(_activation(kernel, act, dims, dtype))
+        for kernel, shapes in (("softmax_cross_entropy", SOFTMAX_CE_SHAPES),
+                               ("softmax", SOFTMAX_SHAPES),
+                               ("sigmoid_binary_cross_entropy", BCE_SHAPES),
+                               ("mse", MSE_SHAPES)):
+            for dims in shapes:
+                cases.append(_loss(kernel, dims, dtype))
+        for kernel in ("sgd_step", "adam_step", "rmsprop_step"):
+            for n in OPTIMIZER_SIZES:
+                cases.append(_optimizer(kernel, n, dtype))
+    return cases
+
+
+def quick_cases():
+    """The set of ``bench --quick``: float32, the shapes the speed goals name."""
+    d = "float32"
+    cases = [_dense_forward(dims, d) for dims in ((32, 784, 256), (128, 784, 256),
+                                                  (1024, 1024, 1024))]
+    cases += [_backprop_delta((128, 784, 256), d), _backprop_delta((1024, 1024, 1024), d),
+              _dense_backward((128, 784, 256), d)]
+    cases += [_activation("activation_forward", a, (1024, 1024), d)
+              for a in ("relu", "sigmoid", "tanh", "gelu")]
+    cases += [_activation("activation_backward", a, (1024, 1024), d) for a in ("relu", "gelu")]
+    cases += [_loss("softmax_cross_entropy", (128, 10), d),
+              _loss("softmax_cross_entropy", (1024, 1000), d),
+              _loss("softmax", (1024, 1000), d)]
+    cases += [_optimizer(k, 10_000_000, d) for k in ("adam_step", "sgd_step", "rmsprop_step")]
+    return cases
+
+
+def find_case(kernel, variant, shape, dtype):
+    """The case of ``all_cases`` with these fields, or a new one for other shapes
+    (``shape`` as dims tuple or label)."""
+    if not isinstance(shape, str):
+        dims = tuple(shape)
+        if kernel == "dense_forward":
+            return _dense_forward(dims, dtype, variant or "relu")
+        if kernel == "backprop_delta":
+            return _backprop_delta(dims, dtype, variant or "relu")
+        if kernel == "dense_backward":
+            return _dense_backward(dims, dtype)
+        if kernel.startswith("activation_"):
+            return _activation(kernel, variant, dims, dtype)
+        if kernel.endswith("_step"):
+            return _optimizer(kernel, dims[0], dtype)
+        return _loss(kernel, dims, dtype)
+    for c in all_cases((dtype,)):
+        if (c.kernel, c.variant, c.shape) == (kernel, variant, shape):
+            return c
+    raise KeyError((kernel, variant, shape, dtype))
+
+
+# ======================================================================= backends
+
+def available_backends(names=None):
+    """Names of the backends that can run here, in registry order.
+
+    Parameters
+    ----------
+    names : iterable of str, optional
+        Restrict to these (unknown or unavailable ones are left out).
+    """
+    infos = fastnn.backends()
+    wanted = BACKEND_ORDER if names is None else tuple(names)
+    return [n for n in BACKEND_ORDER if n in wanted and infos[n].available]
+
+
+def runs_reference(case, backend_name):
+    """True when ``backend_name`` runs the NumPy reference for this case (the
+    kernel, or the activation inside it, is not native there)."""
+    if backend_name == "numpy":
+        return False
+    fallbacks = _backend.load(backend_name).fallbacks
+    kernel, per_act = case.fallback_key
+    return kernel in fallbacks or (per_act is not None and per_act in fallbacks)
+
+
+def _to_device(backend, args):
+    return tuple(backend.from_host(a) if isinstance(a, np.ndarray) else a for a in args)
+
+
+def bind(case, backend_name, seed=SEED):
+    """A zero-argument callable that runs ``case`` on a backend with fresh,
+    seeded inputs (device arrays on cuda; the call then waits for the device)."""
+    backend = _backend.load(backend_name)
+    args = case.make(np.random.default_rng(seed))
+    fn = getattr(backend, case.kernel)
+    sync = _sync_for(backend_name)
+    if sync is None:
+        return functools.partial(fn, *args)
+    args = _to_device(backend, args)
+
+    def run():
+        fn(*args)
+        sync()
+    return run
+
+
+# ======================================================================= probes
+
+_FLOOR = {}
+
+
+def _floor_kernels():
+    """numba streaming kernels for the memory-bandwidth floor (compiled once per
+    dtype on first use): each array read once, each state array written once."""
+    if not _FLOOR:
+        import numba
+
+        @numba.njit(parallel=True, error_model="numpy", nogil=True)
+        def stream_4r3w(p, g, m, v, c):
+            for i in numba.prange(p.size):
+                gi = g[i]
+                m[i] = m[i] * c + gi
+                v[i] = v[i] * c + gi
+                p[i] = p[i] * c - gi
+
+        @numba.njit(parallel=True, error_model="numpy", nogil=True)
+        def stream_3r2w(p, g, s, c):
+            for i in numba.prange(p.size):
+                gi = g[i]
+                s[i] = s[i] * c + gi
+                p[i] = p[i] * c - gi
+
+        _FLOOR["adam_step"] = stream_4r3w
+        _FLOOR["sgd_step"] = _FLOOR["rmsprop_step"] = stream_3r2w
+    return _FLOOR
+
+
+def floor_available():
+    """Whether the streaming probe can run (it needs numba)."""
+    return importlib.util.find_spec("numba") is not None
+
+
+def probe(case, seed=SEED):
+    """A zero-argument callable of the probe that bounds ``case`` on the CPU, or None.
+
+    gemm: ``np.matmul`` into a preallocated output, of the GEMM inside the kernel
+    (``x @ w`` for dense_forward, ``dy @ w.T`` for backprop_delta, ``x.T @ dz``
+    and ``dz.sum(0)`` for dense_backward). floor: the streaming kernel over the
+    optimizer's arrays (Adam 4 reads + 3 writes, SGD-momentum and RMSprop 3 + 2),
+    on ``fastnn.get_num_threads()`` threads.
+    """
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(case.dtype)
+    if case.probe == "gemm":
+        bsz, din, dout = case.dims
+        if case.kernel == "dense_forward":
+            x, w = _rand(rng, (bsz, din), dtype), _rand(rng, (din, dout), dtype)
+            out = np.empty((bsz, dout), dtype)
+            return functools.partial(np.matmul, x, w, out=out)
+        if case.kernel == "backprop_delta":
+            dy, w = _rand(rng, (bsz, dout), dtype), _rand(rng, (din, dout), dtype)
+            out = np.empty((bsz, din), dtype)
+            return functools.partial(np.matmul, dy, w.T, out=out)
+        x, dz = _rand(rng, (bsz, din), dtype), _rand(rng, (bsz, dout), dtype)
+        dw, db = np.empty((din, dout), dtype), np.empty(dout, dtype)
+
+        def gemm_and_sum():
+            np.matmul(x.T, dz, out=dw)
+            np.sum(dz, axis=0, out=db)
+        return gemm_and_sum
+    if case.probe == "floor" and floor_available():
+        import numba
+
+        kernel = _floor_kernels()[case.kernel]
+        n = case.dims[0]
+        arrays = [_rand(rng, n, dtype) for _ in range(4 if case.kernel == "adam_step" else 3)]
+        c = dtype.type(1)
+        threads = fastnn.get_num_threads()
+
+        def stream():
+            kernel(*arrays, c)
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        return stream
+    return None
+
+
+PROBE_LABEL = {"gemm": "GEMM", "floor": "floor"}
+
+
+# ======================================================================= kernel runs
+
+@dataclass
+class KernelResult:
+    """One row of the kernel table. ``speedup`` is NumPy's time over this one's;
+    ``probe_ratio`` is this time over the GEMM probe's (gemm) or the floor's time
+    over this one (floor: the fraction of the bandwidth floor reached)."""
+
+    kernel: str
+    variant: str
+    shape: str
+    dtype: str
+    backend: str
+    seconds: float
+    speedup: float
+    probe: str = None
+    probe_seconds: float = None
+    probe_ratio: float = None
+
+    @property
+    def name(self):
+        return f"{self.kernel}[{self.variant}]" if self.variant else self.kernel
+
+
+def run_case(case, backends, repeats=7, min_time=0.02, max_time=3.0, with_probe=True):
+    """Time ``case`` on ``backends`` (NumPy first, always) and its probe, interleaved.
+
+    Backends that would run the reference for this case are left out.
+
+    Returns
+    -------
+    list of KernelResult
+    """
+    names = ["numpy"] + [b for b in backends if b != "numpy" and not runs_reference(case, b)]
+    fns = {b: bind(case, b) for b in names}
+    p = probe(case) if with_probe else None
+    if p is not None:
+        fns["probe"] = p
+    times = measure(fns, repeats=repeats, min_time=min_time, max_time=max_time)
+    base = times["numpy"]
+    rows = []
+    for b in names:
+        t = times[b]
+        row = KernelResult(case.kernel, case.variant, case.shape, case.dtype, b, t, base / t)
+        if p is not None and b != "cuda":
+            row.probe, row.probe_seconds = case.probe, times["probe"]
+            row.probe_ratio = t / times["probe"] if case.probe == "gemm" else times["probe"] / t
+        rows.append(row)
+    return rows
+
+
+# ======================================================================= training
+
+def _training_data(n, dtype="float32", seed=SEED, din=TRAIN_LAYERS[0], classes=TRAIN_LAYERS[-1]):
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, din), dtype=np.float64).astype(dtype)
+    y = rng.integers(0, classes, n).astype(np.int64)
+    return x, y
+
+
+class KernelMLP:
+    """A ReLU MLP trained with Adam by calling a backend's contract kernels
+    directly: one flat parameter buffer, one flat gradient buffer, buffers
+    allocated once, one ``adam_step`` a step.
+
+    On the ``numpy`` backend this is the plain NumPy implementation of the
+    training benchmarks (the reference kernels are plain NumPy with ``out=``).
+
+    Parameters
+    ----------
+    backend : str
+    batch : int
+    dtype : str
+    layers : tuple of int
+        Widths, input first.
+    """
+
+    def __init__(self, backend, batch, dtype="float32", layers=TRAIN_LAYERS, seed=SEED, lr=1e-3):
+        be = self.be = _backend.load(backend)
+        self.sync = _sync_for(backend)
+        self.batch, self.lr, self.t = batch, lr, 0
+        rng = np.random.default_rng(seed)
+        pairs = list(zip(layers[:-1], layers[1:]))
+        n = sum(i * o + o for i, o in pairs)
+        host = np.empty(n, dtype)
+        off = 0
+        for i, o in pairs:
+            host[off:off + i * o] = rng.standard_normal(i * o) * math.sqrt(2 / i)
+            host[off + i * o:off + i * o + o] = 0
+            off += i * o + o
+        self.p = be.from_host(host)
+        self.g, self.m, self.v = (be.zeros(n, dtype) for _ in range(3))
+        self.w, self.b, self.dw, self.db = [], [], [], []
+        off = 0
+        for i, o in pairs:
+            for flat, ws, bs in ((self.p, self.w, self.b), (self.g, self.dw, self.db)):
+                ws.append(flat[off:off + i * o].reshape(i, o))
+                bs.append(flat[off + i * o:off + i * o + o])
+            off += i * o + o
+        self.a = [be.empty((batch, o), dtype) for _, o in pairs]       # layer outputs
+        self.d = [be.empty((batch, o), dtype) for _, o in pairs]       # deltas
+        self.acts = ["relu"] * (len(pairs) - 1) + ["identity"]
+
+    def step(self, x, y):
+        """One forward, backward and Adam step on a batch (device arrays on cuda)."""
+        be, a, d, w = self.be, self.a, self.d, self.w
+        inp = x
+        for k in range(len(w)):
+            be.dense_forward(inp, w[k], self.b[k], self.acts[k], a[k])
+            inp = a[k]
+        loss = be.softmax_cross_entropy(a[-1], y, d[-1])
+        for k in range(len(w) - 1, -1, -1):
+            below = x if k == 0 else a[k - 1]
+            be.dense_backward(below, d[k], self.dw[k], self.db[k])
+            if k > 0:
+                be.backprop_delta(d[k], w[k], None, a[k - 1], self.acts[k - 1], d[k - 1])
+        self.t += 1
+        be.adam_step(self.p, self.g, self.m, self.v, self.t, self.lr, 0.9, 0.999, 1e-8,
+                     0.0, False, 0.0, None)
+        return loss
+
+    def epoch_fn(self, x, y):
+        """A zero-argument callable: one epoch over ``(x, y)`` in order (full
+        batches only), waiting for the device at the end on cuda."""
+        x, y = self.be.from_host(x), self.be.from_host(y)
+        bsz = self.batch
+        starts = range(0, x.shape[0] - bsz + 1, bsz)
+
+        def epoch():
+            for s in starts:
+                self.step(x[s:s + bsz], y[s:s + bsz])
+            if self.sync:
+                self.sync()
+        return epoch
+
+
+def gemm_ceiling_fn(x, batch, layers=TRAIN_LAYERS, seed=SEED):
+    """One epoch of only the GEMMs of a training step (3 forward, 5 backward for
+    three layers), into preallocated outputs: the ceiling of samples/s."""
+    dtype = x.dtype
+    rng = np.random.default_rng(seed)
+    pairs = list(zip(layers[:-1], layers[1:]))
+    w = [_rand(rng, (i, o), dtype, 0.05) for i, o in pairs]
+    a = [np.empty((batch, o), dtype) for _, o in pairs]
+    d = [np.empty((batch, o), dtype) for _, o in pairs]
+    dw = [np.empty_like(wk) for wk in w]
+    for dk in d:
+        dk[...] = 0.01
+    starts = range(0, x.shape[0] - batch + 1, batch)
+
+    def epoch():
+        for s in starts:
+            xb = x[s:s + batch]
+            inp = xb
+            for k in range(len(w)):
+                np.matmul(inp, w[k], out=a[k])
+                inp = a[k]
+            for k in range(len(w) - 1, -1, -1):
+                np.matmul((xb if k == 0 else a[k - 1]).T, d[k], out=dw[k])
+                if k > 0:
+                    np.matmul(d[k], w[k].T, out=d[k - 1])
+    return epoch
+
+
+def sequential_available():
+    """``(True, "")`` when ``fastnn.Sequential`` exists, else ``(False, why)``."""
+    try:
+        importlib.import_module("fastnn.model")
+    except ImportError as exc:
+        return False, f"fastnn.Sequential is not there yet ({exc})"
+    if not hasattr(fastnn, "Sequential"):
+        return False, "fastnn.Sequential is not exported yet"
+    return True, ""
+
+
+def sequential_epoch_fn(backend, x, y, batch, layers=TRAIN_LAYERS, seed=SEED):
+    """A zero-argument callable: one ``fit`` epoch of a ``fastnn.Sequential``
+    784-256-128-10 ReLU MLP with Adam on ``backend`` (no shuffle, silent)."""
+    ok, why = sequential_available()
+    if not ok:
+        raise RuntimeError(why)
+    with fastnn.use_backend(backend):
+        model = fastnn.Sequential(
+            [fastnn.Dense(u, "relu") for u in layers[1:-1]] + [fastnn.Dense(layers[-1])],
+            input_dim=layers[0], dtype=str(x.dtype), seed=seed)
+        model.compile(loss="softmax_cross_entropy", optimizer=fastnn.Adam(lr=1e-3))
+
+    def epoch():
+        with fastnn.use_backend(backend):
+            model.fit(x, y, epochs=1, batch_size=batch, shuffle=False, verbose=0)
+    return epoch
+
+
+def sklearn_epoch_fn(x, y, batch, layers=TRAIN_LAYERS, seed=SEED):
+    """A zero-argument callable: one ``MLPClassifier.partial_fit`` epoch (Adam,
+    same layers, no shuffle). Raises ImportError when scikit-learn is missing."""
+    from sklearn.neural_network import MLPClassifier
+
+    clf = MLPClassifier(hidden_layer_sizes=layers[1:-1], activation="relu", solver="adam",
+                        batch_size=batch, learning_rate_init=1e-3, shuffle=False,
+                        random_state=seed)
+    classes = np.arange(layers[-1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clf.partial_fit(x, y, classes=classes)
+
+    def epoch():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            clf.partial_fit(x, y)
+    return epoch
+
+
+#: Run by ``python -c`` in a fresh process: PyTorch CPU, fused Adam, the same MLP.
+TORCH_SCRIPT = r"""
+import json, statistics, sys, time
+cfg = json.loads(sys.argv[1])
+import torch
+torch.manual_seed(cfg["seed"])
+torch.set_num_threads(cfg["threads"])
+dtype = getattr(torch, cfg["dtype"])
+layers = cfg["layers"]
+g = torch.Generator().manual_seed(cfg["seed"])
+x = torch.rand(cfg["n"], layers[0], generator=g, dtype=dtype)
+y = torch.randint(0, layers[-1], (cfg["n"],), generator=g)
+out = {"version": torch.__version__, "threads": torch.get_num_threads(), "epoch_s": {}}
+for batch in cfg["batches"]:
+    mods = []
+    for i, o in zip(layers[:-2], layers[1:-1]):
+        mods += [torch.nn.Linear(i, o), torch.nn.ReLU()]
+    mods.append(torch.nn.Linear(layers[-2], layers[-1]))
+    model = torch.nn.Sequential(*mods).to(dtype)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    batches = [(x[s:s + batch], y[s:s + batch]) for s in range(0, cfg["n"] - batch + 1, batch)]
+    def epoch():
+        for xb, yb in batches:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            opt.step()
+    epoch()
+    times = []
+    for _ in range(cfg["repeats"]):
+        t0 = time.perf_counter()
+        epoch()
+        times.append(time.perf_counter() - t0)
+    out["epoch_s"][str(batch)] = times
+print("RESULT " + json.dumps(out))
+"""
+
+
+def torch_available():
+    """``(True, version)`` when torch is installed, else ``(False, why)`` (not imported)."""
+    if importlib.util.find_spec("torch") is None:
+        return False, ("PyTorch is not installed (the peers extra; here "
+                       "`pip install torch==2.13.0`, a CPU build)")
+    return True, _version("torch") or ""
+
+
+def sklearn_available():
+    if importlib.util.find_spec("sklearn") is None:
+        return False, "scikit-learn is not installed (`pip install scikit-learn`, the peers extra)"
+    return True, _version("scikit-learn") or ""
+
+
+def torch_epochs(batches, n, repeats, dtype="float32", threads=None, layers=TRAIN_LAYERS,
+                 timeout=600):
+    """Per-epoch seconds of PyTorch CPU (``Adam(fused=True)``) in its own process.
+
+    Returns
+    -------
+    dict
+        ``{"version", "threads", "epoch_s": {batch: [seconds, ...]}}``.
+
+    Raises
+    ------
+    RuntimeError
+        When the subprocess fails (its stderr's last lines in the message).
+    """
+    cfg = {"batches": list(batches), "n": n, "repeats": repeats, "dtype": dtype,
+           "threads": threads or fastnn.get_num_threads(), "layers": list(layers), "seed": SEED}
+    proc = subprocess.run([sys.executable, "-c", TORCH_SCRIPT, json.dumps(cfg)],
+                          capture_output=True, text=True, timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            res = json.loads(line[7:])
+            res["epoch_s"] = {int(k): v for k, v in res["epoch_s"].items()}
+            return res
+    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+    raise RuntimeError(f"PyTorch subprocess failed (exit {proc.returncode}): {tail}")
+
+
+@dataclass
+class TrainResult:
+    """One row of the training table: ``samples_per_s`` of one epoch (median)."""
+
+    batch: int
+    contender: str      # "numpy (plain)", "fastnn[cython]", "kernel step[numba]", "pytorch", ...
+    backend: str        # colour key: numpy, cython, numba, cuda, pytorch, sklearn, gemm
+    samples_per_s: float
+    vs_numpy: float = None
+    vs_torch: float = None
+    of_ceiling: float = None
+    note: str = ""
+
+
+def run_training(backends, batches=TRAIN_BATCHES, n=4096, repeats=5, dtype="float32",
+                 peers=True, kernel_steps=True, progress=None):
+    """Samples/s of one epoch on the MNIST-shaped MLP for every contender.
+
+    In this process, interleaved: the plain NumPy implementation (``KernelMLP``
+    on the reference kernels), ``fastnn.Sequential`` on each backend, the
+    backends' kernels called directly (``KernelMLP``, what the model costs on
+    top shows against it), scikit-learn's ``MLPClassifier.partial_fit`` and a
+    GEMMs-only loop (the ceiling). PyTorch runs in its own process.
+
+    Returns
+    -------
+    (list of TrainResult, list of str)
+        The rows and the messages of skipped contenders.
+    """
+    x, y = _training_data(n, dtype)
+    skipped = []
+    rows = []
+    seq_ok, seq_why = sequential_available()
+    if not seq_ok:
+        skipped.append(f"fastnn.Sequential: {seq_why}; skipped")
+    sk_ok, sk_why = sklearn_available() if peers else (False, "peers not requested")
+    if peers and not sk_ok:
+        skipped.append(f"scikit-learn: {sk_why}; skipped")
+    th_ok, th_why = torch_available() if peers else (False, "")
+    if peers and not th_ok:
+        skipped.append(f"PyTorch: {th_why}; skipped")
+    torch_res = None
+    if th_ok:
+        try:
+            torch_res = torch_epochs(batches, n, repeats, dtype)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            skipped.append(f"PyTorch: {exc}")
+        if progress:
+            progress()
+    for batch in batches:
+        fns, meta = {}, {}
+        fns["numpy (plain)"] = KernelMLP("numpy", batch, dtype).epoch_fn(x, y)
+        meta["numpy (plain)"] = "numpy"
+        for b in backends:
+            if seq_ok:
+                try:
+                    fns[f"fastnn[{b}]"] = sequential_epoch_fn(b, x, y, batch)
+                    meta[f"fastnn[{b}]"] = b
+                except Exception as exc:  # a model still being written: report, go on
+                    skipped.append(f"fastnn[{b}] batch {batch}: {type(exc).__name__}: {exc}")
+            if kernel_steps and b != "numpy":
+                fns[f"kernel step[{b}]"] = KernelMLP(b, batch, dtype).epoch_fn(x, y)
+                meta[f"kernel step[{b}]"] = b
+        if sk_ok:
+            fns["scikit-learn"] = sklearn_epoch_fn(x, y, batch)
+            meta["scikit-learn"] = "sklearn"
+        fns["GEMMs only"] = gemm_ceiling_fn(x, batch)
+        meta["GEMMs only"] = "gemm"
+        # a contender whose first epoch raises is reported and dropped
+        for name in list(fns):
+            try:
+                fns[name]()
+            except Exception as exc:
+                skipped.append(f"{name} batch {batch}: {type(exc).__name__}: {exc}")
+                del fns[name]
+        times = measure(fns, repeats=repeats, min_time=0.0, max_time=60.0, warmup=0)
+        if torch_res is not None:
+            times["pytorch"] = statistics.median(torch_res["epoch_s"][batch])
+            meta["pytorch"] = "pytorch"
+        steps = n // batch
+        for name, t in times.items():
+            rows.append(TrainResult(batch, name, meta[name], steps * batch / t))
+        if progress:
+            progress()
+    by = {(r.batch, r.contender): r for r in rows}
+    for r in rows:
+        base = by.get((r.batch, "numpy (plain)"))
+        tor = by.get((r.batch, "pytorch"))
+        ceil = by.get((r.batch, "GEMMs only"))
+        r.vs_numpy = r.samples_per_s / base.samples_per_s if base else None
+        r.vs_torch = r.samples_per_s / tor.samples_per_s if tor else None
+        r.of_ceiling = r.samples_per_s / ceil.samples_per_s if ceil else None
+    if torch_res is not None:
+        for r in rows:
+            if r.contender == "pytorch":
+                r.note = f"torch {torch_res['version']}, {torch_res['threads']} threads, own process"
+    return rows, skipped
+
+
+# ======================================================================= start-up
+
+#: Run in a fresh process: ``import fastnn``, then a first call on one backend.
+STARTUP_SCRIPT = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import fastnn
+t1 = time.perf_counter()
+backend, what = sys.argv[1], sys.argv[2]
+fastnn.set_backend(backend)
+t2 = time.perf_counter()
+from fastnn import _bench
+kind = _bench.startup_first_call(backend, what)
+t3 = time.perf_counter()
+print("RESULT " + json.dumps({"import": t1 - t0, "load": t2 - t1, "first": t3 - t2,
+                              "kind": kind}))
+"""
+
+
+def startup_first_call(backend, what="step"):
+    """The first call timed by the start-up benchmark, in a fresh process.
+
+    ``what``: ``"step"``, one training step (``fastnn.Sequential.fit`` on one
+    batch of 128 when the model exists, else the kernels of one step called
+    directly, ``KernelMLP``); ``"dense_forward"``, one relu dense_forward at
+    128x784x256 float32. Returns what ran.
+    """
+    if what == "dense_forward":
+        bind(_dense_forward((128, 784, 256), "float32"), backend)()
+        return "dense_forward 128x784x256"
+    x, y = _training_data(128)
+    if sequential_available()[0] and what == "step":
+        sequential_epoch_fn(backend, x, y, 128)()
+        return "Sequential.fit, one batch of 128"
+    KernelMLP(backend, 128).epoch_fn(x, y)()
+    return "kernels of one step, batch 128"
+
+
+def startup(backend, what="step", cache_dir=None, timeout=600):
+    """Seconds of ``import fastnn`` and a first call in a fresh process.
+
+    Parameters
+    ----------
+    backend : str
+    what : str
+        See ``startup_first_call``.
+    cache_dir : str, optional
+        ``NUMBA_CACHE_DIR`` of the process: an empty folder gives a cold start,
+        one filled by an earlier run a warm one.
+
+    Returns
+    -------
+    dict
+        ``import``, ``load`` (the backend module), ``first`` (the first call),
+        ``total`` (the process's wall time, interpreter start included), ``kind``.
+    """
+    env = dict(os.environ)
+    env["FASTNN_BACKEND"] = backend
+    if cache_dir is not None:
+        env["NUMBA_CACHE_DIR"] = cache_dir
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", STARTUP_SCRIPT, backend, what],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    total = time.perf_counter() - t0
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            res = json.loads(line[7:])
+            res["total"] = total
+            return res
+    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+    raise RuntimeError(f"start-up run of {backend} failed (exit {proc.returncode}): {tail}")
+
+
+@dataclass
+class StartupResult:
+    backend: str
+    cache: str          # "cold" or "warm"
+    import_s: float
+    load_s: float
+    first_s: float
+    total_s: float
+    kind: str
+
+
+def run_startup(backends, modes=("cold", "warm"), what="step", progress=None):
+    """Cold and warm start-up of each backend, each in a fresh process.
+
+    Cold uses an empty ``NUMBA_CACHE_DIR`` (numba compiles everything); warm
+    runs again with the cache the cold run filled (or, when only warm is
+    asked, one filled by an untimed run first).
+
+    Returns
+    -------
+    (list of StartupResult, list of str)
+    """
+    rows, errors = [], []
+    for b in backends:
+        with tempfile.TemporaryDirectory(prefix="fastnn-numba-cache-") as cache:
+            if "cold" not in modes:
+                with contextlib.suppress(Exception):
+                    startup(b, what, cache)
+            for mode in modes:
+                try:
+                    r = startup(b, what, cache)
+                    rows.append(StartupResult(b, mode, r["import"], r["load"], r["first"],
+                                              r["total"], r["kind"]))
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    errors.append(f"{b} {mode}: {exc}")
+                if progress:
+                    progress()
+    return rows, errors
+
+
+# ======================================================================= thread pools
+
+#: Run in a fresh process: GEMM, a parallel kernel, GEMM again, in a loop, against
+#: the parts timed alone. NumPy's BLAS on all cores (the default).
+POOLS_SCRIPT = r"""
+import json, sys
+import numpy as np
+import fastnn
+from fastnn import _backend, _bench
+backend, kernel = sys.argv[1], sys.argv[2]
+be = _backend.load(backend)
+rng = np.random.default_rng(0)
+x = rng.standard_normal((128, 784)).astype(np.float32)
+w = rng.standard_normal((784, 256)).astype(np.float32)
+z = np.empty((128, 256), np.float32)
+gemm = lambda: np.matmul(x, w, out=z)
+case = _bench.find_case(kernel, "relu" if kernel.startswith("activation") else "",
+                        (1024, 1024) if kernel.startswith("activation") else (1_000_000,),
+                        "float32")
+k = _bench.bind(case, backend)
+def combo():
+    gemm(); k(); gemm()
+t = _bench.measure({"gemm": gemm, "kernel": k, "combo": combo}, repeats=15, min_time=0.05)
+native = not _bench.runs_reference(case, backend)
+print("RESULT " + json.dumps({"gemm": t["gemm"], "kernel": t["kernel"], "combo": t["combo"],
+      "ratio": t["combo"] / (2 * t["gemm"] + t["kernel"]), "native": native}))
+"""
+
+
+def thread_pools(backend, kernel="activation_forward", timeout=300):
+    """GEMM + parallel kernel + GEMM in a loop, over the sum of the parts alone,
+    in a fresh process (issues 4 and 5: within 1.1x).
+
+    ``kernel``: ``activation_forward`` (relu over 1 M float32) or ``adam_step``
+    (1 M float32). Returns a dict with ``gemm``, ``kernel``, ``combo`` (seconds),
+    ``ratio`` and ``native`` (False when the backend runs the reference there).
+    """
+    proc = subprocess.run([sys.executable, "-c", POOLS_SCRIPT, backend, kernel],
+                          capture_output=True, text=True, timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+    raise RuntimeError(f"thread-pool run of {backend} failed (exit {proc.returncode}): {tail}")
+
+
+# ======================================================================= formatting
+
+def fmt_time(s):
+    """``1.23 ms``, ``456 us``, ``2.1 s``."""
+    if s is None:
+        return ""
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s * 1e6:.3g} us"
+
+
+def fmt_ratio(r):
+    return "" if r is None else f"{r:.2f}x"
+
+
+def fmt_probe(row):
+    """``1.03x GEMM`` (time over the bare GEMM) or ``91% of floor`` (floor time
+    over this time: 100% runs at memory bandwidth)."""
+    if row.probe_ratio is None:
+        return ""
+    if row.probe == "gemm":
+        return f"{row.probe_ratio:.2f}x GEMM"
+    return f"{100 * row.probe_ratio:.0f}% of floor"
