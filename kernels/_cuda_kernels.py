@@ -32,10 +32,10 @@ SIMULATOR = bool(_config.ENABLE_CUDASIM)
 
 # The simulator runs every thread of a block as a Python thread: small blocks.
 if SIMULATOR:
-    BLOCK = 32     # threads of 1-D kernels
+    BLOCK = 8      # threads of 1-D kernels
     TS, R = 4, 2   # GEMM: TS x TS threads, each R x R outputs
     BK = 4         # GEMM: depth of a k tile
-    CW, RW = 4, 4  # column_sum: columns x row-lanes per block
+    CW, RW = 4, 2  # column_sum: columns x row-lanes per block
 else:
     BLOCK = 256
     TS, R = 16, 4

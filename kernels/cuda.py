@@ -30,6 +30,7 @@ import importlib.util
 import math
 import os
 import threading
+import warnings
 
 import numpy as np
 
@@ -44,8 +45,7 @@ __all__ = [
     "count_correct", "synchronize", "set_gemm", "gemm_engine",
 ]
 
-COMPLETE = True
-ACTIVATIONS = ACTIVATIONS
+COMPLETE = True   # every kernel, every activation in ACTIVATIONS (imported above)
 #: (batch, width) pairs for the parity suite: tiny, as the simulator runs
 #: every GPU thread as a Python thread.
 PARITY_SHAPES = tuple((batch, width) for batch in (1, 3, 5) for width in (1, 7, 10))
@@ -251,6 +251,26 @@ def _blocks(n):
     return max(1, min(-(-n // _k.BLOCK), _max_blocks))
 
 
+_launches = {}
+
+
+def _launch(kernel, grid, block):
+    """``kernel[grid, block]``, kept for reuse: a configured launch is built
+    once per shape, and without numba's low-occupancy warning, which small
+    batches trigger by design (a loss's final reduction is one block)."""
+    if _k.SIMULATOR:   # the simulator's kernels reconfigure themselves in place
+        return kernel[grid, block]
+    key = (kernel, grid, block)
+    launch = _launches.get(key)
+    if launch is None:
+        if len(_launches) > 4096:
+            _launches.clear()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Grid size")
+            launch = _launches[key] = kernel[grid, block]
+    return launch
+
+
 def _act(act):
     return _k.ACT_CODES[act]
 
@@ -347,7 +367,7 @@ def _matmul(a, b, c, ta, tb, ks, epi, act=0, bias=None, preact=None, z=None, y=N
         _resolve_gemm()
     if _gemm["engine"] == "numba":
         grid = (-(-n // k_.BM), -(-m // k_.BM))
-        ks.gemm[grid, (k_.TS, k_.TS)](
+        _launch(ks.gemm, grid, (k_.TS, k_.TS))(
             a, b, int(ta), int(tb), epi, act, fc if bias is None else bias, fc, fpre,
             int(preact is not None), fc if z is None else _flat(z), fc if y is None else _flat(y))
         return
@@ -363,10 +383,10 @@ def _matmul(a, b, c, ta, tb, ks, epi, act=0, bias=None, preact=None, z=None, y=N
          beta.ctypes.data, _ptr(target), n)
     size = m * n
     if epi == k_.EPI_FORWARD:
-        ks.bias_activation[_blocks(size), k_.BLOCK](fpre, bias, act, fc, fpre,
-                                                     int(preact is not None))
+        _launch(ks.bias_activation, _blocks(size), k_.BLOCK)(
+            fpre, bias, act, fc, fpre, int(preact is not None))
     elif epi == k_.EPI_DELTA:
-        ks.activation_backward[_blocks(size), k_.BLOCK](
+        _launch(ks.activation_backward, _blocks(size), k_.BLOCK)(
             act, fc, fc if z is None else _flat(z), fc if y is None else _flat(y), fc)
 
 
@@ -420,7 +440,7 @@ def dense_backward(x, dz, dw, db):
     ks = _k.kernels(dx.dtype)
     _matmul(dx, ddz, ddw, True, False, ks, _k.EPI_STORE)
     n = ddz.shape[1]
-    ks.column_sum[-(-n // _k.CW), (_k.CW, _k.RW)](ddz, ddb)
+    _launch(ks.column_sum, -(-n // _k.CW), (_k.CW, _k.RW))(ddz, ddb)
     s.finish()
 
 
@@ -433,7 +453,7 @@ def activation_forward(act, z, out):
     dout = s(out, out=True, fresh=True)
     ks = _k.kernels(dz.dtype)
     fz, fo = _flat(dz), _flat(dout)
-    ks.activation_forward[_blocks(fo.shape[0]), _k.BLOCK](_act(act), fz, fo)
+    _launch(ks.activation_forward, _blocks(fo.shape[0]), _k.BLOCK)(_act(act), fz, fo)
     s.finish()
 
 
@@ -449,7 +469,7 @@ def activation_backward(act, dy, z, y, out):
     if not (code == 0 and dout is ddy):
         ks = _k.kernels(ddy.dtype)
         fdy, fo = _flat(ddy), _flat(dout)
-        ks.activation_backward[_blocks(fo.shape[0]), _k.BLOCK](
+        _launch(ks.activation_backward, _blocks(fo.shape[0]), _k.BLOCK)(
             code, fdy, fdy if dz is None else _flat(dz), fdy if dyy is None else _flat(dyy), fo)
     s.finish()
 
@@ -463,7 +483,7 @@ def softmax(z, out):
     dz = s(z)
     dout = s(out, out=True, fresh=True)
     ks = _k.kernels(dz.dtype)
-    ks.softmax[dz.shape[0], _k.BLOCK](dz, dout)
+    _launch(ks.softmax, dz.shape[0], _k.BLOCK)(dz, dout)
     s.finish()
 
 
@@ -485,8 +505,8 @@ def softmax_cross_entropy(logits, labels, grad):
     ks = _k.kernels(dl.dtype)
     batch = dl.shape[0]
     partials, result = _scratch.get(batch)
-    ks.softmax_cross_entropy[batch, _k.BLOCK](dl, dlab, dg, partials)
-    ks.mean_of_partials[1, _k.BLOCK](partials, batch, float(batch), result)
+    _launch(ks.softmax_cross_entropy, batch, _k.BLOCK)(dl, dlab, dg, partials)
+    _launch(ks.mean_of_partials, 1, _k.BLOCK)(partials, batch, float(batch), result)
     s.finish()
     return _scratch.read()
 
@@ -507,8 +527,8 @@ def sigmoid_binary_cross_entropy(logits, targets, grad):
     n = fl.shape[0]
     blocks = _blocks(n)
     partials, result = _scratch.get(blocks)
-    ks.sigmoid_bce[blocks, _k.BLOCK](fl, _flat(dt), _flat(dg), partials)
-    ks.mean_of_partials[1, _k.BLOCK](partials, blocks, float(n), result)
+    _launch(ks.sigmoid_bce, blocks, _k.BLOCK)(fl, _flat(dt), _flat(dg), partials)
+    _launch(ks.mean_of_partials, 1, _k.BLOCK)(partials, blocks, float(n), result)
     s.finish()
     return _scratch.read()
 
@@ -529,8 +549,8 @@ def mse(pred, target, grad):
     n = fp.shape[0]
     blocks = _blocks(n)
     partials, result = _scratch.get(blocks)
-    ks.mse[blocks, _k.BLOCK](fp, _flat(dt), _flat(dg), ks.dtype.type(2 / n), partials)
-    ks.mean_of_partials[1, _k.BLOCK](partials, blocks, float(n), result)
+    _launch(ks.mse, blocks, _k.BLOCK)(fp, _flat(dt), _flat(dg), ks.dtype.type(2 / n), partials)
+    _launch(ks.mean_of_partials, 1, _k.BLOCK)(partials, blocks, float(n), result)
     s.finish()
     return _scratch.read()
 
@@ -548,8 +568,8 @@ def sgd_step(p, g, buf, lr, momentum, nesterov, weight_decay, l1):
     dbuf = s(buf, out=True) if (buf is not None and momentum != 0) else dp
     ks = _k.kernels(dp.dtype)
     F = ks.dtype.type
-    ks.sgd[_blocks(dp.shape[0]), _k.BLOCK](dp, dg, dbuf, F(lr), F(momentum), int(bool(nesterov)),
-                                           F(weight_decay), F(l1))
+    _launch(ks.sgd, _blocks(dp.shape[0]), _k.BLOCK)(
+        dp, dg, dbuf, F(lr), F(momentum), int(bool(nesterov)), F(weight_decay), F(l1))
     s.finish()
 
 
@@ -575,7 +595,7 @@ def adam_step(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, 
         wd, decay, has_decay = 0.0, 1.0 - lr * weight_decay, int(weight_decay != 0)
     else:
         wd, decay, has_decay = weight_decay, 1.0, 0
-    ks.adam[_blocks(dp.shape[0]), _k.BLOCK](
+    _launch(ks.adam, _blocks(dp.shape[0]), _k.BLOCK)(
         dp, dg, dm, dv, dvmax, int(vmax is not None), F(wd), F(l1), F(decay), has_decay,
         F(beta1), F(1.0 - beta1), F(beta2), F(1.0 - beta2), F(bc2_sqrt), F(eps), F(lr / bc1))
     s.finish()
@@ -595,7 +615,7 @@ def rmsprop_step(p, g, sq, buf, lr, rho, eps, momentum, centered_mean, weight_de
     dcm = dp if centered_mean is None else s(centered_mean, out=True)
     ks = _k.kernels(dp.dtype)
     F = ks.dtype.type
-    ks.rmsprop[_blocks(dp.shape[0]), _k.BLOCK](
+    _launch(ks.rmsprop, _blocks(dp.shape[0]), _k.BLOCK)(
         dp, dg, dsq, dbuf, dcm, F(lr), F(rho), F(1.0 - rho), F(eps), F(momentum),
         int(centered_mean is not None), F(weight_decay), F(l1))
     s.finish()
@@ -617,7 +637,7 @@ def zeros(shape, dtype):
     a = cuda.device_array(shape, dtype)
     fa = _flat(a)
     if fa.shape[0]:
-        _k.kernels(dtype).fill[_blocks(fa.shape[0]), _k.BLOCK](fa, dtype.type(0))
+        _launch(_k.kernels(dtype).fill, _blocks(fa.shape[0]), _k.BLOCK)(fa, dtype.type(0))
     return a
 
 
@@ -661,8 +681,8 @@ def count_correct(logits, labels):
     rows = dl.shape[0]
     blocks = _blocks(rows)
     partials, result = _scratch.get(blocks)
-    ks.count_correct[blocks, _k.BLOCK](dl, _flat(dlab), partials)
-    ks.mean_of_partials[1, _k.BLOCK](partials, blocks, 1.0, result)
+    _launch(ks.count_correct, blocks, _k.BLOCK)(dl, _flat(dlab), partials)
+    _launch(ks.mean_of_partials, 1, _k.BLOCK)(partials, blocks, 1.0, result)
     return int(round(_scratch.read()))
 
 

@@ -476,6 +476,31 @@ def test_model_shaped_training_steps(dtype):
     close(dev_p, ref_p, dtype, 10)
 
 
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sequential_fit_on_cuda_matches_numpy(dtype):
+    """fastnn's model trains on the cuda backend (buffers made by its hooks)
+    and gives the numpy backend's losses, accuracy and predictions."""
+    import fastnn as fn
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((24, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 24)
+    results = {}
+    for backend in ("numpy", "cuda"):
+        with fn.use_backend(backend):
+            model = fn.Sequential([fn.Dense(5, "tanh"), fn.Dense(3)], input_dim=6,
+                                  dtype=dtype, seed=0)
+            model.compile(loss="softmax_cross_entropy", optimizer=fn.Adam(lr=1e-2))
+            hist = model.fit(x, y, epochs=1, batch_size=12, verbose=0, shuffle=False)
+            results[backend] = (hist.history["loss"], hist.history["accuracy"],
+                                model.predict(x[:3]))
+    (loss_n, acc_n, pred_n), (loss_c, acc_c, pred_c) = results["numpy"], results["cuda"]
+    np.testing.assert_allclose(loss_c, loss_n, **tol(dtype, 6))
+    assert acc_c == acc_n
+    np.testing.assert_allclose(pred_c, pred_n, **tol(dtype, 6))
+
+
 # ------------------------------------------------------------------ real GPU only
 
 @pytest.mark.gpu
