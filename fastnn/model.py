@@ -819,9 +819,10 @@ def load_model(path):
     """
     path = os.fspath(path)
     try:
-        with np.load(path, allow_pickle=False) as f:
-            if not hasattr(f, "files"):
-                raise ValueError("not an .npz archive")
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array, not an .npz archive")
+        with f:
             arrays = {k: f[k] for k in f.files}
     except FileNotFoundError:
         raise
@@ -863,7 +864,8 @@ def _from_arrays(arrays):
         opt = _optim.from_config(opt_cfg["class_name"], opt_cfg["config"])
         model.compile(comp["loss"], opt, comp.get("metrics") or None)
         names = comp.get("optimizer_state", [])
-        if names:
+        step = _validate.integer("optimizer_step", comp["optimizer_step"], low=0)
+        if names or step:
             if sorted(names) != sorted(opt.state_names()):
                 raise ValueError(f"optimizer state {names} does not match "
                                  f"{type(opt).__name__}'s {list(opt.state_names())}")
@@ -875,7 +877,7 @@ def _from_arrays(arrays):
                                      f"shape or dtype")
                 state[k] = a.copy()
             opt._states = [state]
-            opt._t = _validate.integer("optimizer_step", comp["optimizer_step"], low=0)
+            opt._t = step
     return model
 
 
