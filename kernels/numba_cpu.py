@@ -1,0 +1,1184 @@
+"""The ``numba`` backend: every kernel of the contract as ``numba.njit`` loops.
+
+Importing this module imports numba (``fastnn`` itself never does; the
+registry imports this module the first time the backend is used).
+
+How it is built (DESIGN.md, "Rules the code keeps"):
+
+* GEMMs are NumPy's BLAS, called on views into the caller's arrays
+  (``np.matmul(x, w, out=z)``, ``x.T @ dz`` and ``dy @ w.T`` without copies);
+  everything around them is one fused numba loop: bias + activation over the
+  GEMM output, the activation derivative multiplied into ``dy @ w.T``,
+  softmax-CE loss and gradient, and each optimizer as one loop that reads and
+  writes every array once.
+* Every loop body is one ``register_jitable`` function over an index range
+  ``[lo, hi)``. It runs directly (``njit``, serial) below a size threshold and
+  as static chunks of a ``prange`` above it (``njit(parallel=True)``), with the
+  thread count of ``fastnn.set_num_threads``.
+* Loops specialised per activation and per optimizer variant are made by small
+  factories; a specialisation is compiled on its first use, for the dtype it is
+  called with (float32 or float64), and cached on disk (``cache=True``). Every
+  call passes arrays of one layout and scalars of the array dtype, so each
+  kernel compiles once per dtype.
+* float32 ``exp``, ``tanh`` and ``log1p`` are our own: a polynomial with
+  exponent bit tricks, branch-free so that LLVM vectorizes the loops (numba's
+  ``math.exp`` is a scalar libm call, and loses to NumPy's SIMD). float64 uses
+  the same scheme with longer polynomials. Both are within 1-2 ulp and keep
+  IEEE results for overflow, underflow, infinities and NaN.
+* ``error_model='numpy'`` everywhere (Python's division checks block
+  vectorization); no ``fastmath``: results follow IEEE arithmetic in the
+  reference's order of operations, so the optimizers match the reference bit
+  for bit.
+
+Threads: numba's ``omp`` threading layer is selected when it is available (it
+is thread-safe and shares libgomp with the Cython backend; ``workqueue`` is not
+thread-safe, and parallel calls then hold a lock). ``fastnn/__init__.py`` sets
+``GOMP_SPINCOUNT`` before libgomp loads, so its idle threads do not steal the
+cores from the next BLAS call.
+"""
+
+import math
+import os
+import sys
+import tempfile
+import threading
+
+import numpy as np
+
+__all__ = [
+    "dense_forward", "activation_forward", "activation_backward", "backprop_delta",
+    "dense_backward", "softmax_cross_entropy", "sigmoid_binary_cross_entropy", "mse",
+    "sgd_step", "adam_step", "rmsprop_step", "softmax",
+    "available", "info", "set_num_threads",
+]
+
+#: This backend implements the whole contract itself (no reference fallbacks).
+COMPLETE = True
+
+
+# ------------------------------------------------------------ cache folder (before numba)
+
+def _user_cache_dir(environ):
+    """``$XDG_CACHE_HOME/fastnn/numba``, else ``~/.cache/fastnn/numba``."""
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fastnn", "numba")
+
+
+def _dir_writable(path):
+    """Whether numba could write its cache into ``path`` (tried as numba does:
+    create the folder and a temporary file in it; ``os.access`` is wrong for
+    root and for read-only mounts)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError:
+        return False
+    return True
+
+
+def _cache_dir_setting(package_dir, environ, writable=_dir_writable):
+    """The ``NUMBA_CACHE_DIR`` to set, or None to leave numba's choice.
+
+    ``NUMBA_CACHE_DIR`` set by the user wins; else the cache goes next to this
+    file (``__pycache__``, numba's default) when that is writable, else to the
+    user's cache folder (``_user_cache_dir``)."""
+    if environ.get("NUMBA_CACHE_DIR"):
+        return None
+    if writable(os.path.join(package_dir, "__pycache__")):
+        return None
+    return _user_cache_dir(environ)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_CACHE_DIR_SET = _cache_dir_setting(_PACKAGE_DIR, os.environ)
+if _CACHE_DIR_SET is not None:
+    os.environ["NUMBA_CACHE_DIR"] = _CACHE_DIR_SET
+
+import numba  # noqa: E402
+from numba import njit, prange, types  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba.extending import intrinsic, overload, register_jitable  # noqa: E402
+
+if _CACHE_DIR_SET is not None and numba.config.CACHE_DIR != _CACHE_DIR_SET:
+    numba.config.CACHE_DIR = _CACHE_DIR_SET  # numba was imported before us
+
+
+def _select_threading_layer():
+    """Prefer ``omp`` (thread-safe) unless the user chose a layer. Returns
+    whether parallel calls must be serialised by a lock (workqueue)."""
+    if os.environ.get("NUMBA_THREADING_LAYER"):
+        return numba.config.THREADING_LAYER == "workqueue"
+    try:
+        import numba.np.ufunc.omppool  # noqa: F401
+    except ImportError:
+        # tbb if installed, else workqueue; which one is known after the first launch
+        return True
+    numba.config.THREADING_LAYER = "omp"
+    return False
+
+
+_SERIALISE_PARALLEL = _select_threading_layer()
+_parallel_lock = threading.Lock()
+
+#: Options of every compiled kernel.
+_JIT = dict(cache=True, nogil=True, error_model="numpy")
+#: Options of the inlined helpers (loop bodies, scalar functions).
+_INNER = dict(error_model="numpy")
+
+
+def _scalar(fn):
+    """A helper callable from our kernels (compiled into them, inlined by LLVM)."""
+    return register_jitable(**_INNER)(fn)
+
+
+# ------------------------------------------------------------ typed constants, bit casts
+
+def _c(x, value):
+    """``value`` as the type of ``x`` (a float32 kernel must not compute in
+    float64: numba types ``float32 * 0.5`` as float64)."""
+    return value
+
+
+@overload(_c, inline="always")
+def _c_overload(x, value):
+    to = x
+
+    def impl(x, value):
+        return to(value)
+
+    return impl
+
+
+@intrinsic
+def _bits(typingctx, x):
+    """The bits of a float as a signed integer of its width."""
+    ity = {types.float32: types.int32, types.float64: types.int64}.get(x)
+    if ity is None:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(ity))
+
+    return ity(x), codegen
+
+
+@intrinsic
+def _pow2(typingctx, like, n):
+    """``2.0**n`` in the float type of ``like``, for ``n`` in the normal
+    exponent range, built from its bits (``n`` is truncated to the float's
+    width first: numba computes small integers as int64)."""
+    width = {types.float32: (32, 23, 127), types.float64: (64, 52, 1023)}.get(like)
+    if width is None or not isinstance(n, types.Integer):
+        return None
+    bits, mantissa, bias = width
+
+    def codegen(context, builder, signature, args):
+        ity = ir.IntType(bits)
+        i = args[1]
+        if i.type.width > bits:
+            i = builder.trunc(i, ity)
+        elif i.type.width < bits:
+            i = builder.sext(i, ity)
+        i = builder.shl(builder.add(i, ity(bias)), ity(mantissa))
+        return builder.bitcast(i, context.get_value_type(like))
+
+    return like(like, n), codegen
+
+
+# ------------------------------------------------------------ exp, tanh, log1p
+
+# exp(x) = 2**n * exp(r), n = round(x/ln2), r = x - n*ln2 (ln2 split in two so
+# that n*LN2_HI is exact), exp(r) by a polynomial on |r| <= ln2/2. n comes from
+# the bits of x/ln2 + 1.5*2**mantissa_bits (round to nearest, no float->int
+# conversion, so NaN stays defined); 2**n is two normal factors so that
+# denormal results round once and overflow gives inf. x is clamped first
+# (NaN passes the clamp: comparisons with NaN are false).
+_F32 = np.float32
+_E32_HI, _E32_LO = _F32(89.0), _F32(-110.0)
+_E32_LOG2E = _F32(1.4426950408889634)
+_E32_MAGIC = _F32(12582912.0)                  # 1.5 * 2**23
+_E32_MAGIC_BITS = np.int32(0x4B400000)
+_E32_LN2_HI, _E32_LN2_LO = _F32(0.693359375), _F32(-2.12194440e-4)
+# Cephes expf: exp(r) ~ 1 + r + r^2 * P(r)
+_E32_P = tuple(_F32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
+                                  4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
+_F32_1, _F32_2 = _F32(1.0), _F32(2.0)
+
+_E64_HI, _E64_LO = 710.0, -746.0
+_E64_LOG2E = 1.4426950408889634
+_E64_MAGIC = 6755399441055744.0                # 1.5 * 2**52
+_E64_MAGIC_BITS = np.int64(0x4338000000000000)
+_E64_LN2_HI, _E64_LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10
+# exp(r) by its Taylor series to r^13: truncation 4e-18 relative on |r| <= ln2/2
+_E64_T = tuple(1.0 / math.factorial(k) for k in range(13, 1, -1))
+
+
+@_scalar
+def _exp32(x):
+    if x > _E32_HI:
+        x = _E32_HI
+    if x < _E32_LO:
+        x = _E32_LO
+    kf = x * _E32_LOG2E + _E32_MAGIC
+    n = _bits(kf) - _E32_MAGIC_BITS
+    kf = kf - _E32_MAGIC
+    r = (x - kf * _E32_LN2_HI) - kf * _E32_LN2_LO
+    p0, p1, p2, p3, p4, p5 = _E32_P
+    p = ((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5
+    p = p * (r * r) + r + _F32_1
+    n1 = n >> 1
+    return p * _pow2(x, n1) * _pow2(x, n - n1)
+
+
+@_scalar
+def _exp64(x):
+    if x > _E64_HI:
+        x = _E64_HI
+    if x < _E64_LO:
+        x = _E64_LO
+    kf = x * _E64_LOG2E + _E64_MAGIC
+    n = _bits(kf) - _E64_MAGIC_BITS
+    kf = kf - _E64_MAGIC
+    r = (x - kf * _E64_LN2_HI) - kf * _E64_LN2_LO
+    p = 0.0
+    for c in _E64_T:  # unrolled: _E64_T is a constant tuple
+        p = p * r + c
+    p = p * (r * r) + r + 1.0
+    n1 = n >> 1
+    return p * _pow2(x, n1) * _pow2(x, n - n1)
+
+
+# tanh(x) = x + x^3 * P(x^2) for |x| < 0.625 (Cephes tanhf / tanh), else
+# sign(x) * (1 - 2e/(1+e)) with e = exp(-2|x|) (no cancellation there; the
+# small term is exact to a fraction of an ulp of the result).
+_T_SMALL = 0.625
+_T32_P = tuple(_F32(c) for c in (-5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2,
+                                  1.33314422036e-1, -3.33332819422e-1))
+_T64_P = (-9.64399179425052238628e-1, -9.92877231001918586564e1, -1.61468768441708447952e3)
+_T64_Q = (1.12811678491632931402e2, 2.23548839060100448583e3, 4.84406305325125486048e3)
+
+
+@_scalar
+def _tanh32(x):
+    ax = abs(x)
+    if ax < _F32(_T_SMALL):
+        s = x * x
+        p0, p1, p2, p3, p4 = _T32_P
+        return ((((p0 * s + p1) * s + p2) * s + p3) * s + p4) * s * x + x
+    e = _exp32(-(ax + ax))
+    t = _F32_1 - (e + e) / (_F32_1 + e)
+    return t if x > 0 else -t
+
+
+@_scalar
+def _tanh64(x):
+    ax = abs(x)
+    if ax < _T_SMALL:
+        s = x * x
+        p = (_T64_P[0] * s + _T64_P[1]) * s + _T64_P[2]
+        q = ((s + _T64_Q[0]) * s + _T64_Q[1]) * s + _T64_Q[2]
+        return x + x * (s * p / q)
+    e = _exp64(-(ax + ax))
+    t = 1.0 - (e + e) / (1.0 + e)
+    return t if x > 0 else -t
+
+
+# log1p(x) for x in [0, 1] (or NaN): the only arguments we need (exp(-|z|)).
+# u = 1 + x = 2^k * m with m in [sqrt(1/2), sqrt(2)), f = m - 1 exact,
+# log(m) = 2 atanh(s) = f - s*(f - R(s^2)), s = f/(2 + f), plus the rounding
+# of u corrected by (x - (u - 1))/u.
+_L32_R = tuple(_F32(2.0 / (2 * k + 1)) for k in range(4, 0, -1))   # 2/9 .. 2/3
+_L64_R = tuple(2.0 / (2 * k + 1) for k in range(10, 0, -1))        # 2/21 .. 2/3
+_SQRT2 = math.sqrt(2.0)
+_L32_LN2_HI, _L32_LN2_LO = _F32(0.693359375), _F32(-2.12194440e-4)
+
+
+@_scalar
+def _log1p01_32(x):
+    u = _F32_1 + x
+    big = u > _F32(_SQRT2)
+    m = u * _F32(0.5) if big else u
+    k = _F32_1 if big else _F32(0.0)
+    f = m - _F32_1
+    s = f / (_F32_2 + f)
+    z = s * s
+    r0, r1, r2, r3 = _L32_R
+    rr = (((r0 * z + r1) * z + r2) * z + r3) * z
+    logm = f - s * (f - rr)
+    corr = (x - (u - _F32_1)) / u
+    return k * _L32_LN2_HI + (logm + (k * _L32_LN2_LO + corr))
+
+
+@_scalar
+def _log1p01_64(x):
+    u = 1.0 + x
+    big = u > _SQRT2
+    m = u * 0.5 if big else u
+    k = 1.0 if big else 0.0
+    f = m - 1.0
+    s = f / (2.0 + f)
+    z = s * s
+    rr = 0.0
+    for c in _L64_R:
+        rr = rr * z + c
+    rr = rr * z
+    logm = f - s * (f - rr)
+    corr = (x - (u - 1.0)) / u
+    return k * _E64_LN2_HI + (logm + (k * _E64_LN2_LO + corr))
+
+
+def _by_dtype(f32, f64):
+    """A generic scalar function: ``f32`` for float32 arguments, ``f64`` for float64."""
+    def stub(x):
+        raise NotImplementedError("callable from compiled code only")
+
+    @overload(stub, inline="always")
+    def _overload(x):
+        if x == types.float32:
+            return lambda x: f32(x)
+        if x == types.float64:
+            return lambda x: f64(x)
+        return None
+
+    return stub
+
+
+_exp = _by_dtype(_exp32, _exp64)
+_tanh = _by_dtype(_tanh32, _tanh64)
+_log1p01 = _by_dtype(_log1p01_32, _log1p01_64)
+
+
+# ------------------------------------------------------------ activations (scalar)
+
+LEAKY_SLOPE = 0.01
+GELU_C = math.sqrt(2.0 / math.pi)
+GELU_A = 0.044715
+
+
+@_scalar
+def _sigmoid(z):
+    # exp(-|z|) keeps full relative accuracy in the negative tail
+    e = _exp(-abs(z))
+    one = _c(z, 1.0)
+    return (one if z >= 0 else e) / (one + e)
+
+
+@_scalar
+def _relu(z):
+    return _c(z, 0.0) if z < 0 else z   # NaN stays NaN, as np.maximum
+
+
+@_scalar
+def _gelu_sigmoid(z):
+    """``e = exp(-2|u|)`` and ``s = sigmoid(2u)`` for ``u = c*(z + a*z^3)`` (in
+    the reference's order of operations). With them ``1 + tanh(u) = 2s`` and
+    ``1 - tanh(u)^2 = 4e/(1+e)^2`` without the cancellation of ``1 - t*t``
+    near ``|t| = 1`` (which costs the float32 reference up to 1.2e-6 absolute
+    error in gelu' around ``z = -5``)."""
+    u = z * z
+    u = u * _c(z, GELU_A) + _c(z, 1.0)
+    u = u * z * _c(z, GELU_C)
+    e = _exp(-(abs(u) + abs(u)))
+    one = _c(z, 1.0)
+    return e, (one if u >= 0 else e) / (one + e)
+
+
+@_scalar
+def _f_identity(z):
+    return z
+
+
+@_scalar
+def _f_leaky_relu(z):
+    return z if z > 0 else z * _c(z, LEAKY_SLOPE)
+
+
+@_scalar
+def _f_tanh(z):
+    return _tanh(z)
+
+
+@_scalar
+def _f_gelu(z):
+    # 0.5*z*(1 + tanh(u)) = z*sigmoid(2u)
+    return z * _gelu_sigmoid(z)[1]
+
+
+@_scalar
+def _f_silu(z):
+    return z * _sigmoid(z)
+
+
+@_scalar
+def _f_softplus(z):
+    return _relu(z) + _log1p01(_exp(-abs(z)))
+
+
+@_scalar
+def _d_identity(s):
+    return _c(s, 1.0)
+
+
+@_scalar
+def _d_relu(y):
+    return _c(y, 1.0) if y > 0 else _c(y, 0.0)
+
+
+@_scalar
+def _d_sigmoid(y):
+    return y * (_c(y, 1.0) - y)
+
+
+@_scalar
+def _d_tanh(y):
+    return _c(y, 1.0) - y * y
+
+
+@_scalar
+def _d_leaky_relu(z):
+    return _c(z, 1.0) if z > 0 else _c(z, LEAKY_SLOPE)
+
+
+@_scalar
+def _d_gelu(z):
+    # 0.5*(1 + t) + 0.5*z*(1 - t^2)*c*(1 + 3a*z^2), t = tanh(u), in the
+    # reference's order, with 1 + t = 2s and 1 - t^2 = 4e/(1+e)^2
+    e, s = _gelu_sigmoid(z)
+    one = _c(z, 1.0)
+    inner = z * z * _c(z, 3 * GELU_A) + one
+    inner = inner * _c(z, GELU_C) * z * (e / ((one + e) * (one + e)) * _c(z, 4.0))
+    return s + inner * _c(z, 0.5)
+
+
+@_scalar
+def _d_silu(z):
+    s = _sigmoid(z)
+    return ((_c(z, 1.0) - s) * z + _c(z, 1.0)) * s
+
+
+#: name -> (forward f(z), derivative d(y or z), derivative takes y)
+_ACT = {
+    "identity": (_f_identity, _d_identity, True),
+    "relu": (_relu, _d_relu, True),
+    "sigmoid": (_sigmoid, _d_sigmoid, True),
+    "tanh": (_f_tanh, _d_tanh, True),
+    "leaky_relu": (_f_leaky_relu, _d_leaky_relu, False),
+    "gelu": (_f_gelu, _d_gelu, False),
+    "silu": (_f_silu, _d_silu, False),
+    "softplus": (_f_softplus, _sigmoid, False),
+}
+ACTIVATIONS = tuple(_ACT)
+#: Activations whose loops call exp/tanh (more work per element: parallel sooner).
+_TRANSCENDENTAL = frozenset(("sigmoid", "tanh", "gelu", "silu", "softplus"))
+
+
+@_scalar
+def _sign(x):
+    """np.sign: -1, 0 or 1, NaN for NaN."""
+    one = _c(x, 1.0)
+    return one if x > 0 else (-one if x < 0 else x * _c(x, 0.0))
+
+
+@_scalar
+def _maximum(a, b):
+    """np.maximum: NaN if either is NaN."""
+    return b if (b > a or b != b) else a
+
+
+# ------------------------------------------------------------ serial / parallel launch
+
+# Below these element counts a kernel runs its serial loop: a prange launch
+# costs microseconds (waking the OpenMP team) that small arrays cannot pay
+# back. Measured on this machine (2 cores, omp layer; see the report of issue
+# 4 and tests/test_numba.py for the equality of both paths): TODO.
+PARALLEL_MIN = {"cheap": 1 << 16, "exp": 1 << 13, "optimizer": 1 << 15}
+_ALIGN = 64   # chunk boundaries at multiples of 64 elements (whole cache lines)
+
+
+class _Kernel:
+    """A loop body over ``[lo, hi)`` compiled twice: ``run(lo, hi, *args)``
+    (serial) and ``par(threads, n, align, *args)`` (static chunks in prange)."""
+
+    __slots__ = ("run", "par", "align", "reduces")
+
+    def __init__(self, body, align=_ALIGN, reduces=False):
+        _scalar(body)  # callable from the parallel driver
+        self.run = njit(**_JIT)(body)
+        self.par = (_parallel_sum if reduces else _parallel)(body)
+        self.align = align
+        self.reduces = reduces
+
+
+def _chunk(n, threads, align):
+    step = (n + threads - 1) // threads
+    return (step + align - 1) // align * align
+
+
+register_jitable(_chunk)
+
+
+def _parallel(body):
+    def par(threads, n, align, *args):
+        step = _chunk(n, threads, align)
+        for c in prange(threads):
+            lo = c * step
+            hi = min(n, lo + step)
+            if lo < hi:
+                body(lo, hi, *args)
+
+    return njit(parallel=True, **_JIT)(par)
+
+
+def _parallel_sum(body):
+    def par(threads, n, align, *args):
+        step = _chunk(n, threads, align)
+        parts = np.zeros(threads)
+        for c in prange(threads):
+            lo = c * step
+            hi = min(n, lo + step)
+            if lo < hi:
+                parts[c] = body(lo, hi, *args)
+        total = 0.0
+        for c in range(threads):
+            total += parts[c]
+        return total
+
+    return njit(parallel=True, **_JIT)(par)
+
+
+_num_threads = 1
+# numba's thread count is per Python thread; each one is set on its first
+# parallel launch (and when fastnn's count changed). Calling
+# numba.set_num_threads inside the compiled driver instead would make it
+# uncachable (it embeds a function pointer).
+_thread_state = threading.local()
+
+
+def _launch(kernel, n, min_parallel, *args):
+    """Run ``kernel`` over ``n`` items (elements or rows), in parallel from
+    ``min_parallel`` on. Returns what the body returns (losses: a float64 sum)."""
+    threads = _num_threads
+    if threads > 1 and n >= min_parallel:
+        if getattr(_thread_state, "threads", 0) != threads:
+            numba.set_num_threads(threads)
+            _thread_state.threads = threads
+        if _SERIALISE_PARALLEL:
+            with _parallel_lock:
+                return kernel.par(threads, n, kernel.align, *args)
+        return kernel.par(threads, n, kernel.align, *args)
+    return kernel.run(0, n, *args)
+
+
+_build_lock = threading.Lock()
+_built = {}
+
+
+def _specialised(key, factory, *params):
+    """The kernels ``factory(*params)`` makes, built once per ``key``."""
+    kernels = _built.get(key)
+    if kernels is None:
+        with _build_lock:
+            kernels = _built.get(key)
+            if kernels is None:
+                kernels = _built[key] = factory(*params)
+    return kernels
+
+
+# ------------------------------------------------------------ elementwise loops
+
+class _ActKernels:
+    """The loops of one activation."""
+
+    def __init__(self, f, d):
+        def fwd(lo, hi, z, out):
+            for i in range(lo, hi):
+                out[i] = f(z[i])
+
+        def fwd_inplace(lo, hi, a):
+            for i in range(lo, hi):
+                a[i] = f(a[i])
+
+        def bias_act(lo, hi, z, b, out):          # rows lo..hi of (batch, width)
+            for r in range(lo, hi):
+                for j in range(b.size):
+                    v = z[r, j] + b[j]
+                    z[r, j] = v
+                    out[r, j] = f(v)
+
+        def bias_act_inplace(lo, hi, a, b):
+            for r in range(lo, hi):
+                for j in range(b.size):
+                    a[r, j] = f(a[r, j] + b[j])
+
+        def grad(lo, hi, dy, s, out):
+            for i in range(lo, hi):
+                out[i] = dy[i] * d(s[i])
+
+        def grad_into_dy(lo, hi, a, s):
+            for i in range(lo, hi):
+                a[i] = a[i] * d(s[i])
+
+        def grad_into_s(lo, hi, dy, a):
+            for i in range(lo, hi):
+                a[i] = dy[i] * d(a[i])
+
+        self.fwd = _Kernel(fwd)
+        self.fwd_inplace = _Kernel(fwd_inplace)
+        self.bias_act = _Kernel(bias_act, align=1)
+        self.bias_act_inplace = _Kernel(bias_act_inplace, align=1)
+        self.grad = _Kernel(grad)
+        self.grad_into_dy = _Kernel(grad_into_dy)
+        self.grad_into_s = _Kernel(grad_into_s)
+
+
+def _act_kernels(act):
+    f, d, _ = _ACT[act]
+    return _specialised(("act", act), _ActKernels, f, d)
+
+
+def _same(a, b):
+    """Whether two validated arrays are the same memory (the gate allows an
+    output to be an input exactly, or disjoint from it)."""
+    return a is b or (b is not None and np.may_share_memory(a, b))
+
+
+def _threshold(act):
+    return PARALLEL_MIN["exp" if act in _TRANSCENDENTAL else "cheap"]
+
+
+def activation_forward(act, z, out):
+    """Apply an activation elementwise: ``out = act(z)`` (see the reference
+    for the eight formulas); ``out`` may be ``z``.
+
+    Parameters
+    ----------
+    act : str
+    z : ndarray, float32 or float64, C-contiguous. IN
+    out : ndarray like ``z``. OUT
+    """
+    if act == "identity":
+        if not _same(out, z):
+            np.copyto(out, z)
+        return
+    k = _act_kernels(act)
+    n = z.size
+    if _same(out, z):
+        _launch(k.fwd_inplace, n, _threshold(act), out.reshape(-1))
+    else:
+        _launch(k.fwd, n, _threshold(act), z.reshape(-1), out.reshape(-1))
+
+
+def _derivative_source(act, z, y):
+    return y if _ACT[act][2] else z
+
+
+def activation_backward(act, dy, z, y, out):
+    """Backpropagate through an activation: ``out = dy * act'(z)``.
+
+    The derivative is taken from ``y`` for identity, relu (``y > 0``), sigmoid
+    (``y*(1-y)``) and tanh (``1 - y^2``), from ``z`` for leaky_relu, gelu, silu
+    and softplus. ``out`` may be ``dy``, ``z`` or ``y``.
+
+    Parameters
+    ----------
+    act : str
+    dy : ndarray. IN
+    z, y : ndarray or None (the one the derivative does not use). IN
+    out : ndarray like ``dy``. OUT
+    """
+    if act == "identity":
+        if not _same(out, dy):
+            np.copyto(out, dy)
+        return
+    k = _act_kernels(act)
+    s = _derivative_source(act, z, y)
+    n = dy.size
+    t = _threshold(act)
+    if _same(out, dy):
+        _launch(k.grad_into_dy, n, t, out.reshape(-1), s.reshape(-1))
+    elif _same(out, s):
+        _launch(k.grad_into_s, n, t, dy.reshape(-1), out.reshape(-1))
+    else:
+        _launch(k.grad, n, t, dy.reshape(-1), s.reshape(-1), out.reshape(-1))
+
+
+# ------------------------------------------------------------ dense layer
+
+def dense_forward(x, w, b, act, out, preact=None):
+    """Dense layer forward: ``out = act(x @ w + b)``.
+
+    ``x @ w`` is one BLAS call into ``preact`` (or ``out``); bias and
+    activation follow in one pass over it. ``preact``, when given, receives
+    ``z = x @ w + b``.
+
+    Parameters
+    ----------
+    x : ndarray (batch, in). IN
+    w : ndarray (in, out). IN
+    b : ndarray (out,). IN
+    act : str
+    out : ndarray (batch, out). OUT
+    preact : ndarray (batch, out) or None. OUT
+    """
+    k = _act_kernels(act)
+    rows, cols = out.shape
+    t = max(1, _threshold(act) // cols)
+    if preact is None:
+        np.matmul(x, w, out=out)
+        _launch(k.bias_act_inplace, rows, t, out, b)
+    else:
+        np.matmul(x, w, out=preact)
+        _launch(k.bias_act, rows, t, preact, b, out)
+
+
+def backprop_delta(dy, w, z, y, act, out):
+    """Delta of the layer below: ``out = (dy @ w.T) * act'(z)``.
+
+    ``dy @ w.T`` is one BLAS call on the transposed view of ``w`` (no copy);
+    the derivative (from ``y`` where the activation allows, else ``z``) is
+    multiplied in one pass over the result.
+
+    Parameters
+    ----------
+    dy : ndarray (batch, out). IN
+    w : ndarray (in, out). IN
+    z, y : ndarray (batch, in) or None. IN
+    act : str
+    out : ndarray (batch, in). OUT
+    """
+    np.matmul(dy, w.T, out=out)
+    if act == "identity":
+        return
+    k = _act_kernels(act)
+    s = _derivative_source(act, z, y)
+    _launch(k.grad_into_dy, out.size, _threshold(act), out.reshape(-1), s.reshape(-1))
+
+
+def _column_sums(lo, hi, dz, db):
+    """``db[j] = sum_i dz[i, j]`` for columns ``lo..hi``, row by row (NumPy's order)."""
+    for j in range(lo, hi):
+        db[j] = 0
+    for i in range(dz.shape[0]):
+        for j in range(lo, hi):
+            db[j] += dz[i, j]
+
+
+_COLUMN_SUMS = None
+
+
+def dense_backward(x, dz, dw, db):
+    """Parameter gradients of a dense layer: ``dw = x.T @ dz``, ``db = dz.sum(0)``.
+
+    ``x.T @ dz`` is one BLAS call on the transposed view (no copy); ``db`` sums
+    the rows of ``dz`` in a loop vectorized along the columns.
+
+    Parameters
+    ----------
+    x : ndarray (batch, in). IN
+    dz : ndarray (batch, out). IN
+    dw : ndarray (in, out). OUT
+    db : ndarray (out,). OUT
+    """
+    global _COLUMN_SUMS
+    np.matmul(x.T, dz, out=dw)
+    if _COLUMN_SUMS is None:
+        _COLUMN_SUMS = _specialised("column_sums", _Kernel, _column_sums, 16)
+    rows, cols = dz.shape
+    _launch(_COLUMN_SUMS, cols, max(16, PARALLEL_MIN["cheap"] // rows), dz, db)
+
+
+# ------------------------------------------------------------ losses and softmax
+
+_BLOCK = 256   # elements per block of per-element losses before they are summed
+
+
+@register_jitable(error_model="numpy", fastmath={"reassoc"})
+def _sum64(buf, m):
+    """``sum(buf[:m])`` in float64; reassociated (vectorized): the order of a
+    float64 sum of at most ``_BLOCK`` terms changes it by ~1e-16 relative."""
+    total = 0.0
+    for i in range(m):
+        total += np.float64(buf[i])
+    return total
+
+
+@_scalar
+def _row_max(z, r):
+    m = z[r, 0]
+    for j in range(1, z.shape[1]):
+        m = _maximum(m, z[r, j])
+    return m
+
+
+@_scalar
+def _exp_row(z, r, m, out):
+    """``out[r] = exp(z[r] - m)``; returns its sum in the array dtype."""
+    for j in range(z.shape[1]):
+        out[r, j] = _exp(z[r, j] - m)
+    s = _c(m, 0.0)
+    for j in range(z.shape[1]):
+        s += out[r, j]
+    return s
+
+
+def _softmax_ce_rows(lo, hi, z, labels, grad, n):
+    """Rows ``lo..hi``: ``grad = (softmax(z) - onehot) / n``; returns the sum
+    of the rows' losses ``log(s) - (z[label] - max)`` in float64."""
+    total = 0.0
+    for r in range(lo, hi):
+        m = _row_max(z, r)
+        label = labels[r]
+        picked = z[r, label] - m
+        s = _exp_row(z, r, m, grad)
+        for j in range(z.shape[1]):
+            hot = _c(s, 1.0) if j == label else _c(s, 0.0)
+            grad[r, j] = (grad[r, j] / s - hot) / n
+        total += np.float64(math.log(s) - picked)
+    return total
+
+
+def _softmax_rows(lo, hi, z, out):
+    """Rows ``lo..hi``: ``out = exp(z - max) / sum(exp(z - max))``."""
+    for r in range(lo, hi):
+        m = _row_max(z, r)
+        s = _exp_row(z, r, m, out)
+        for j in range(z.shape[1]):
+            out[r, j] = out[r, j] / s
+
+
+def _bce_elements(lo, hi, z, t, grad, n):
+    """``grad = (sigmoid(z) - t) / n``; returns the float64 sum of
+    ``max(z, 0) - z*t + log1p(exp(-|z|))``."""
+    losses = np.empty(_BLOCK, z.dtype)
+    total = 0.0
+    for b0 in range(lo, hi, _BLOCK):
+        b1 = min(hi, b0 + _BLOCK)
+        for i in range(b0, b1):
+            zi = z[i]
+            ti = t[i]
+            e = _exp(-abs(zi))
+            one = _c(zi, 1.0)
+            losses[i - b0] = (_log1p01(e) + _relu(zi)) - zi * ti
+            grad[i] = ((one if zi >= 0 else e) / (one + e) - ti) / n
+        total += _sum64(losses, b1 - b0)
+    return total
+
+
+def _mse_elements(lo, hi, pred, target, grad, scale):
+    """``grad = (pred - target) * (2/n)``; returns the float64 sum of ``(pred - target)^2``."""
+    losses = np.empty(_BLOCK, pred.dtype)
+    total = 0.0
+    for b0 in range(lo, hi, _BLOCK):
+        b1 = min(hi, b0 + _BLOCK)
+        for i in range(b0, b1):
+            d = pred[i] - target[i]
+            losses[i - b0] = d * d
+            grad[i] = d * scale
+        total += _sum64(losses, b1 - b0)
+    return total
+
+
+def _loss_kernel(body):
+    return _specialised(body.__name__, _Kernel, body, 1 if body.__name__.endswith("rows")
+                        else _ALIGN, True)
+
+
+def _labels_intp(labels):
+    """Labels as intp (one compiled kernel for every integer dtype); a copy
+    only when they are not intp already (they are small: one per row)."""
+    return labels if labels.dtype == np.intp else labels.astype(np.intp)
+
+
+def softmax_cross_entropy(logits, labels, grad):
+    """Mean softmax cross-entropy and its gradient with respect to the logits.
+
+    With ``m_i = max_j z_ij`` and ``s_i = sum_j exp(z_ij - m_i)``:
+    ``loss = mean_i(log(s_i) - (z_{i,label_i} - m_i))`` and
+    ``grad = (softmax(z) - onehot(labels)) / batch``, one pass per row.
+
+    Parameters
+    ----------
+    logits : ndarray (batch, classes). IN
+    labels : integer ndarray (batch,), values in ``[0, classes)``. IN
+    grad : ndarray (batch, classes). OUT
+
+    Returns
+    -------
+    float
+        The mean loss (rows' losses in the array dtype, averaged in float64).
+    """
+    rows, classes = logits.shape
+    total = _launch(_loss_kernel(_softmax_ce_rows), rows,
+                    max(1, PARALLEL_MIN["exp"] // classes),
+                    logits, _labels_intp(labels), grad, logits.dtype.type(rows))
+    return float(total / rows)
+
+
+def softmax(z, out):
+    """Row-wise softmax: ``out[i] = exp(z[i] - max(z[i])) / sum(exp(z[i] - max(z[i])))``.
+
+    Parameters
+    ----------
+    z : ndarray (batch, classes). IN
+    out : ndarray (batch, classes); may be ``z``. OUT
+    """
+    rows, classes = z.shape
+    kernel = _specialised("softmax", _Kernel, _softmax_rows, 1)
+    _launch(kernel, rows, max(1, PARALLEL_MIN["exp"] // classes), z, out)
+
+
+def sigmoid_binary_cross_entropy(logits, targets, grad):
+    """Mean binary cross-entropy on logits, and its gradient.
+
+    ``loss = mean(max(z, 0) - z*t + log1p(exp(-|z|)))`` over all elements and
+    ``grad = (sigmoid(z) - t) / z.size``, one pass.
+
+    Parameters
+    ----------
+    logits : ndarray. IN
+    targets : ndarray like ``logits``, values in [0, 1]. IN
+    grad : ndarray like ``logits``. OUT
+
+    Returns
+    -------
+    float
+    """
+    n = logits.size
+    total = _launch(_loss_kernel(_bce_elements), n, PARALLEL_MIN["exp"], logits.reshape(-1),
+                    targets.reshape(-1), grad.reshape(-1), logits.dtype.type(n))
+    return float(total / n)
+
+
+def mse(pred, target, grad):
+    """Mean squared error over all elements and its gradient.
+
+    ``loss = mean((pred - target)^2)``, ``grad = 2*(pred - target) / pred.size``, one pass.
+
+    Parameters
+    ----------
+    pred, target : ndarray, same shape and dtype. IN
+    grad : ndarray like ``pred``. OUT
+
+    Returns
+    -------
+    float
+    """
+    n = pred.size
+    total = _launch(_loss_kernel(_mse_elements), n, PARALLEL_MIN["cheap"], pred.reshape(-1),
+                    target.reshape(-1), grad.reshape(-1), pred.dtype.type(2 / n))
+    return float(total / n)
+
+
+# ------------------------------------------------------------ optimizers
+#
+# One loop per optimizer variant: the flags are constants of the closure, so
+# each variant compiles without the branches it does not take. Scalars are
+# cast to the array dtype as NumPy casts Python floats (``p *= beta1``), and
+# the operations follow the reference's order: the results are identical.
+
+def _sgd_kernel(has_wd, has_l1, has_momentum, nesterov):
+    def sgd(lo, hi, p, g, buf, lr, momentum, wd, l1):
+        for i in range(lo, hi):
+            pi = p[i]
+            gi = g[i]
+            if has_wd:
+                gi = gi + wd * pi
+            if has_l1:
+                gi = gi + l1 * _sign(pi)
+            if has_momentum:
+                b = buf[i] * momentum + gi
+                buf[i] = b
+                d = gi + momentum * b if nesterov else b
+            else:
+                d = gi
+            p[i] = pi - lr * d
+
+    return _Kernel(sgd)
+
+
+def sgd_step(p, g, buf, lr, momentum, nesterov, weight_decay, l1):
+    """One SGD step in place (PyTorch's ``torch.optim.SGD``, dampening 0).
+
+    ``g' = g + weight_decay*p + l1*sign(p)``; with ``momentum > 0``:
+    ``buf = momentum*buf + g'`` and ``d = g' + momentum*buf`` (Nesterov) or
+    ``d = buf``; without momentum ``d = g'``. Then ``p -= lr*d``. One pass.
+
+    Parameters
+    ----------
+    p : ndarray (n,). IN/OUT
+    g : ndarray (n,). IN
+    buf : ndarray (n,) or None (when ``momentum == 0``). IN/OUT
+    lr, momentum, weight_decay, l1 : float
+    nesterov : bool
+    """
+    has_momentum = momentum != 0
+    flags = (weight_decay != 0, l1 != 0, has_momentum, bool(nesterov) and has_momentum)
+    kernel = _specialised(("sgd",) + flags, _sgd_kernel, *flags)
+    ft = p.dtype.type
+    _launch(kernel, p.size, PARALLEL_MIN["optimizer"], p, g, buf if has_momentum else p,
+            ft(lr), ft(momentum), ft(weight_decay), ft(l1))
+
+
+def _adam_kernel(decoupled, has_wd, has_l1, amsgrad):
+    def adam(lo, hi, p, g, m, v, vmax, decay, wd, l1, beta1, c1, beta2, c2, bc2_sqrt, eps,
+             step_size):
+        for i in range(lo, hi):
+            pi = p[i]
+            gi = g[i]
+            if decoupled:
+                if has_l1:
+                    gi = gi + l1 * _sign(pi)      # sign(p) before the decay
+                if has_wd:
+                    pi = pi * decay
+            else:
+                if has_wd:
+                    gi = gi + wd * pi
+                if has_l1:
+                    gi = gi + l1 * _sign(pi)
+            mi = m[i] * beta1 + c1 * gi
+            vi = v[i] * beta2 + c2 * (gi * gi)
+            m[i] = mi
+            v[i] = vi
+            if amsgrad:
+                vi = _maximum(vmax[i], vi)
+                vmax[i] = vi
+            p[i] = pi - mi / (math.sqrt(vi) / bc2_sqrt + eps) * step_size
+
+    return _Kernel(adam)
+
+
+def adam_step(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, l1, vmax):
+    """One Adam / AdamW / AMSGrad step in place (PyTorch's ``torch.optim.Adam``
+    and ``AdamW``), one pass over the arrays.
+
+    ``g' = g + weight_decay*p + l1*sign(p)`` (with ``decoupled``, AdamW: no
+    weight-decay term in ``g'``, ``p *= 1 - lr*weight_decay`` instead);
+    ``m = beta1*m + (1-beta1)*g'``, ``v = beta2*v + (1-beta2)*g'^2``, with
+    AMSGrad ``vmax = max(vmax, v)`` used for ``v``;
+    ``p -= lr/(1-beta1^t) * m / (sqrt(v)/sqrt(1-beta2^t) + eps)``.
+
+    Parameters
+    ----------
+    p : ndarray (n,). IN/OUT
+    g : ndarray (n,). IN
+    m, v : ndarray (n,). IN/OUT
+    step : int
+        ``t``, 1-based, after this step.
+    lr, beta1, beta2, eps, weight_decay, l1 : float
+    decoupled : bool
+    vmax : ndarray (n,) or None. IN/OUT
+    """
+    amsgrad = vmax is not None
+    flags = (bool(decoupled), weight_decay != 0, l1 != 0, amsgrad)
+    kernel = _specialised(("adam",) + flags, _adam_kernel, *flags)
+    ft = p.dtype.type
+    bc1 = 1 - beta1 ** step
+    bc2_sqrt = math.sqrt(1 - beta2 ** step)
+    _launch(kernel, p.size, PARALLEL_MIN["optimizer"], p, g, m, v, vmax if amsgrad else v,
+            ft(1 - lr * weight_decay), ft(weight_decay), ft(l1), ft(beta1), ft(1 - beta1),
+            ft(beta2), ft(1 - beta2), ft(bc2_sqrt), ft(eps), ft(lr / bc1))
+
+
+def _rmsprop_kernel(has_wd, has_l1, centered, has_momentum):
+    def rmsprop(lo, hi, p, g, sq, buf, cm, lr, rho, c, eps, momentum, wd, l1):
+        for i in range(lo, hi):
+            pi = p[i]
+            gi = g[i]
+            if has_wd:
+                gi = gi + wd * pi
+            if has_l1:
+                gi = gi + l1 * _sign(pi)
+            s = sq[i] * rho + c * (gi * gi)
+            sq[i] = s
+            if centered:
+                mi = cm[i] * rho + c * gi
+                cm[i] = mi
+                den = math.sqrt(s - mi * mi)
+            else:
+                den = math.sqrt(s)
+            r = gi / (den + eps)
+            if has_momentum:
+                b = buf[i] * momentum + r
+                buf[i] = b
+                p[i] = pi - lr * b
+            else:
+                p[i] = pi - r * lr
+
+    return _Kernel(rmsprop)
+
+
+def rmsprop_step(p, g, sq, buf, lr, rho, eps, momentum, centered_mean, weight_decay, l1):
+    """One RMSprop step in place (PyTorch's ``torch.optim.RMSprop``), one pass.
+
+    ``g' = g + weight_decay*p + l1*sign(p)``; ``sq = rho*sq + (1-rho)*g'^2``;
+    centered: ``cm = rho*cm + (1-rho)*g'``, ``den = sqrt(sq - cm^2) + eps``,
+    else ``den = sqrt(sq) + eps``; with ``momentum > 0``:
+    ``buf = momentum*buf + g'/den``, ``p -= lr*buf``, else ``p -= lr*g'/den``.
+
+    Parameters
+    ----------
+    p : ndarray (n,). IN/OUT
+    g : ndarray (n,). IN
+    sq : ndarray (n,). IN/OUT
+    buf : ndarray (n,) or None (when ``momentum == 0``). IN/OUT
+    lr, rho, eps, momentum, weight_decay, l1 : float
+    centered_mean : ndarray (n,) or None. IN/OUT
+    """
+    has_momentum = momentum > 0
+    centered = centered_mean is not None
+    flags = (weight_decay != 0, l1 != 0, centered, has_momentum)
+    kernel = _specialised(("rmsprop",) + flags, _rmsprop_kernel, *flags)
+    ft = p.dtype.type
+    _launch(kernel, p.size, PARALLEL_MIN["optimizer"], p, g, sq, buf if has_momentum else p,
+            centered_mean if centered else p, ft(lr), ft(rho), ft(1 - rho), ft(eps),
+            ft(momentum), ft(weight_decay), ft(l1))
+
+
+# ------------------------------------------------------------ backend hooks
+
+def available():
+    """numba imported; the caveat names a threading layer that is not thread-safe."""
+    if _SERIALISE_PARALLEL:
+        return True, ("numba's omp threading layer is unavailable: parallel kernels are "
+                      "serialised across Python threads")
+    return True, ""
+
+
+def cache_dir():
+    """Where compiled kernels are cached (``NUMBA_CACHE_DIR``, else next to this file)."""
+    return numba.config.CACHE_DIR or os.path.join(_PACKAGE_DIR, "__pycache__")
+
+
+def threading_layer():
+    """numba's threading layer: the one in use once a parallel kernel ran,
+    else the configured choice."""
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel launch yet
+        return f"{numba.config.THREADING_LAYER} (not started)"
+
+
+def info():
+    """Lines for ``python -m fastnn info``."""
+    return {"numba": numba.__version__, "threading_layer": threading_layer(),
+            "cache_dir": cache_dir(), "numba_threads": _num_threads,
+            "parallel_min": dict(PARALLEL_MIN)}
+
+
+def set_num_threads(n):
+    """Use ``n`` threads in the parallel loops (``numba.set_num_threads``);
+    fastnn's ``set_num_threads`` calls this with OpenMP and BLAS together."""
+    global _num_threads
+    n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
+    _num_threads = n
+    numba.set_num_threads(n)
+    _thread_state.threads = n
+
+
+def _init_threads():
+    from fastnn._threads import get_num_threads
+
+    set_num_threads(get_num_threads())
+
+
+_init_threads()
