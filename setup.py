@@ -1,7 +1,9 @@
 """Build fastnn's Cython extensions (kernels/_cy_*.pyx) with OpenMP.
 
-Flags: ``-O3 -fno-math-errno`` (portable, change no result) and OpenMP when
-the compiler has it; without OpenMP the extensions still build, run serially,
+Flags: ``-O3 -fno-math-errno -fno-trapping-math`` (portable, change no
+result: no errno from libm, no floating-point exception flags kept exact, which
+lets gcc if-convert the selects of the vectorizable math in
+``kernels/_cy_math.pxd``) and OpenMP when the compiler has it; without OpenMP the extensions still build, run serially,
 and a warning says so. ``FASTNN_NO_OPENMP=1`` forces a serial build.
 The ``kernels/`` folder is installed as the subpackage ``fastnn.kernels``.
 """
@@ -50,7 +52,7 @@ def _compiles_with(compiler, cflags, lflags):
 class BuildExt(build_ext):
     def build_extensions(self):
         msvc = self.compiler.compiler_type == "msvc"
-        cflags = ["/O2"] if msvc else ["-O3", "-fno-math-errno"]
+        cflags = ["/O2"] if msvc else ["-O3", "-fno-math-errno", "-fno-trapping-math"]
         lflags = []
         omp_c, omp_l = _openmp_flags(self.compiler)
         if os.environ.get("FASTNN_NO_OPENMP") == "1":
@@ -74,7 +76,8 @@ def extensions():
         Extension(f"fastnn.kernels.{os.path.splitext(os.path.basename(pyx))[0]}", [pyx])
         for pyx in sorted(glob.glob(os.path.join("kernels", "_cy_*.pyx")))
     ]
-    return cythonize(exts, language_level=3, compiler_directives={
+    # include_path: the shared kernels/_cy_math.pxd is cimported by its bare name
+    return cythonize(exts, language_level=3, include_path=["kernels"], compiler_directives={
         "boundscheck": False, "wraparound": False, "cdivision": True,
         "initializedcheck": False,
     })

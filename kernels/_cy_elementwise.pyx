@@ -1,38 +1,27 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Elementwise activations and their derivatives (Cython, OpenMP).
 
-Every loop runs over raw pointers of C-contiguous arrays, serially below
-``PARALLEL_MIN`` elements and in ``num_threads`` static chunks above it.
-Inputs are trusted: ``fastnn._validate`` checks them first.
+Every loop runs over raw pointers of C-contiguous arrays (the range helpers of
+``_cy_math.pxd``, shared with the dense layer's epilogues), serially below a
+size threshold and in ``num_threads`` static chunks above it. Inputs are
+trusted: ``fastnn._validate`` checks them first.
 """
 
-cimport cython
 from cython cimport floating
-from cython.parallel cimport prange
-from libc.math cimport exp, expf, tanh, tanhf, fabs, fabsf
 
-cdef extern from *:
-    """
-    #ifdef _OPENMP
-    #define FASTNN_OPENMP 1
-    #else
-    #define FASTNN_OPENMP 0
-    #endif
-    """
-    int FASTNN_OPENMP
+from _cy_math cimport (
+    FASTNN_OPENMP, act_backward, act_code, act_forward, act_is_transcendental, n_chunks,
+)
 
 #: True when this extension was compiled with OpenMP.
 OPENMP = bool(FASTNN_OPENMP)
 
-cdef enum Act:
-    IDENTITY, RELU, SIGMOID, TANH
-
-_CODES = {"relu": RELU, "sigmoid": SIGMOID, "tanh": TANH}
-#: Activations implemented here; the registry sends the others to the reference.
-ACTIVATIONS = tuple(_CODES)
-
-# Below this many elements a parallel region costs more than it saves.
-cdef Py_ssize_t PARALLEL_MIN = 1 << 16
+# Parallel thresholds in elements, measured on 2 cores (benchmarks/cython_goals.py
+# --thresholds): a parallel region costs ~5-15 us (threads asleep after
+# GOMP_SPINCOUNT=1000), which a cheap (memory-bound) loop earns back only above
+# ~256 k elements and a transcendental one (~1-2 ns/element) above ~16 k.
+cdef Py_ssize_t PAR_MIN_CHEAP = 1 << 18
+cdef Py_ssize_t PAR_MIN_TRANS = 1 << 14
 cdef int _num_threads = 1
 
 
@@ -42,106 +31,92 @@ def set_num_threads(int n):
     _num_threads = max(1, n)
 
 
-cdef inline floating _exp(floating x) noexcept nogil:
-    if floating is float:
-        return expf(x)
-    else:
-        return exp(x)
+def _set_parallel_min(Py_ssize_t cheap, Py_ssize_t trans):
+    """Set the parallel thresholds (for tests and threshold measurements);
+    returns the previous pair."""
+    global PAR_MIN_CHEAP, PAR_MIN_TRANS
+    old = (PAR_MIN_CHEAP, PAR_MIN_TRANS)
+    PAR_MIN_CHEAP, PAR_MIN_TRANS = cheap, trans
+    return old
 
 
-cdef inline floating _tanh(floating x) noexcept nogil:
-    if floating is float:
-        return tanhf(x)
-    else:
-        return tanh(x)
+cdef inline Py_ssize_t _act_chunks(int act, Py_ssize_t n) noexcept nogil:
+    return n_chunks(n, PAR_MIN_TRANS if act_is_transcendental(act) else PAR_MIN_CHEAP,
+                    _num_threads)
 
 
-cdef inline floating _sigmoid(floating z) noexcept nogil:
-    # e = exp(-|z|) keeps relative accuracy in the negative tail
-    cdef floating e = _exp(-fabs(z))
-    return (1 if z >= 0 else e) / (1 + e)
 
-
-cdef void _forward_range(int act, const floating* z, floating* out,
-                         Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
-    cdef Py_ssize_t i
-    if act == RELU:
-        for i in range(lo, hi):
-            out[i] = z[i] if z[i] > 0 else 0
-    elif act == SIGMOID:
-        for i in range(lo, hi):
-            out[i] = _sigmoid(z[i])
-    elif act == TANH:
-        for i in range(lo, hi):
-            out[i] = _tanh(z[i])
-
-
-cdef void _backward_range(int act, const floating* dy, const floating* y, floating* out,
-                          Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
-    cdef Py_ssize_t i
-    if act == RELU:
-        for i in range(lo, hi):
-            out[i] = dy[i] * (1 if y[i] > 0 else 0)
-    elif act == SIGMOID:
-        for i in range(lo, hi):
-            out[i] = dy[i] * (y[i] * (1 - y[i]))
-    elif act == TANH:
-        for i in range(lo, hi):
-            out[i] = dy[i] * (1 - y[i] * y[i])
-
-
-cdef inline Py_ssize_t _chunks(Py_ssize_t n) noexcept nogil:
-    """How many static chunks to split ``n`` elements into (1: run serially)."""
-    if n < PARALLEL_MIN or _num_threads == 1:
-        return 1
-    return _num_threads
-
-
-cdef void _forward(int act, const floating* z, floating* out, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t c, nc = _chunks(n), step = (n + nc - 1) // nc
-    if nc == 1:
-        _forward_range(act, z, out, 0, n)
-        return
-    for c in prange(nc, schedule="static", num_threads=nc):
-        _forward_range(act, z, out, c * step, min(n, (c + 1) * step))
-
-
-cdef void _backward(int act, const floating* dy, const floating* y, floating* out,
-                    Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t c, nc = _chunks(n), step = (n + nc - 1) // nc
-    if nc == 1:
-        _backward_range(act, dy, y, out, 0, n)
-        return
-    for c in prange(nc, schedule="static", num_threads=nc):
-        _backward_range(act, dy, y, out, c * step, min(n, (c + 1) * step))
-
-
-cdef void _forward_typed(int act, const floating[::1] z,  # IN
-                         floating[::1] out) noexcept:   # OUT
+cdef void _forward_typed(int act,
+                         const floating[::1] z,     # IN (batch*width,)
+                         floating[::1] out):        # OUT (batch*width,), may be z
     with nogil:
-        _forward(act, &z[0], &out[0], z.shape[0])
+        act_forward(act, &z[0], &out[0], z.shape[0], _act_chunks(act, z.shape[0]))
 
 
-cdef void _backward_typed(int act, const floating[::1] dy,  # IN
-                          const floating[::1] y,           # IN
-                          floating[::1] out) noexcept:  # OUT
+cdef void _backward_typed(int act,
+                          const floating[::1] dy,   # IN (n,)
+                          const floating[::1] z,    # IN (n,) or empty when y is used
+                          const floating[::1] y,    # IN (n,) or empty when z is used
+                          floating[::1] out):       # OUT (n,), may be dy or z
+    cdef const floating* zp = &z[0] if z.shape[0] else NULL
+    cdef const floating* yp = &y[0] if y.shape[0] else NULL
     with nogil:
-        _backward(act, &dy[0], &y[0], &out[0], dy.shape[0])
+        act_backward(act, &dy[0], zp, yp, &out[0], dy.shape[0],
+                     _act_chunks(act, dy.shape[0]))
 
 
 def activation_forward(str act, z, out):
-    """``out = act(z)`` for relu, sigmoid and tanh (see the reference)."""
-    cdef int code = _CODES[act]
+    """Apply an activation elementwise: ``out = act(z)``.
+
+    Parameters
+    ----------
+    act : str
+        identity, relu (``max(z, 0)``), leaky_relu (``z`` or ``0.01*z``),
+        sigmoid (``1/(1+exp(-z))``), tanh, gelu
+        (``0.5*z*(1 + tanh(sqrt(2/pi)*(z + 0.044715*z^3)))``), silu
+        (``z*sigmoid(z)``) or softplus (``log1p(exp(-|z|)) + max(z, 0)``).
+    z : ndarray, float32 or float64, C-contiguous
+        IN
+    out : ndarray, same shape and dtype
+        OUT; may be ``z``.
+    """
+    cdef int code = act_code(act)
+    if code == 0 and out is z:
+        return
     if z.dtype.itemsize == 4:
         _forward_typed[float](code, z.reshape(-1), out.reshape(-1))
     else:
         _forward_typed[double](code, z.reshape(-1), out.reshape(-1))
 
 
+_EMPTY = {4: __import__("numpy").empty(0, "float32"), 8: __import__("numpy").empty(0, "float64")}
+
+
 def activation_backward(str act, dy, z, y, out):
-    """``out = dy * act'(z)``, from ``y``, for relu, sigmoid and tanh."""
-    cdef int code = _CODES[act]
-    if dy.dtype.itemsize == 4:
-        _backward_typed[float](code, dy.reshape(-1), y.reshape(-1), out.reshape(-1))
+    """Backpropagate through an activation: ``out = dy * act'(z)``.
+
+    From ``y`` for identity (1), relu (``y > 0``), sigmoid (``y*(1-y)``) and
+    tanh (``1 - y^2``); from ``z`` for leaky_relu (1 or 0.01), gelu, silu
+    (``s*(1 + z*(1-s))``, ``s = sigmoid(z)``) and softplus (``sigmoid(z)``).
+
+    Parameters
+    ----------
+    act : str
+    dy : ndarray
+        IN
+    z, y : ndarray or None
+        IN; the one the derivative does not use may be None.
+    out : ndarray
+        OUT; may be ``dy`` or ``z``.
+    """
+    cdef int code = act_code(act)
+    if code == 0 and out is dy:
+        return
+    cdef int size = dy.dtype.itemsize
+    empty = _EMPTY[size]
+    zf = empty if z is None else z.reshape(-1)
+    yf = empty if y is None else y.reshape(-1)
+    if size == 4:
+        _backward_typed[float](code, dy.reshape(-1), zf, yf, out.reshape(-1))
     else:
-        _backward_typed[double](code, dy.reshape(-1), y.reshape(-1), out.reshape(-1))
+        _backward_typed[double](code, dy.reshape(-1), zf, yf, out.reshape(-1))

@@ -1,0 +1,220 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The dense layer: GEMM by BLAS (``scipy.linalg.cython_blas``, without the
+GIL) and our fused epilogues around it (Cython, OpenMP).
+
+Row-major arrays seen by column-major BLAS are transposed, so row-major
+``C = A @ B`` is ``gemm('N', 'N', n, m, k, 1, B, n, A, k, 0, C, n)``;
+``x.T @ dz`` and ``dy @ w.T`` put a ``'T'`` on the right operand; nothing is
+copied. Inputs are trusted: ``fastnn._validate`` checks them first (shapes,
+one dtype, C-contiguity, no overlap of the output with the inputs).
+"""
+
+from cython cimport floating
+from cython.parallel cimport prange
+from scipy.linalg.cython_blas cimport dgemm, sgemm
+
+from _cy_math cimport (
+    FASTNN_OPENMP, act_backward, act_code, act_forward_range, act_is_transcendental, n_chunks,
+)
+
+#: True when this extension was compiled with OpenMP.
+OPENMP = bool(FASTNN_OPENMP)
+
+# Parallel thresholds of the epilogues, in output elements (the same measured
+# figures as _cy_elementwise: benchmarks/cython_goals.py --thresholds).
+cdef Py_ssize_t PAR_MIN_CHEAP = 1 << 18
+cdef Py_ssize_t PAR_MIN_TRANS = 1 << 14
+cdef int _num_threads = 1
+
+
+def set_num_threads(int n):
+    """Set the OpenMP threads of this module's parallel epilogues (BLAS threads
+    are set through threadpoolctl by ``fastnn.set_num_threads``)."""
+    global _num_threads
+    _num_threads = max(1, n)
+
+
+def _set_parallel_min(Py_ssize_t cheap, Py_ssize_t trans):
+    """Set the parallel thresholds (tests, measurements); returns the old pair."""
+    global PAR_MIN_CHEAP, PAR_MIN_TRANS
+    old = (PAR_MIN_CHEAP, PAR_MIN_TRANS)
+    PAR_MIN_CHEAP, PAR_MIN_TRANS = cheap, trans
+    return old
+
+
+cdef inline Py_ssize_t _act_chunks(int act, Py_ssize_t n) noexcept nogil:
+    return n_chunks(n, PAR_MIN_TRANS if act_is_transcendental(act) else PAR_MIN_CHEAP,
+                    _num_threads)
+
+
+cdef inline void gemm(char ta, char tb, int m, int n, int k,
+                      const floating* a, int lda, const floating* b, int ldb,
+                      floating* c, int ldc) noexcept nogil:
+    """Column-major ``C = op(A) @ op(B)`` (alpha 1, beta 0) by BLAS."""
+    cdef floating alpha = 1, beta = 0
+    if floating is float:
+        sgemm(&ta, &tb, &m, &n, &k, &alpha, <float*>a, &lda, <float*>b, &ldb, &beta, c, &ldc)
+    else:
+        dgemm(&ta, &tb, &m, &n, &k, &alpha, <double*>a, &lda, <double*>b, &ldb, &beta, c, &ldc)
+
+
+cdef void bias_act_rows(int act, floating* z, const floating* b, floating* out,
+                        Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t n) noexcept nogil:
+    """Rows ``r0 <= r < r1`` of width ``n``: ``z[r] += b``, ``out[r] = act(z[r])``
+    (``out`` may be ``z``); the row stays in L1 between the two loops."""
+    cdef Py_ssize_t r, j
+    cdef floating* zr
+    for r in range(r0, r1):
+        zr = z + r * n
+        for j in range(n):
+            zr[j] = zr[j] + b[j]
+        act_forward_range(act, zr, out + r * n, 0, n)
+
+
+cdef void _dense_forward(int act,
+                         const floating[:, ::1] x,   # IN (batch, in)
+                         const floating[:, ::1] w,   # IN (in, out)
+                         const floating[::1] b,      # IN (out,)
+                         floating[:, ::1] out,       # OUT (batch, out)
+                         floating[:, ::1] preact):   # OUT (batch, out) or an empty (0, 0) view
+    cdef int m = x.shape[0], k = x.shape[1], n = w.shape[1]
+    cdef floating* o = &out[0, 0]
+    cdef floating* z = &preact[0, 0] if preact.shape[0] else o
+    cdef const floating* bp = &b[0]
+    cdef Py_ssize_t c, nc, step
+    with nogil:
+        gemm(c'N', c'N', n, m, k, &w[0, 0], n, &x[0, 0], k, z, n)
+        nc = _act_chunks(act, <Py_ssize_t>m * n)
+        if nc == 1:
+            bias_act_rows(act, z, bp, o, 0, m, n)
+        else:
+            step = (m + nc - 1) // nc
+            for c in prange(nc, schedule="static", num_threads=nc):
+                bias_act_rows(act, z, bp, o, min(m, c * step), min(m, (c + 1) * step), n)
+
+
+cdef void _backprop_delta(int act,
+                          const floating[:, ::1] dy,  # IN (batch, out)
+                          const floating[:, ::1] w,   # IN (in, out)
+                          const floating[:, ::1] z,   # IN (batch, in) or empty (0, 0)
+                          const floating[:, ::1] y,   # IN (batch, in) or empty (0, 0)
+                          floating[:, ::1] out):      # OUT (batch, in)
+    cdef int m = dy.shape[0], k = dy.shape[1], n = w.shape[0]
+    cdef const floating* zp = &z[0, 0] if z.shape[0] else NULL
+    cdef const floating* yp = &y[0, 0] if y.shape[0] else NULL
+    cdef floating* o = &out[0, 0]
+    cdef Py_ssize_t size = <Py_ssize_t>m * n
+    with nogil:
+        gemm(c'T', c'N', n, m, k, &w[0, 0], k, &dy[0, 0], k, o, n)
+        act_backward(act, o, zp, yp, o, size, _act_chunks(act, size))
+
+
+cdef void _dense_backward(const floating[:, ::1] x,   # IN (batch, in)
+                          const floating[:, ::1] dz,  # IN (batch, out)
+                          floating[:, ::1] dw,        # OUT (in, out)
+                          floating[::1] db):          # OUT (out,)
+    cdef int m = x.shape[0], k = x.shape[1], n = dz.shape[1]
+    cdef Py_ssize_t r, j
+    cdef const floating* row
+    cdef floating* s = &db[0]
+    with nogil:
+        gemm(c'N', c'T', n, k, m, &dz[0, 0], n, &x[0, 0], k, &dw[0, 0], n)
+        # column sums, row after row in order (as NumPy's axis-0 sum); the inner
+        # loop runs along a row, so it vectorizes without reordering a sum
+        row = &dz[0, 0]
+        for j in range(n):
+            s[j] = row[j]
+        for r in range(1, m):
+            row = &dz[r, 0]
+            for j in range(n):
+                s[j] = s[j] + row[j]
+
+
+_EMPTY2 = {4: __import__("numpy").empty((0, 0), "float32"),
+           8: __import__("numpy").empty((0, 0), "float64")}
+
+
+def dense_forward(x, w, b, str act, out, preact=None):
+    """Dense layer forward: ``out = act(x @ w + b)``, keeping ``z = x @ w + b``
+    in ``preact`` when given.
+
+    One BLAS GEMM into ``preact`` (or ``out``), then one pass over its rows that
+    adds the bias and applies the activation while the row is in cache.
+
+    Parameters
+    ----------
+    x : ndarray (batch, in)
+        IN
+    w : ndarray (in, out)
+        IN
+    b : ndarray (out,)
+        IN
+    act : str
+        Activation name.
+    out : ndarray (batch, out)
+        OUT; must not overlap the inputs.
+    preact : ndarray (batch, out) or None
+        OUT: ``z = x @ w + b``.
+    """
+    cdef int code = act_code(act)
+    cdef int size = x.dtype.itemsize
+    if preact is None:
+        preact = _EMPTY2[size]
+    if size == 4:
+        _dense_forward[float](code, x, w, b, out, preact)
+    else:
+        _dense_forward[double](code, x, w, b, out, preact)
+
+
+def backprop_delta(dy, w, z, y, str act, out):
+    """Delta of the layer below: ``out = (dy @ w.T) * act'(z)``.
+
+    One BLAS GEMM into ``out``, then one pass multiplying the derivative in
+    (from ``y`` for identity/relu/sigmoid/tanh, else from ``z``).
+
+    Parameters
+    ----------
+    dy : ndarray (batch, out)
+        IN
+    w : ndarray (in, out)
+        IN
+    z, y : ndarray (batch, in) or None
+        Pre-activation and output of the layer below; the one the derivative
+        does not use may be None. IN
+    act : str
+        Activation of the layer below.
+    out : ndarray (batch, in)
+        OUT; must not overlap the inputs.
+    """
+    cdef int code = act_code(act)
+    cdef int size = dy.dtype.itemsize
+    empty = _EMPTY2[size]
+    if z is None:
+        z = empty
+    if y is None:
+        y = empty
+    if size == 4:
+        _backprop_delta[float](code, dy, w, z, y, out)
+    else:
+        _backprop_delta[double](code, dy, w, z, y, out)
+
+
+def dense_backward(x, dz, dw, db):
+    """Parameter gradients of a dense layer in one call: ``dw = x.T @ dz`` (BLAS)
+    and ``db = dz.sum(0)``.
+
+    Parameters
+    ----------
+    x : ndarray (batch, in)
+        IN
+    dz : ndarray (batch, out)
+        IN
+    dw : ndarray (in, out)
+        OUT
+    db : ndarray (out,)
+        OUT
+    """
+    if x.dtype.itemsize == 4:
+        _dense_backward[float](x, dz, dw, db)
+    else:
+        _dense_backward[double](x, dz, dw, db)

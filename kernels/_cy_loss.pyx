@@ -1,0 +1,352 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Losses and softmax (Cython, OpenMP): softmax cross-entropy, sigmoid binary
+cross-entropy, MSE, each loss and its gradient in one call, one pass over the
+logits (a row stays in L1 between the loops that touch it).
+
+Per-element values are computed in the array dtype with the vectorizable
+``vexp`` of ``_cy_math.pxd``; the mean loss is accumulated in double and
+returned as a Python float. A sum over elements does not vectorize without
+reordering, so each block of elements is first written by a vector loop (into
+the gradient row or a small stack buffer) and then summed in double.
+"""
+
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport log, logf
+
+from _cy_math cimport FASTNN_OPENMP, n_chunks, sum_range, vexp, vlog1p_unit
+
+import numpy as np
+
+#: True when this extension was compiled with OpenMP.
+OPENMP = bool(FASTNN_OPENMP)
+
+# Parallel thresholds in elements (benchmarks/cython_goals.py --thresholds):
+# the losses and softmax evaluate one exp per element (transcendental); MSE is
+# a cheap, memory-bound loop.
+cdef Py_ssize_t PAR_MIN_CHEAP = 1 << 18
+cdef Py_ssize_t PAR_MIN_TRANS = 1 << 14
+cdef int _num_threads = 1
+
+# stack buffer of per-element losses, and the most chunks (threads) a call splits into
+cdef enum:
+    BLOCK = 256
+    MAX_CHUNKS = 256
+
+_INTP = np.dtype(np.intp)
+
+
+def set_num_threads(int n):
+    """Set the OpenMP threads of this module's parallel loops."""
+    global _num_threads
+    _num_threads = max(1, min(n, MAX_CHUNKS))
+
+
+def _set_parallel_min(Py_ssize_t cheap, Py_ssize_t trans):
+    """Set the parallel thresholds (tests, measurements); returns the old pair."""
+    global PAR_MIN_CHEAP, PAR_MIN_TRANS
+    old = (PAR_MIN_CHEAP, PAR_MIN_TRANS)
+    PAR_MIN_CHEAP, PAR_MIN_TRANS = cheap, trans
+    return old
+
+
+cdef inline floating row_max(const floating* z, Py_ssize_t n) noexcept nogil:
+    """``max(z[:n])`` with four partial maxima (NaN ignored here; it reaches
+    the result through ``exp(z - m)`` as in the reference)."""
+    cdef floating m0 = z[0], m1 = z[0], m2 = z[0], m3 = z[0]
+    cdef Py_ssize_t j = 0
+    while j + 4 <= n:
+        m0 = z[j] if z[j] > m0 else m0
+        m1 = z[j + 1] if z[j + 1] > m1 else m1
+        m2 = z[j + 2] if z[j + 2] > m2 else m2
+        m3 = z[j + 3] if z[j + 3] > m3 else m3
+        j += 4
+    while j < n:
+        m0 = z[j] if z[j] > m0 else m0
+        j += 1
+    m0 = m1 if m1 > m0 else m0
+    m2 = m3 if m3 > m2 else m2
+    return m2 if m2 > m0 else m0
+
+
+cdef inline floating exp_shifted_row(const floating* z, floating* e, Py_ssize_t n) noexcept nogil:
+    """``e = exp(z - max(z))`` over one row; returns ``sum(e)`` (summed in
+    double, rounded to the dtype as the reference's row sum is)."""
+    cdef floating m = row_max(z, n)
+    cdef Py_ssize_t j
+    for j in range(n):
+        e[j] = vexp(z[j] - m)
+    return <floating>sum_range(e, 0, n)
+
+
+cdef inline floating flog(floating x) noexcept nogil:
+    if floating is float:
+        return logf(x)
+    else:
+        return log(x)
+
+
+# ------------------------------------------------------------------ softmax
+
+cdef void softmax_rows(const floating* z, floating* out, Py_ssize_t r0, Py_ssize_t r1,
+                       Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t r, j
+    cdef floating inv, one = 1
+    cdef floating* o
+    for r in range(r0, r1):
+        o = out + r * n
+        inv = one / exp_shifted_row(z + r * n, o, n)
+        for j in range(n):
+            o[j] = o[j] * inv
+
+
+cdef void _softmax(const floating[:, ::1] z,   # IN (batch, classes)
+                   floating[:, ::1] out):      # OUT (batch, classes), may be z
+    cdef Py_ssize_t m = z.shape[0], n = z.shape[1], c, nc, step
+    cdef const floating* zp = &z[0, 0]
+    cdef floating* op = &out[0, 0]
+    with nogil:
+        nc = n_chunks(m * n, PAR_MIN_TRANS, _num_threads)
+        if nc == 1:
+            softmax_rows(zp, op, 0, m, n)
+        else:
+            step = (m + nc - 1) // nc
+            for c in prange(nc, schedule="static", num_threads=nc):
+                softmax_rows(zp, op, min(m, c * step), min(m, (c + 1) * step), n)
+
+
+def softmax(z, out):
+    """Row-wise softmax: ``out[i] = exp(z[i] - max(z[i])) / sum(exp(z[i] - max(z[i])))``.
+
+    Parameters
+    ----------
+    z : ndarray (batch, classes)
+        IN
+    out : ndarray (batch, classes)
+        OUT; may be ``z``.
+    """
+    if z.dtype.itemsize == 4:
+        _softmax[float](z, out)
+    else:
+        _softmax[double](z, out)
+
+
+# ------------------------------------------------------------------ softmax cross-entropy
+
+cdef double sce_rows(const floating* z, const Py_ssize_t* labels, floating* g,
+                     Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t n, Py_ssize_t batch) noexcept nogil:
+    """Rows ``r0 <= r < r1``: ``g = (softmax(z) - onehot) / batch``; returns the
+    sum of the rows' losses ``log(s) - (z[label] - max)`` (each in the dtype)."""
+    cdef Py_ssize_t r, j, lab
+    cdef floating s, m, inv_s, scale, p_lab, one = 1, nb = <floating>batch
+    cdef const floating* zr
+    cdef floating* gr
+    cdef double total = 0
+    for r in range(r0, r1):
+        zr = z + r * n
+        gr = g + r * n
+        lab = labels[r]
+        m = row_max(zr, n)
+        for j in range(n):
+            gr[j] = vexp(zr[j] - m)
+        s = <floating>sum_range(gr, 0, n)
+        total += flog(s) - (zr[lab] - m)
+        inv_s = one / s
+        scale = inv_s / nb
+        p_lab = gr[lab] * inv_s
+        for j in range(n):
+            gr[j] = gr[j] * scale
+        gr[lab] = (p_lab - one) / nb
+    return total
+
+
+cdef double _sce(const floating[:, ::1] logits,   # IN (batch, classes)
+                 const Py_ssize_t[::1] labels,    # IN (batch,) class indices
+                 floating[:, ::1] grad):          # OUT (batch, classes)
+    cdef Py_ssize_t m = logits.shape[0], n = logits.shape[1], c, nc, step
+    cdef const floating* zp = &logits[0, 0]
+    cdef const Py_ssize_t* lp = &labels[0]
+    cdef floating* gp = &grad[0, 0]
+    cdef double total = 0
+    cdef double partial[MAX_CHUNKS]
+    with nogil:
+        nc = n_chunks(m * n, PAR_MIN_TRANS, _num_threads)
+        if nc == 1:
+            total = sce_rows(zp, lp, gp, 0, m, n, m)
+        else:
+            step = (m + nc - 1) // nc
+            for c in prange(nc, schedule="static", num_threads=nc):
+                partial[c] = sce_rows(zp, lp, gp, min(m, c * step), min(m, (c + 1) * step), n, m)
+            for c in range(nc):
+                total += partial[c]
+    return total / m
+
+
+def softmax_cross_entropy(logits, labels, grad):
+    """Mean softmax cross-entropy and its gradient with respect to the logits.
+
+    With ``m_i = max_j z_ij`` and ``s_i = sum_j exp(z_ij - m_i)``:
+    ``loss = mean_i(log(s_i) - (z_{i,label_i} - m_i))`` and
+    ``grad = (softmax(z) - onehot(labels)) / batch``, one pass over each row.
+
+    Parameters
+    ----------
+    logits : ndarray (batch, classes)
+        IN
+    labels : integer ndarray (batch,)
+        Class indices in ``[0, classes)``, any integer dtype (converted to
+        ``intp`` here when it is another). IN
+    grad : ndarray (batch, classes)
+        OUT
+
+    Returns
+    -------
+    float
+        The mean loss (per-row losses in the array dtype, averaged in double).
+    """
+    if labels.dtype != _INTP:
+        labels = labels.astype(_INTP)
+    if logits.dtype.itemsize == 4:
+        return _sce[float](logits, labels, grad)
+    return _sce[double](logits, labels, grad)
+
+
+# ------------------------------------------------------------------ binary cross-entropy
+
+cdef double bce_range(const floating* z, const floating* t, floating* g,
+                      Py_ssize_t lo, Py_ssize_t hi, floating inv_n) noexcept nogil:
+    """Elements ``lo <= i < hi``: ``g = (sigmoid(z) - t) / n``; returns the sum
+    of ``max(z, 0) - z*t + log1p(exp(-|z|))``."""
+    cdef floating per[BLOCK]
+    cdef floating v, e, nv, pos, num, zero = 0, one = 1
+    cdef Py_ssize_t i, b0, b1
+    cdef double total = 0
+    b0 = lo
+    while b0 < hi:
+        b1 = min(hi, b0 + BLOCK)
+        for i in range(b0, b1):
+            v = z[i]
+            nv = -v
+            e = vexp(v if v < zero else nv)
+            pos = v if v > zero else zero
+            per[i - b0] = (vlog1p_unit(e) + pos) - v * t[i]
+            num = one if v >= zero else e
+            g[i] = (num / (one + e) - t[i]) * inv_n
+        total += sum_range(per, 0, b1 - b0)
+        b0 = b1
+    return total
+
+
+cdef double _bce(const floating[::1] z,   # IN (n,) logits, flattened
+                 const floating[::1] t,   # IN (n,) targets
+                 floating[::1] g):        # OUT (n,) gradient
+    cdef Py_ssize_t n = z.shape[0], c, nc, step
+    cdef const floating* zp = &z[0]
+    cdef const floating* tp = &t[0]
+    cdef floating* gp = &g[0]
+    cdef floating inv_n = 1.0 / n
+    cdef double total = 0
+    cdef double partial[MAX_CHUNKS]
+    with nogil:
+        nc = n_chunks(n, PAR_MIN_TRANS, _num_threads)
+        if nc == 1:
+            total = bce_range(zp, tp, gp, 0, n, inv_n)
+        else:
+            step = (n + nc - 1) // nc
+            step = (step + 15) & ~(<Py_ssize_t>15)
+            for c in prange(nc, schedule="static", num_threads=nc):
+                partial[c] = bce_range(zp, tp, gp, min(n, c * step), min(n, (c + 1) * step), inv_n)
+            for c in range(nc):
+                total += partial[c]
+    return total / n
+
+
+def sigmoid_binary_cross_entropy(logits, targets, grad):
+    """Mean binary cross-entropy on logits, and its gradient, in one pass.
+
+    ``loss = mean(max(z, 0) - z*t + log1p(exp(-|z|)))`` over all elements and
+    ``grad = (sigmoid(z) - t) / z.size``; one ``exp(-|z|)`` per element serves both.
+
+    Parameters
+    ----------
+    logits : ndarray
+        IN
+    targets : ndarray, same shape and dtype
+        Targets in ``[0, 1]``. IN
+    grad : ndarray, same shape and dtype
+        OUT
+
+    Returns
+    -------
+    float
+    """
+    if logits.dtype.itemsize == 4:
+        return _bce[float](logits.reshape(-1), targets.reshape(-1), grad.reshape(-1))
+    return _bce[double](logits.reshape(-1), targets.reshape(-1), grad.reshape(-1))
+
+
+# ------------------------------------------------------------------ mean squared error
+
+cdef double mse_range(const floating* p, const floating* t, floating* g,
+                      Py_ssize_t lo, Py_ssize_t hi, floating scale) noexcept nogil:
+    """Elements ``lo <= i < hi``: ``g = scale*(p - t)``; returns ``sum((p - t)^2)``
+    (squares in the dtype, summed in double). ``g`` may be ``p``."""
+    cdef floating sq[BLOCK]
+    cdef floating d
+    cdef Py_ssize_t i, b0, b1
+    cdef double total = 0
+    b0 = lo
+    while b0 < hi:
+        b1 = min(hi, b0 + BLOCK)
+        for i in range(b0, b1):
+            d = p[i] - t[i]
+            sq[i - b0] = d * d
+            g[i] = d * scale
+        total += sum_range(sq, 0, b1 - b0)
+        b0 = b1
+    return total
+
+
+cdef double _mse(const floating[::1] p,   # IN (n,) predictions, flattened
+                 const floating[::1] t,   # IN (n,) targets
+                 floating[::1] g):        # OUT (n,) gradient, may be p
+    cdef Py_ssize_t n = p.shape[0], c, nc, step
+    cdef const floating* pp = &p[0]
+    cdef const floating* tp = &t[0]
+    cdef floating* gp = &g[0]
+    cdef floating scale = 2.0 / n
+    cdef double total = 0
+    cdef double partial[MAX_CHUNKS]
+    with nogil:
+        nc = n_chunks(n, PAR_MIN_CHEAP, _num_threads)
+        if nc == 1:
+            total = mse_range(pp, tp, gp, 0, n, scale)
+        else:
+            step = (n + nc - 1) // nc
+            step = (step + 15) & ~(<Py_ssize_t>15)
+            for c in prange(nc, schedule="static", num_threads=nc):
+                partial[c] = mse_range(pp, tp, gp, min(n, c * step), min(n, (c + 1) * step), scale)
+            for c in range(nc):
+                total += partial[c]
+    return total / n
+
+
+def mse(pred, target, grad):
+    """Mean squared error over all elements and its gradient, in one pass.
+
+    ``loss = mean((pred - target)^2)``, ``grad = 2*(pred - target) / pred.size``.
+
+    Parameters
+    ----------
+    pred, target : ndarray, same shape and dtype
+        IN
+    grad : ndarray, same shape and dtype
+        OUT; may be ``pred``.
+
+    Returns
+    -------
+    float
+    """
+    if pred.dtype.itemsize == 4:
+        return _mse[float](pred.reshape(-1), target.reshape(-1), grad.reshape(-1))
+    return _mse[double](pred.reshape(-1), target.reshape(-1), grad.reshape(-1))
