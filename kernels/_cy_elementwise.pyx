@@ -11,6 +11,7 @@ from cython cimport floating
 
 from _cy_math cimport (
     FASTNN_OPENMP, act_backward, act_code, act_forward, act_is_transcendental, n_chunks,
+    vexp, vlog1p_unit, vsigmoid, vtanh,
 )
 
 #: True when this extension was compiled with OpenMP.
@@ -120,3 +121,34 @@ def activation_backward(str act, dy, z, y, out):
         _backward_typed[float](code, dy.reshape(-1), zf, yf, out.reshape(-1))
     else:
         _backward_typed[double](code, dy.reshape(-1), zf, yf, out.reshape(-1))
+
+
+cdef void _math_typed(int fn, const floating[::1] x, floating[::1] out) noexcept:
+    cdef Py_ssize_t i, n = x.shape[0]
+    cdef const floating* xp = &x[0]
+    cdef floating* op = &out[0]
+    with nogil:
+        if fn == 0:
+            for i in range(n):
+                op[i] = vexp(xp[i])
+        elif fn == 1:
+            for i in range(n):
+                op[i] = vtanh(xp[i])
+        elif fn == 2:
+            for i in range(n):
+                op[i] = vsigmoid(xp[i])
+        else:
+            for i in range(n):
+                op[i] = vlog1p_unit(xp[i])
+
+
+_MATH = {"exp": 0, "tanh": 1, "sigmoid": 2, "log1p_unit": 3}
+
+
+def _math(str fn, x, out):
+    """The vectorizable math of ``_cy_math.pxd`` elementwise (for tests):
+    ``fn`` is exp, tanh, sigmoid or log1p_unit (``log1p`` for ``x`` in [0, 1])."""
+    if x.dtype.itemsize == 4:
+        _math_typed[float](_MATH[fn], x.reshape(-1), out.reshape(-1))
+    else:
+        _math_typed[double](_MATH[fn], x.reshape(-1), out.reshape(-1))
