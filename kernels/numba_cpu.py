@@ -131,6 +131,14 @@ def _scalar(fn):
     return register_jitable(**_INNER)(fn)
 
 
+def _scalar_fma(fn):
+    """A math helper whose ``a*b + c`` may become one FMA (``contract``: one
+    rounding instead of two; no other fast-math assumption, so infinities and
+    NaN keep their IEEE meaning). Used for polynomials, not for the optimizers
+    (those match the reference bit for bit)."""
+    return register_jitable(error_model="numpy", fastmath={"contract"})(fn)
+
+
 # ------------------------------------------------------------ typed constants, bit casts
 
 def _c(x, value):
@@ -162,27 +170,56 @@ def _bits(typingctx, x):
     return ity(x), codegen
 
 
+def _use_ldexp():
+    """Whether ``p * 2**n`` can be LLVM's ``ldexp``: one ``vscalef`` instruction
+    on AVX-512 (LLVM >= 16); elsewhere LLVM would call libm per element."""
+    from llvmlite import binding
+
+    if binding.llvm_version_info < (16,):
+        return False
+    if numba.config.CPU_NAME:  # compiling for a named CPU: trust its features only
+        return "+avx512f" in (numba.config.CPU_FEATURES or "")
+    return bool(binding.get_host_cpu_features().get("avx512f"))
+
+
+_LDEXP = _use_ldexp()
+
+
 @intrinsic
-def _pow2(typingctx, like, n):
-    """``2.0**n`` in the float type of ``like``, for ``n`` in the normal
-    exponent range, built from its bits (``n`` is truncated to the float's
-    width first: numba computes small integers as int64)."""
-    width = {types.float32: (32, 23, 127), types.float64: (64, 52, 1023)}.get(like)
+def _scale2(typingctx, p, n):
+    """``p * 2**n`` for a float ``p`` and an integer ``n`` in [-1100, 1100]:
+    ``ldexp`` where it is one instruction, else two exact power-of-two
+    factors built from their bits (so that a denormal result rounds once and
+    an overflow gives inf)."""
+    width = {types.float32: (32, 23, 127), types.float64: (64, 52, 1023)}.get(p)
     if width is None or not isinstance(n, types.Integer):
         return None
     bits, mantissa, bias = width
 
     def codegen(context, builder, signature, args):
-        ity = ir.IntType(bits)
+        fty = context.get_value_type(p)
         i = args[1]
+        if _LDEXP:
+            i32 = ir.IntType(32)
+            i = builder.trunc(i, i32) if i.type.width > 32 else builder.sext(i, i32) \
+                if i.type.width < 32 else i
+            name = f"llvm.ldexp.f{bits}.i32"
+            fn = builder.module.globals.get(name) or ir.Function(
+                builder.module, ir.FunctionType(fty, [fty, i32]), name=name)
+            return builder.call(fn, [args[0], i])
+        ity = ir.IntType(bits)
         if i.type.width > bits:
             i = builder.trunc(i, ity)
         elif i.type.width < bits:
             i = builder.sext(i, ity)
-        i = builder.shl(builder.add(i, ity(bias)), ity(mantissa))
-        return builder.bitcast(i, context.get_value_type(like))
+        half = builder.ashr(i, ity(1))
+        result = args[0]
+        for k in (half, builder.sub(i, half)):
+            k = builder.shl(builder.add(k, ity(bias)), ity(mantissa))
+            result = builder.fmul(result, builder.bitcast(k, fty))
+        return result
 
-    return like(like, n), codegen
+    return p(p, n), codegen
 
 
 # ------------------------------------------------------------ exp, tanh, log1p
@@ -190,9 +227,9 @@ def _pow2(typingctx, like, n):
 # exp(x) = 2**n * exp(r), n = round(x/ln2), r = x - n*ln2 (ln2 split in two so
 # that n*LN2_HI is exact), exp(r) by a polynomial on |r| <= ln2/2. n comes from
 # the bits of x/ln2 + 1.5*2**mantissa_bits (round to nearest, no float->int
-# conversion, so NaN stays defined); 2**n is two normal factors so that
-# denormal results round once and overflow gives inf. x is clamped first
-# (NaN passes the clamp: comparisons with NaN are false).
+# conversion, so NaN stays defined); _scale2 applies 2**n with IEEE overflow
+# and gradual underflow. x is clamped first (NaN passes the clamp:
+# comparisons with NaN are false).
 _F32 = np.float32
 _E32_HI, _E32_LO = _F32(89.0), _F32(-110.0)
 _E32_LOG2E = _F32(1.4426950408889634)
@@ -213,7 +250,7 @@ _E64_LN2_HI, _E64_LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-1
 _E64_T = tuple(1.0 / math.factorial(k) for k in range(13, 1, -1))
 
 
-@_scalar
+@_scalar_fma
 def _exp32(x):
     if x > _E32_HI:
         x = _E32_HI
@@ -226,11 +263,10 @@ def _exp32(x):
     p0, p1, p2, p3, p4, p5 = _E32_P
     p = ((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5
     p = p * (r * r) + r + _F32_1
-    n1 = n >> 1
-    return p * _pow2(x, n1) * _pow2(x, n - n1)
+    return _scale2(p, n)
 
 
-@_scalar
+@_scalar_fma
 def _exp64(x):
     if x > _E64_HI:
         x = _E64_HI
@@ -244,33 +280,45 @@ def _exp64(x):
     for c in _E64_T:  # unrolled: _E64_T is a constant tuple
         p = p * r + c
     p = p * (r * r) + r + 1.0
-    n1 = n >> 1
-    return p * _pow2(x, n1) * _pow2(x, n - n1)
+    return _scale2(p, n)
 
 
-# tanh(x) = x + x^3 * P(x^2) for |x| < 0.625 (Cephes tanhf / tanh), else
-# sign(x) * (1 - 2e/(1+e)) with e = exp(-2|x|) (no cancellation there; the
-# small term is exact to a fraction of an ulp of the result).
+# float32 tanh(x) = x*P(x^2)/Q(x^2) on |x| <= 9 (and +-1 beyond, where float32
+# tanh rounds to 1), degrees 12/6 in x: no exp, one division. We fitted the
+# coefficients (least squares on the relative error, then Lawson reweighting
+# towards minimax; scaled variable (x/9)^2): max relative error 6.8e-9 in exact
+# arithmetic, so float32 rounding (2-3 ulp) dominates. The result is capped at
+# 1 and takes the sign of x; NaN propagates.
+_T32_CLAMP = _F32(9.0)
+_T32_P = tuple(_F32(c) for c in (
+    -8.495948331325435e-14, 5.280828463159531e-11, -2.0231339254149916e-08,
+    1.1155844725058647e-05, 0.00310410505045857, 0.13084144022594307, 0.9999999935599421))
+_T32_Q = tuple(_F32(c) for c in (
+    0.0002546360753548572, 0.024495773165404498, 0.46417471187381487, 1.0))
+# float64: x + x^3 * P(x^2)/Q(x^2) for |x| < 0.625 (Cephes tanh), else
+# sign(x) * (1 - 2e/(1+e)) with e = exp(-2|x|) (no cancellation there).
 _T_SMALL = 0.625
-_T32_P = tuple(_F32(c) for c in (-5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2,
-                                  1.33314422036e-1, -3.33332819422e-1))
 _T64_P = (-9.64399179425052238628e-1, -9.92877231001918586564e1, -1.61468768441708447952e3)
 _T64_Q = (1.12811678491632931402e2, 2.23548839060100448583e3, 4.84406305325125486048e3)
 
 
-@_scalar
+@_scalar_fma
 def _tanh32(x):
-    ax = abs(x)
-    if ax < _F32(_T_SMALL):
-        s = x * x
-        p0, p1, p2, p3, p4 = _T32_P
-        return ((((p0 * s + p1) * s + p2) * s + p3) * s + p4) * s * x + x
-    e = _exp32(-(ax + ax))
-    t = _F32_1 - (e + e) / (_F32_1 + e)
-    return t if x > 0 else -t
+    a = abs(x)
+    if a > _T32_CLAMP:
+        a = _T32_CLAMP
+    s = a * a
+    p0, p1, p2, p3, p4, p5, p6 = _T32_P
+    q0, q1, q2, q3 = _T32_Q
+    p = (((((p0 * s + p1) * s + p2) * s + p3) * s + p4) * s + p5) * s + p6
+    q = ((q0 * s + q1) * s + q2) * s + q3
+    t = a * p / q
+    if t > _F32_1:
+        t = _F32_1
+    return math.copysign(t, x)
 
 
-@_scalar
+@_scalar_fma
 def _tanh64(x):
     ax = abs(x)
     if ax < _T_SMALL:
@@ -293,7 +341,7 @@ _SQRT2 = math.sqrt(2.0)
 _L32_LN2_HI, _L32_LN2_LO = _F32(0.693359375), _F32(-2.12194440e-4)
 
 
-@_scalar
+@_scalar_fma
 def _log1p01_32(x):
     u = _F32_1 + x
     big = u > _F32(_SQRT2)
@@ -309,7 +357,7 @@ def _log1p01_32(x):
     return k * _L32_LN2_HI + (logm + (k * _L32_LN2_LO + corr))
 
 
-@_scalar
+@_scalar_fma
 def _log1p01_64(x):
     u = 1.0 + x
     big = u > _SQRT2
@@ -590,36 +638,45 @@ class _ActKernels:
     """The loops of one activation."""
 
     def __init__(self, f, d):
+        # Each body first slices [lo, hi): LLVM vectorizes a loop only when
+        # it can prove its indices non-negative (numba wraps negative ones).
         def fwd(lo, hi, z, out):
-            for i in range(lo, hi):
+            z, out = z[lo:hi], out[lo:hi]
+            for i in range(z.size):
                 out[i] = f(z[i])
 
         def fwd_inplace(lo, hi, a):
-            for i in range(lo, hi):
+            a = a[lo:hi]
+            for i in range(a.size):
                 a[i] = f(a[i])
 
         def bias_act(lo, hi, z, b, out):          # rows lo..hi of (batch, width)
-            for r in range(lo, hi):
+            z, out = z[lo:hi], out[lo:hi]
+            for r in range(z.shape[0]):
                 for j in range(b.size):
                     v = z[r, j] + b[j]
                     z[r, j] = v
                     out[r, j] = f(v)
 
         def bias_act_inplace(lo, hi, a, b):
-            for r in range(lo, hi):
+            a = a[lo:hi]
+            for r in range(a.shape[0]):
                 for j in range(b.size):
                     a[r, j] = f(a[r, j] + b[j])
 
         def grad(lo, hi, dy, s, out):
-            for i in range(lo, hi):
+            dy, s, out = dy[lo:hi], s[lo:hi], out[lo:hi]
+            for i in range(dy.size):
                 out[i] = dy[i] * d(s[i])
 
         def grad_into_dy(lo, hi, a, s):
-            for i in range(lo, hi):
+            a, s = a[lo:hi], s[lo:hi]
+            for i in range(a.size):
                 a[i] = a[i] * d(s[i])
 
         def grad_into_s(lo, hi, dy, a):
-            for i in range(lo, hi):
+            dy, a = dy[lo:hi], a[lo:hi]
+            for i in range(a.size):
                 a[i] = dy[i] * d(a[i])
 
         self.fwd = _Kernel(fwd)
@@ -756,10 +813,11 @@ def backprop_delta(dy, w, z, y, act, out):
 
 def _column_sums(lo, hi, dz, db):
     """``db[j] = sum_i dz[i, j]`` for columns ``lo..hi``, row by row (NumPy's order)."""
-    for j in range(lo, hi):
+    dz, db = dz[:, lo:hi], db[lo:hi]
+    for j in range(db.size):
         db[j] = 0
     for i in range(dz.shape[0]):
-        for j in range(lo, hi):
+        for j in range(db.size):
             db[j] += dz[i, j]
 
 
@@ -824,8 +882,9 @@ def _exp_row(z, r, m, out):
 def _softmax_ce_rows(lo, hi, z, labels, grad, n):
     """Rows ``lo..hi``: ``grad = (softmax(z) - onehot) / n``; returns the sum
     of the rows' losses ``log(s) - (z[label] - max)`` in float64."""
+    z, labels, grad = z[lo:hi], labels[lo:hi], grad[lo:hi]
     total = 0.0
-    for r in range(lo, hi):
+    for r in range(z.shape[0]):
         m = _row_max(z, r)
         label = labels[r]
         picked = z[r, label] - m
@@ -839,7 +898,8 @@ def _softmax_ce_rows(lo, hi, z, labels, grad, n):
 
 def _softmax_rows(lo, hi, z, out):
     """Rows ``lo..hi``: ``out = exp(z - max) / sum(exp(z - max))``."""
-    for r in range(lo, hi):
+    z, out = z[lo:hi], out[lo:hi]
+    for r in range(z.shape[0]):
         m = _row_max(z, r)
         s = _exp_row(z, r, m, out)
         for j in range(z.shape[1]):
@@ -853,14 +913,15 @@ def _bce_elements(lo, hi, z, t, grad, n):
     total = 0.0
     for b0 in range(lo, hi, _BLOCK):
         b1 = min(hi, b0 + _BLOCK)
-        for i in range(b0, b1):
-            zi = z[i]
-            ti = t[i]
+        zb, tb, gb = z[b0:b1], t[b0:b1], grad[b0:b1]
+        for i in range(zb.size):
+            zi = zb[i]
+            ti = tb[i]
             e = _exp(-abs(zi))
             one = _c(zi, 1.0)
-            losses[i - b0] = (_log1p01(e) + _relu(zi)) - zi * ti
-            grad[i] = ((one if zi >= 0 else e) / (one + e) - ti) / n
-        total += _sum64(losses, b1 - b0)
+            losses[i] = (_log1p01(e) + _relu(zi)) - zi * ti
+            gb[i] = ((one if zi >= 0 else e) / (one + e) - ti) / n
+        total += _sum64(losses, zb.size)
     return total
 
 
@@ -870,11 +931,12 @@ def _mse_elements(lo, hi, pred, target, grad, scale):
     total = 0.0
     for b0 in range(lo, hi, _BLOCK):
         b1 = min(hi, b0 + _BLOCK)
-        for i in range(b0, b1):
-            d = pred[i] - target[i]
-            losses[i - b0] = d * d
-            grad[i] = d * scale
-        total += _sum64(losses, b1 - b0)
+        pb, tb, gb = pred[b0:b1], target[b0:b1], grad[b0:b1]
+        for i in range(pb.size):
+            d = pb[i] - tb[i]
+            losses[i] = d * d
+            gb[i] = d * scale
+        total += _sum64(losses, pb.size)
     return total
 
 
@@ -978,7 +1040,8 @@ def mse(pred, target, grad):
 
 def _sgd_kernel(has_wd, has_l1, has_momentum, nesterov):
     def sgd(lo, hi, p, g, buf, lr, momentum, wd, l1):
-        for i in range(lo, hi):
+        p, g, buf = p[lo:hi], g[lo:hi], buf[lo:hi]
+        for i in range(p.size):
             pi = p[i]
             gi = g[i]
             if has_wd:
@@ -1022,7 +1085,8 @@ def sgd_step(p, g, buf, lr, momentum, nesterov, weight_decay, l1):
 def _adam_kernel(decoupled, has_wd, has_l1, amsgrad):
     def adam(lo, hi, p, g, m, v, vmax, decay, wd, l1, beta1, c1, beta2, c2, bc2_sqrt, eps,
              step_size):
-        for i in range(lo, hi):
+        p, g, m, v, vmax = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], vmax[lo:hi]
+        for i in range(p.size):
             pi = p[i]
             gi = g[i]
             if decoupled:
@@ -1081,7 +1145,8 @@ def adam_step(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, 
 
 def _rmsprop_kernel(has_wd, has_l1, centered, has_momentum):
     def rmsprop(lo, hi, p, g, sq, buf, cm, lr, rho, c, eps, momentum, wd, l1):
-        for i in range(lo, hi):
+        p, g, sq, buf, cm = p[lo:hi], g[lo:hi], sq[lo:hi], buf[lo:hi], cm[lo:hi]
+        for i in range(p.size):
             pi = p[i]
             gi = g[i]
             if has_wd:
