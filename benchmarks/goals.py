@@ -296,9 +296,6 @@ def main(argv=None):
                         help="comma-separated groups: adam, rmsprop, sgd, dense, elementwise, "
                              "softmax, pools, startup, training, gpu")
     args = parser.parse_args(argv)
-    os.environ.setdefault("FASTNN_BENCH_BACKENDS", args.backends or "")
-    if not os.environ["FASTNN_BENCH_BACKENDS"]:
-        del os.environ["FASTNN_BENCH_BACKENDS"]
     backends = benchmark_backends()
     if args.backends:
         backends = [b for b in backends if b in args.backends.split(",")]

@@ -9,6 +9,7 @@ The measuring is ``fastnn._bench``; see its docstring for the method.
 import argparse
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -97,19 +98,26 @@ def run(args):
                file=sys.stderr, dynamic_ncols=True)
 
     kernel_rows, train_rows, start_rows, notes = [], [], [], []
+    spent = {}
+    t0 = time.perf_counter()
     for case in cases:
         bar.set_postfix_str(f"{case.name} {case.shape} {case.dtype}", refresh=False)
         kernel_rows += _bench.run_case(case, backends, repeats, min_time, max_time)
         bar.update()
+    spent["kernels"] = time.perf_counter() - t0
     if training:
+        t0 = time.perf_counter()
         bar.set_postfix_str("training epochs", refresh=True)
         train_rows, skipped = _bench.run_training(
             backends, n=n_train, repeats=repeats, peers=peers, progress=bar.update)
         notes += skipped
+        spent["training"] = time.perf_counter() - t0
     if startup:
+        t0 = time.perf_counter()
         bar.set_postfix_str("start-up (fresh processes)", refresh=True)
         start_rows, errors = _bench.run_startup(backends, modes, progress=bar.update)
         notes += errors
+        spent["start-up"] = time.perf_counter() - t0
     bar.close()
     elapsed = time.perf_counter() - started
     info["load_end"] = _bench.load_average()
@@ -119,14 +127,14 @@ def run(args):
                                                     else [])
     fallbacks = {b: fastnn.backends()[b].fallbacks for b in backends if b != "numpy"}
     report = render_report(info, kernel_rows, train_rows, start_rows, notes, fallbacks,
-                           repeats, elapsed, command.strip())
+                           repeats, elapsed, command.strip(), spent)
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(report)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"machine": info, "kernels": [asdict(r) for r in kernel_rows],
                    "training": [asdict(r) for r in train_rows],
                    "startup": [asdict(r) for r in start_rows], "notes": notes,
-                   "seconds": elapsed}, f, indent=1)
+                   "seconds": elapsed, "sections": spent}, f, indent=1)
     chart = os.path.join(args.out, "speedup.png")
     try:
         plot_speedups(kernel_rows, train_rows, chart, title=_chart_title(info))
@@ -141,9 +149,10 @@ def run(args):
 
 # ======================================================================= report
 
-def _table(header, rows):
+def _table(header, rows, right=()):
+    """A Markdown table; the columns named in ``right`` are right-aligned."""
     out = ["| " + " | ".join(header) + " |",
-           "| " + " | ".join("---" if i < 4 else "---:" for i in range(len(header))) + " |"]
+           "| " + " | ".join("---:" if h in right else "---" for h in header) + " |"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
 
@@ -151,7 +160,8 @@ def _table(header, rows):
 def kernel_table(rows):
     """The kernel table in Markdown."""
     return _table(["kernel", "shape", "dtype", "backend", "time", "vs NumPy", "vs probe"],
-                  [[r.name, r.shape, r.dtype, r.backend, _bench.fmt_time(r.seconds),
+                  right=("time", "vs NumPy", "vs probe"),
+                  rows=[[r.name, r.shape, r.dtype, r.backend, _bench.fmt_time(r.seconds),
                     _bench.fmt_ratio(r.speedup), _bench.fmt_probe(r)] for r in rows])
 
 
@@ -159,7 +169,8 @@ def training_table(rows):
     """The training table in Markdown."""
     return _table(["batch", "contender", "samples/s", "vs NumPy", "vs PyTorch",
                    "of GEMM ceiling"],
-                  [[r.batch, r.contender + (f" ({r.note})" if r.note else ""),
+                  right=("batch", "samples/s", "vs NumPy", "vs PyTorch", "of GEMM ceiling"),
+                  rows=[[r.batch, r.contender + (f" ({r.note})" if r.note else ""),
                     f"{r.samples_per_s:,.0f}", _bench.fmt_ratio(r.vs_numpy),
                     _bench.fmt_ratio(r.vs_torch),
                     "" if r.of_ceiling is None else f"{100 * r.of_ceiling:.0f}%"]
@@ -170,13 +181,17 @@ def startup_table(rows):
     """The start-up table in Markdown."""
     return _table(["backend", "cache", "import fastnn", "load backend", "first call",
                    "process total", "first call is"],
-                  [[r.backend, r.cache, f"{r.import_s:.2f} s", f"{r.load_s:.2f} s",
+                  right=("import fastnn", "load backend", "first call", "process total"),
+                  rows=[[r.backend, r.cache, f"{r.import_s:.2f} s", f"{r.load_s:.2f} s",
                     f"{r.first_s:.2f} s", f"{r.total_s:.2f} s", r.kind] for r in rows])
 
 
 def render_report(info, kernel_rows, train_rows, start_rows, notes, fallbacks, repeats,
-                  elapsed, command):
+                  elapsed, command, spent=None):
     """report.md as a string."""
+    split = ""
+    if spent:
+        split = " (" + ", ".join(f"{k} {v:.0f} s" for k, v in spent.items()) + ")"
     load = ""
     if info.get("load") is not None:
         load = (f" The 1-minute load average was {info['load']:.1f} at the start and "
@@ -186,7 +201,7 @@ def render_report(info, kernel_rows, train_rows, start_rows, notes, fallbacks, r
     lines = [
         "# fastnn benchmark report", "",
         f"`{command}`, {datetime.datetime.now().isoformat(timespec='seconds')}, "
-        f"{elapsed:.0f} s.", "",
+        f"{elapsed:.0f} s{split}.", "",
         f"**Machine:** {_bench.machine_line(info)}.{load}", "",
     ]
     if kernel_rows:
@@ -290,7 +305,8 @@ def plot_speedups(kernel_rows, train_rows, path, title="fastnn speed-up over Num
                 colour = COLOURS.get(key, "#56B4E9")
                 ax.barh(y, value, height=0.78, color=colour, hatch="///" if hatched else None,
                         edgecolor="white" if hatched else colour, linewidth=0)
-                ax.text(value * 1.05, y, f"{value:.2f}x", va="center", fontsize=7.5)
+                ax.text(value * 1.05, y, f"{value:.2f}x" if value >= 0.1 else f"{value:.2g}x",
+                        va="center", fontsize=7.5)
                 values.append(value)
                 if name:   # a labelled bar
                     ticks.append(y)
@@ -313,7 +329,9 @@ def plot_speedups(kernel_rows, train_rows, path, title="fastnn speed-up over Num
         ax.set_yticklabels(ticklabels, fontsize=8.5)
         ax.tick_params(axis="y", length=0)
         ax.set_xlabel(xlabel, fontsize=9)
-        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+        lo, hi = ax.get_xlim()
+        decades = math.log10(hi / lo)
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1,) if decades > 2.5 else (1, 2, 5)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
         ax.tick_params(axis="x", labelsize=8)
@@ -321,8 +339,11 @@ def plot_speedups(kernel_rows, train_rows, path, title="fastnn speed-up over Num
         ax.set_axisbelow(True)
         for side in ("top", "right"):
             ax.spines[side].set_visible(False)
+    order = ["numpy", "cython", "numba", "cuda", "backend kernels called directly",
+             "scikit-learn", "PyTorch (own process)", "GEMMs only (ceiling)"]
     handles = [Patch(facecolor=c, hatch=h, edgecolor="white" if h else c, label=n)
-               for n, (c, h) in used.items()]
+               for n, (c, h) in sorted(used.items(), key=lambda kv: (
+                   order.index(kv[0]) if kv[0] in order else len(order), kv[0]))]
     fig.text(0.5, 1 - 0.22 / height_in, title, ha="center", va="center", fontsize=10.5)
     fig.legend(handles=handles, loc="center", ncol=min(len(handles), 4), fontsize=8.5,
                frameon=False, bbox_to_anchor=(0.5, 1 - 0.6 / height_in))
