@@ -218,3 +218,24 @@ def dense_backward(x, dz, dw, db):
         _dense_backward[float](x, dz, dw, db)
     else:
         _dense_backward[double](x, dz, dw, db)
+
+
+cdef void _gemm_typed(bint ta, bint tb,
+                      const floating[:, ::1] a,   # IN (m, k), or (k, m) with ta
+                      const floating[:, ::1] b,   # IN (k, n), or (n, k) with tb
+                      floating[:, ::1] c):        # OUT (m, n)
+    cdef int m = c.shape[0], n = c.shape[1]
+    cdef int k = a.shape[0] if ta else a.shape[1]
+    with nogil:
+        gemm(c'T' if tb else c'N', c'T' if ta else c'N', n, m, k,
+             &b[0, 0], b.shape[1], &a[0, 0], a.shape[1], &c[0, 0], n)
+
+
+def _gemm(a, b, c, trans_a=False, trans_b=False):
+    """The bare BLAS GEMM of this module, ``c = op(a) @ op(b)`` (``op``
+    transposes when asked), with nothing around it: the baseline of the
+    dense-layer goals (benchmarks/cython_goals.py)."""
+    if a.dtype.itemsize == 4:
+        _gemm_typed[float](trans_a, trans_b, a, b, c)
+    else:
+        _gemm_typed[double](trans_a, trans_b, a, b, c)

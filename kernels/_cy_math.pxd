@@ -16,7 +16,8 @@ that cannot be if-converted, no float reductions inside a vector loop):
   the argument is clamped so that overflow gives ``inf`` and underflow ``0``;
   NaN propagates through the polynomial.
 * ``vtanh``: Cephes' odd polynomial (float32) / rational (float64) below
-  ``|x| = 0.625``, ``1 - 2/(exp(2|x|)+1)`` above, blended by a select.
+  ``|x| = 0.625``, ``(1-e)/(1+e)`` with ``e = exp(-2|x|)`` above, blended by a
+  select; ``vtanh_sech2`` also gives ``1 - tanh^2`` without cancellation.
 * ``vsigmoid``: ``e = exp(-|z|)``, ``(z >= 0 ? 1 : e) / (1 + e)``: full
   relative accuracy in the negative tail; ``sigmoid(-inf) = 0``.
 * ``vlog1p_unit``: ``log1p(u)`` for ``u`` in ``[0, 1]`` (softplus, BCE) as
@@ -126,13 +127,16 @@ cdef inline floating vexp(floating x) noexcept nogil:
         return (p * fastnn_pow2d(xx)) * fastnn_pow2d(n - xx)
 
 
-cdef inline floating vtanh(floating x) noexcept nogil:
-    """``tanh(x)``, vectorizable: ``tanh(+-inf) = +-1``, NaN in gives NaN out."""
-    cdef floating zero = 0, one = 1, two = 2, cut = 0.625
+cdef inline floating vtanh_sech2(floating x, floating* sech2) noexcept nogil:
+    """``tanh(x)``, vectorizable (``tanh(+-inf) = +-1``, NaN in gives NaN out),
+    and ``sech(x)^2 = 1 - tanh(x)^2`` into ``sech2`` with full relative
+    accuracy (as ``4e/(1+e)^2``, ``e = exp(-2|x|)``, above ``|x| = 0.625``,
+    where ``1 - t*t`` would cancel)."""
+    cdef floating zero = 0, one = 1, four = 4, cut = 0.625
     cdef floating nx = -x
     cdef floating a = nx if x < zero else x
     cdef floating s = a * a
-    cdef floating small, big, ns
+    cdef floating small, big, e, q, ns
     if floating is float:
         small = ((((<float>-5.70498872745E-3 * s + <float>2.06390887954E-2) * s
                    - <float>5.37397155531E-2) * s + <float>1.33314422036E-1) * s
@@ -142,10 +146,19 @@ cdef inline floating vtanh(floating x) noexcept nogil:
                               - 1.61468768441708447952E3)
                              / (((s + 1.12811678491632931402E2) * s
                                  + 2.23548839060100448583E3) * s + 4.84406305325125486048E3))
-    big = one - two / (vexp(a + a) + one)
+    e = vexp(-(a + a))
+    q = one / (one + e)
+    big = (one - e) * q
+    sech2[0] = one - small * small if a < cut else (four * e) * (q * q)
     s = small if a < cut else big
     ns = -s
     return ns if x < zero else s
+
+
+cdef inline floating vtanh(floating x) noexcept nogil:
+    """``tanh(x)``, vectorizable: ``tanh(+-inf) = +-1``, NaN in gives NaN out."""
+    cdef floating unused
+    return vtanh_sech2(x, &unused)
 
 
 cdef inline floating vsigmoid(floating z) noexcept nogil:
@@ -214,10 +227,11 @@ cdef inline bint act_is_transcendental(int act) noexcept nogil:
     return act >= ACT_SIGMOID
 
 
-cdef inline floating gelu_inner(floating z) noexcept nogil:
-    """``tanh(c*(z + a*z^3))`` of the tanh-form GELU (the reference's order)."""
+cdef inline floating gelu_inner(floating z, floating* sech2) noexcept nogil:
+    """``t = tanh(c*(z + a*z^3))`` of the tanh-form GELU (the reference's
+    order), and ``1 - t^2`` into ``sech2``."""
     cdef floating one = 1
-    return vtanh((((z * z) * <floating>GELU_A + one) * z) * <floating>GELU_C)
+    return vtanh_sech2((((z * z) * <floating>GELU_A + one) * z) * <floating>GELU_C, sech2)
 
 
 cdef inline void act_forward_range(int act, const floating* z, floating* out,
@@ -248,7 +262,7 @@ cdef inline void act_forward_range(int act, const floating* z, floating* out,
     elif act == ACT_GELU:
         for i in range(lo, hi):
             v = z[i]
-            out[i] = ((gelu_inner(v) + one) * v) * half
+            out[i] = ((gelu_inner(v, &t) + one) * v) * half
     elif act == ACT_SILU:
         for i in range(lo, hi):
             v = z[i]
@@ -291,11 +305,13 @@ cdef inline void act_backward_range(int act, const floating* dy, const floating*
         for i in range(lo, hi):
             out[i] = dy[i] * (one if z[i] > zero else slope)
     elif act == ACT_GELU:
-        # 0.5*(1+t) + 0.5*z*(1-t^2)*c*(1 + 3a*z^2), in the reference's order
+        # 0.5*(1+t) + 0.5*z*(1-t^2)*c*(1 + 3a*z^2), in the reference's order but
+        # with 1 - t^2 = sech^2 computed without cancellation (near t = -1 the
+        # reference's 1 - t*t turns a 1-ulp error of tanh into ~1e-6 here)
         for i in range(lo, hi):
             v = z[i]
-            t = gelu_inner(v)
-            d = ((((v * v) * a3 + one) * c) * v) * (one - t * t)
+            t = gelu_inner(v, &s)
+            d = ((((v * v) * a3 + one) * c) * v) * s
             out[i] = dy[i] * (((t + one) + d) * half)
     elif act == ACT_SILU:
         for i in range(lo, hi):
