@@ -69,10 +69,11 @@ def test_case_sets():
     # every case builds arguments the NumPy reference accepts
     import numpy as np
 
+    seen = set()
     for case in _bench.all_cases(("float64",)):
-        if case.kernel.endswith("_step") and case.dims[0] > 1_000_000:
+        # one small shape of each kernel and variant is enough here
+        if case.name in seen or (len(case.dims) == 3 and max(case.dims) > 1024):
             continue
-        if case.kernel.startswith(("dense", "backprop")) and max(case.dims) > 1024:
-            continue
+        seen.add(case.name)
         args = case.make(np.random.default_rng(0))
         getattr(reference, case.kernel)(*args)
