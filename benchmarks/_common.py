@@ -12,12 +12,12 @@ import sys
 import pytest
 
 import fastnn
-from fastnn import _bench
+from fastnn import _bench  # noqa: F401  (re-exported)
 from fastnn._bench import (  # noqa: F401  (re-exported)
     DTYPES, SEED, TRAIN_BATCHES, TRAIN_LAYERS, Case, KernelMLP, all_cases,
-    available_backends, bind, find_case, fmt_probe, fmt_ratio, fmt_time, gemm_ceiling_fn,
-    machine_info, machine_line, measure, probe, quick_cases, run_case, run_startup,
-    run_training, runs_reference, sequential_available, sequential_epoch_fn,
+    available_backends, bind, cuda_simulated, find_case, fmt_probe, fmt_ratio, fmt_time,
+    gemm_ceiling_fn, machine_info, machine_line, measure, probe, quick_cases, run_case,
+    run_startup, run_training, runs_reference, sequential_available, sequential_epoch_fn,
     sklearn_available, sklearn_epoch_fn, startup, thread_pools, torch_available,
     torch_epochs,
 )
@@ -28,15 +28,7 @@ def benchmark_backends():
     left out (it runs kernels in Python threads: its times mean nothing), and
     ``FASTNN_BENCH_BACKENDS=numpy,numba`` restricting them."""
     wanted = os.environ.get("FASTNN_BENCH_BACKENDS")
-    names = available_backends(wanted.split(",") if wanted else None)
-    if "cuda" in names and cuda_simulated():
-        names.remove("cuda")
-    return names
-
-
-def cuda_simulated():
-    """True when numba's CUDA simulator is on (``NUMBA_ENABLE_CUDASIM=1``)."""
-    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+    return available_backends(wanted.split(",") if wanted else None)
 
 
 def annotate(benchmark, group, **info):

@@ -283,6 +283,22 @@ def gpu_goals(backends):
                                    min_time=0.05)
             goals.append(Goal("8", f"dense_forward relu {c.shape} float32 time / cuBLAS",
                               "cuda", times["k"] / times["gemm"], "<=", 1.1))
+    # a whole MNIST-shaped epoch, batch 128, against PyTorch CUDA (reported, no target)
+    x, y = _bench._training_data(8192)
+    fns = {"kernels": _bench.KernelMLP("cuda", 128).epoch_fn(x, y)}
+    if _bench.sequential_available()[0]:
+        fns["fastnn"] = _bench.sequential_epoch_fn("cuda", x, y, 128)
+    times = _bench.measure(fns, repeats=7, min_time=0, max_time=60)
+    try:
+        tt = _bench.torch_epochs([128], 8192, 7, device="cuda")["epoch_s"][128]
+        t_torch = sorted(tt)[len(tt) // 2]
+    except Exception as exc:
+        t_torch, why = None, str(exc)
+    for name, t in times.items():
+        goals.append(Goal("8", f"epoch 784-256-128-10 b128 on the GPU ({name}) / PyTorch CUDA",
+                          "cuda", None if t_torch is None else t_torch / t, None, 1,
+                          note=f"{8192 / t:,.0f} samples/s" + (
+                              "" if t_torch else f"; PyTorch CUDA not measured: {why}")))
     del be
     return goals
 

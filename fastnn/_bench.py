@@ -402,17 +402,28 @@ def find_case(kernel, variant, shape, dtype):
 
 # ======================================================================= backends
 
-def available_backends(names=None):
+def cuda_simulated():
+    """True when numba's CUDA simulator is on (``NUMBA_ENABLE_CUDASIM=1``): the
+    ``cuda`` backend then runs kernels in Python threads and its times mean nothing."""
+    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+
+
+def available_backends(names=None, simulator=False):
     """Names of the backends that can run here, in registry order.
 
     Parameters
     ----------
     names : iterable of str, optional
         Restrict to these (unknown or unavailable ones are left out).
+    simulator : bool
+        Keep ``cuda`` when it runs on the CUDA simulator (default: leave it out).
     """
     infos = fastnn.backends()
     wanted = BACKEND_ORDER if names is None else tuple(names)
-    return [n for n in BACKEND_ORDER if n in wanted and infos[n].available]
+    out = [n for n in BACKEND_ORDER if n in wanted and infos[n].available]
+    if "cuda" in out and not simulator and cuda_simulated():
+        out.remove("cuda")
+    return out
 
 
 def runs_reference(case, backend_name):
@@ -750,17 +761,23 @@ import torch
 torch.manual_seed(cfg["seed"])
 torch.set_num_threads(cfg["threads"])
 dtype = getattr(torch, cfg["dtype"])
+device = cfg.get("device", "cpu")
+if device == "cuda" and not torch.cuda.is_available():
+    print("ERROR this PyTorch build has no CUDA device", file=sys.stderr)
+    sys.exit(3)
+sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 layers = cfg["layers"]
 g = torch.Generator().manual_seed(cfg["seed"])
-x = torch.rand(cfg["n"], layers[0], generator=g, dtype=dtype)
-y = torch.randint(0, layers[-1], (cfg["n"],), generator=g)
-out = {"version": torch.__version__, "threads": torch.get_num_threads(), "epoch_s": {}}
+x = torch.rand(cfg["n"], layers[0], generator=g, dtype=dtype).to(device)
+y = torch.randint(0, layers[-1], (cfg["n"],), generator=g).to(device)
+out = {"version": torch.__version__, "threads": torch.get_num_threads(), "device": device,
+       "epoch_s": {}}
 for batch in cfg["batches"]:
     mods = []
     for i, o in zip(layers[:-2], layers[1:-1]):
         mods += [torch.nn.Linear(i, o), torch.nn.ReLU()]
     mods.append(torch.nn.Linear(layers[-2], layers[-1]))
-    model = torch.nn.Sequential(*mods).to(dtype)
+    model = torch.nn.Sequential(*mods).to(device=device, dtype=dtype)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     loss_fn = torch.nn.CrossEntropyLoss()
     batches = [(x[s:s + batch], y[s:s + batch]) for s in range(0, cfg["n"] - batch + 1, batch)]
@@ -770,6 +787,7 @@ for batch in cfg["batches"]:
             loss = loss_fn(model(xb), yb)
             loss.backward()
             opt.step()
+        sync()
     epoch()
     times = []
     for _ in range(cfg["repeats"]):
@@ -796,8 +814,9 @@ def sklearn_available():
 
 
 def torch_epochs(batches, n, repeats, dtype="float32", threads=None, layers=TRAIN_LAYERS,
-                 timeout=600):
-    """Per-epoch seconds of PyTorch CPU (``Adam(fused=True)``) in its own process.
+                 timeout=600, device="cpu"):
+    """Per-epoch seconds of PyTorch (``Adam(fused=True)``) in its own process, on
+    the CPU or (``device="cuda"``) the GPU.
 
     Returns
     -------
@@ -810,7 +829,8 @@ def torch_epochs(batches, n, repeats, dtype="float32", threads=None, layers=TRAI
         When the subprocess fails (its stderr's last lines in the message).
     """
     cfg = {"batches": list(batches), "n": n, "repeats": repeats, "dtype": dtype,
-           "threads": threads or fastnn.get_num_threads(), "layers": list(layers), "seed": SEED}
+           "threads": threads or fastnn.get_num_threads(), "layers": list(layers), "seed": SEED,
+           "device": device}
     proc = subprocess.run([sys.executable, "-c", TORCH_SCRIPT, json.dumps(cfg)],
                           capture_output=True, text=True, timeout=timeout)
     for line in proc.stdout.splitlines():
@@ -917,7 +937,8 @@ def run_training(backends, batches=TRAIN_BATCHES, n=4096, repeats=5, dtype="floa
     if torch_res is not None:
         for r in rows:
             if r.contender == "pytorch":
-                r.note = f"torch {torch_res['version']}, {torch_res['threads']} threads, own process"
+                r.note = (f"torch {torch_res['version']}, {torch_res['threads']} threads, "
+                          f"own process")
     return rows, skipped
 
 

@@ -30,7 +30,8 @@ def add_arguments(parser):
                         help="a small set (float32, the shapes of the speed goals, warm "
                              "start-up only): under two minutes on 2 cores")
     parser.add_argument("--out", default="bench-out", metavar="DIR",
-                        help="folder for report.md, speedup.png, results.json (default: %(default)s)")
+                        help="folder for report.md, speedup.png, results.json "
+                             "(default: %(default)s)")
     parser.add_argument("--only", default=None, metavar="PATTERNS",
                         help="comma-separated substrings: run only the kernel cases whose name "
                              "contains one (e.g. softmax,adam), and the training / startup "
