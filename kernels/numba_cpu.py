@@ -448,8 +448,10 @@ def _f_tanh(z):
 
 @_scalar
 def _f_gelu(z):
-    # 0.5*z*(1 + tanh(u)) = z*sigmoid(2u)
-    return z * _gelu_sigmoid(z)[1]
+    # 0.5*z*(1 + tanh(u)) with 1 + tanh(u) = 2s, in the reference's order (so
+    # that 2s*z overflows where the reference's (1 + t)*z does)
+    s = _gelu_sigmoid(z)[1]
+    return (s + s) * z * _c(z, 0.5)
 
 
 @_scalar
@@ -495,7 +497,7 @@ def _d_gelu(z):
     one = _c(z, 1.0)
     inner = z * z * _c(z, 3 * GELU_A) + one
     inner = inner * _c(z, GELU_C) * z * (e / ((one + e) * (one + e)) * _c(z, 4.0))
-    return s + inner * _c(z, 0.5)
+    return ((s + s) + inner) * _c(z, 0.5)
 
 
 @_scalar

@@ -1,0 +1,517 @@
+"""Tests of the numba backend beyond the shared parity suite.
+
+* the module exports the whole contract itself (no reference fallbacks);
+* our vectorizable exp / tanh / log1p and the activations built on them,
+  over a dense sweep of float32 values (tails, denormals, infinities, NaN) and
+  a wide sample of float64 values, against NumPy in float64;
+* the serial and the parallel (prange) paths give the same results;
+* the optimizers equal the reference bit for bit (same operations, same order);
+* the cache folder falls back to the user's cache when the package folder is
+  not writable (the failure is injected: root ignores permissions);
+* parallel kernels called from several Python threads at once (omp layer).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+import fastnn  # noqa: E402
+from fastnn.kernels import numba_cpu as nb  # noqa: E402
+from fastnn.kernels import reference as ref  # noqa: E402
+from conftest import DTYPES, assert_close  # noqa: E402
+
+from numba import njit  # noqa: E402
+
+F32_TINY = np.finfo(np.float32).tiny
+
+
+# ------------------------------------------------------------ contract
+
+def test_exports_the_whole_contract():
+    assert nb.COMPLETE is True
+    assert set(nb.ACTIVATIONS) == set(ref.ACTIVATIONS)
+    for name in ref.CONTRACT:
+        assert callable(getattr(nb, name)), name
+    info = fastnn.backends()["numba"]
+    assert info.available, info.reason
+    assert info.fallbacks == ()
+
+
+def test_info_and_threading_layer():
+    info = nb.info()
+    assert set(info) >= {"numba", "threading_layer", "cache_dir", "numba_threads"}
+    if not nb._SERIALISE_PARALLEL:
+        assert info["threading_layer"].startswith("omp")
+
+
+def test_import_fastnn_does_not_import_numba():
+    code = "import sys, fastnn; assert 'numba' not in sys.modules, 'numba imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_set_num_threads_reaches_the_module():
+    try:
+        fastnn.set_num_threads(1)
+        assert nb._num_threads == 1
+    finally:
+        fastnn.set_num_threads(None)
+    assert nb._num_threads == min(fastnn.get_num_threads(), nb.numba.config.NUMBA_NUM_THREADS)
+
+
+# ------------------------------------------------------------ math approximations
+
+@njit(error_model="numpy")
+def _apply(code, x, out):
+    for i in range(x.size):
+        if code == 0:
+            out[i] = nb._exp(x[i])
+        elif code == 1:
+            out[i] = nb._tanh(x[i])
+        else:
+            out[i] = nb._log1p01(x[i])
+
+
+def _ulps(a, b):
+    """Distance in units in the last place (same dtype, finite, same sign side)."""
+    ity = np.int32 if a.dtype == np.float32 else np.int64
+    ai, bi = a.view(ity).astype(np.int64), b.view(ity).astype(np.int64)
+    sign = np.int64(np.iinfo(ity).max)
+    ai = np.where(ai < 0, -(ai & sign), ai)
+    bi = np.where(bi < 0, -(bi & sign), bi)
+    return np.abs(ai - bi)
+
+
+def _float32_sweep():
+    """Every 2039th float32 bit pattern (all magnitudes and both signs, about
+    2 M values) plus the edges and non-finite values."""
+    x = np.arange(0, 2**32, 2039, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    edges = [0.0, -0.0, F32_TINY, -F32_TINY, 1e-45, -1e-45, 88.72283, 88.72284, -87.33654,
+             -103.97207, -103.9721, -104.0, 9.0, -9.0, 8.99, 1e30, -1e30,
+             np.finfo(np.float32).max, -np.finfo(np.float32).max, np.inf, -np.inf, np.nan]
+    return np.concatenate([x, np.array(edges, np.float32)])
+
+
+def _float64_sample():
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.uniform(-750, 720, 200_000), rng.standard_normal(200_000) * 5,
+                        rng.uniform(-1e-8, 1e-8, 50_000), rng.uniform(0, 1, 100_000),
+                        [0.0, -0.0, 709.78, 709.79, -745.1, -745.2, -746.0, 1e300, -1e300,
+                         5e-324, np.inf, -np.inf, np.nan]])
+    return x
+
+
+# (code, numpy function, domain, max ulp float32, max ulp float64)
+MATH = [(0, np.exp, lambda x: np.ones(x.shape, bool), 1, 1),
+        (1, np.tanh, lambda x: np.ones(x.shape, bool), 4, 2),
+        (2, np.log1p, lambda x: (x >= 0) & (x <= 1) | np.isnan(x), 1, 1)]
+
+
+@pytest.mark.parametrize("code, func, domain, ulp32, ulp64", MATH, ids=["exp", "tanh", "log1p"])
+def test_math_float32_dense_sweep(code, func, domain, ulp32, ulp64):
+    x = _float32_sweep()
+    x = x[domain(x)]
+    out = np.empty_like(x)
+    _apply(code, x, out)
+    with np.errstate(all="ignore"):
+        exact = func(x.astype(np.float64))
+    rounded = exact.astype(np.float32)
+    # same NaNs, same infinities, same zeros
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(rounded))
+    finite = np.isfinite(rounded)
+    np.testing.assert_array_equal(out[~finite & ~np.isnan(rounded)],
+                                  rounded[~finite & ~np.isnan(rounded)])
+    normal = finite & (np.abs(rounded) >= F32_TINY)
+    assert _ulps(out[normal], rounded[normal]).max() <= ulp32
+    # denormal results (exp of -87.3 .. -104): absolutely within half the
+    # smallest denormal step times a few
+    sub = finite & (np.abs(rounded) < F32_TINY)
+    assert np.all(np.abs(out[sub].astype(np.float64) - exact[sub]) <= 4e-45)
+
+
+@pytest.mark.parametrize("code, func, domain, ulp32, ulp64", MATH, ids=["exp", "tanh", "log1p"])
+def test_math_float64(code, func, domain, ulp32, ulp64):
+    x = _float64_sample()
+    x = x[domain(x)]
+    out = np.empty_like(x)
+    _apply(code, x, out)
+    with np.errstate(all="ignore"):
+        expected = func(x)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
+    normal = np.isfinite(expected) & (np.abs(expected) >= np.finfo(np.float64).tiny)
+    assert _ulps(out[normal], expected[normal]).max() <= ulp64
+    other = ~normal & ~np.isnan(expected)
+    np.testing.assert_allclose(out[other], expected[other], rtol=0, atol=1e-320)
+
+
+def test_math_special_values():
+    f32 = np.float32
+    x = np.array([np.inf, -np.inf, np.nan, 0.0, 89.0, -110.0, 1e30, -1e30], f32)
+    out = np.empty_like(x)
+    _apply(0, x, out)
+    np.testing.assert_array_equal(out, np.array([np.inf, 0, np.nan, 1, np.inf, 0, np.inf, 0], f32))
+    _apply(1, x, out)
+    np.testing.assert_array_equal(out, np.array([1, -1, np.nan, 0, 1, -1, 1, -1], f32))
+    x64 = x.astype(np.float64)
+    out64 = np.empty_like(x64)
+    _apply(0, x64, out64)
+    np.testing.assert_array_equal(out64, [np.inf, 0, np.nan, 1, np.exp(89.0), np.exp(-110.0),
+                                          np.inf, 0])
+    _apply(1, x64, out64)
+    np.testing.assert_array_equal(out64, [1, -1, np.nan, 0, 1, -1, 1, -1])
+
+
+def _activation_truth(act, z32):
+    """The reference evaluated in float64 on float32 inputs: forward and the
+    derivative (with dy = 1)."""
+    z = z32.astype(np.float64)
+    with np.errstate(all="ignore"):
+        y = np.empty_like(z)
+        ref.activation_forward(act, z, y)
+        d = np.empty_like(z)
+        ref.activation_backward(act, np.ones_like(z), z, y, d)
+    return y, d
+
+
+@pytest.mark.parametrize("act", ref.ACTIVATIONS)
+def test_activations_float32_dense_sweep(act):
+    """Every activation and derivative over the float32 sweep: within the
+    parity tolerance of the float64 truth and of the float32 reference, with
+    NaN and infinities where they are."""
+    z = _float32_sweep()
+    dy = np.ones_like(z)
+    with np.errstate(all="ignore"):
+        y32 = np.empty_like(z)
+        ref.activation_forward(act, z, y32)
+        d32 = np.empty_like(z)
+        ref.activation_backward(act, dy, z, y32, d32)
+    y = np.empty_like(z)
+    nb.activation_forward(act, z, y)
+    d = np.empty_like(z)
+    nb.activation_backward(act, dy, z, y32, d)
+    y64, d64 = _activation_truth(act, z)
+    assert_close(y, y32, np.float32, err_msg=f"{act} vs float32 reference")
+    # against the float64 truth where float32 arithmetic does not overflow
+    # (the reference's gelu computes 2*z on the way)
+    ok = np.isfinite(y32)
+    assert_close(y[ok], y64[ok].astype(np.float32), np.float32, err_msg=f"{act} vs float64")
+    if act == "gelu":
+        # The float32 reference computes 1 - tanh(u)^2 by cancellation and is
+        # off by up to 1.2e-6 near z = -5 (beyond the tolerance); ours uses
+        # 4e/(1+e)^2. Compare with the float64 truth, and with the float32
+        # reference where it is accurate.
+        finite = np.isfinite(d64)
+        good = finite & (np.abs(d32 - d64) <= 2.5e-7)
+        assert_close(d[good], d32[good], np.float32, err_msg="gelu' vs float32 reference")
+        np.testing.assert_array_equal(np.isnan(d), np.isnan(d32))
+    else:
+        assert_close(d, d32, np.float32, err_msg=f"{act}' vs float32 reference")
+    if act not in ref.Y_ACTIVATIONS:  # from y, the float32 rounding of y dominates
+        ok = np.isfinite(d32)
+        assert_close(d[ok], d64[ok].astype(np.float32), np.float32, err_msg=f"{act}' vs float64")
+
+
+@pytest.mark.parametrize("act", ref.ACTIVATIONS)
+def test_activations_float64_sample(act):
+    z = _float64_sample()
+    y64, d64 = _activation_truth(act, z)
+    y = np.empty_like(z)
+    nb.activation_forward(act, z, y)
+    d = np.empty_like(z)
+    nb.activation_backward(act, np.ones_like(z), z, y64, d)
+    assert_close(y, y64, np.float64, err_msg=act)
+    assert_close(d, d64, np.float64, err_msg=f"{act}'")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sigmoid_negative_tail_relative_accuracy(dtype):
+    """exp(-|z|) form: relative accuracy all the way down the negative tail."""
+    lo = -87.0 if dtype == np.float32 else -700.0
+    z = np.linspace(lo, 0, 200_001).astype(dtype)
+    out = np.empty_like(z)
+    nb.activation_forward("sigmoid", z, out)
+    exact = 1 / (1 + np.exp(-z.astype(np.longdouble)))
+    rel = np.abs(out.astype(np.longdouble) - exact) / exact
+    assert rel.max() < (4e-7 if dtype == np.float32 else 1e-15)
+
+
+# ------------------------------------------------------------ serial vs parallel
+
+@pytest.fixture
+def force_parallel(monkeypatch):
+    """Every kernel on its prange path with 2 threads (or skip on one core)."""
+    if nb.numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: no parallel path")
+    monkeypatch.setattr(nb, "PARALLEL_MIN", {k: 1 for k in nb.PARALLEL_MIN})
+    previous = nb._num_threads
+    nb.set_num_threads(2)
+    yield
+    nb.set_num_threads(previous)
+
+
+def _both_paths(force, fn):
+    """Run ``fn()`` (returning a tuple of arrays/floats) serially, then in
+    parallel; returns both results."""
+    saved = dict(nb.PARALLEL_MIN)
+    nb.PARALLEL_MIN.update({k: 1 << 62 for k in saved})
+    try:
+        serial = fn()
+    finally:
+        nb.PARALLEL_MIN.update(saved)
+    return serial, fn()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ref.ACTIVATIONS)
+def test_serial_and_parallel_paths_agree(force_parallel, dtype, act):
+    rng = np.random.default_rng(7)
+    n = 4099   # odd: the chunk boundary is not a multiple of anything
+    z = (rng.standard_normal(n) * 3).astype(dtype)
+    dy = rng.standard_normal(n).astype(dtype)
+    x = rng.standard_normal((67, 29)).astype(dtype)
+    w = rng.standard_normal((29, 61)).astype(dtype)
+    b = rng.standard_normal(61).astype(dtype)
+
+    def run():
+        y = np.empty_like(z)
+        nb.activation_forward(act, z, y)
+        d = np.empty_like(z)
+        nb.activation_backward(act, dy, z, y, d)
+        inplace = z.copy()
+        nb.activation_forward(act, inplace, inplace)
+        out, pre = np.empty((67, 61), dtype), np.empty((67, 61), dtype)
+        nb.dense_forward(x, w, b, act, out, pre)
+        delta = np.empty((67, 29), dtype)
+        nb.backprop_delta(out, w, x, x, act, delta)
+        return y, d, inplace, out, pre, delta
+
+    serial, parallel = _both_paths(force_parallel, run)
+    for s, p in zip(serial, parallel):
+        np.testing.assert_array_equal(s, p)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_serial_and_parallel_losses_and_optimizers_agree(force_parallel, dtype):
+    rng = np.random.default_rng(8)
+    logits = (rng.standard_normal((301, 13)) * 4).astype(dtype)
+    labels = rng.integers(0, 13, 301).astype(np.int32)
+    targets = rng.uniform(0, 1, (301, 13)).astype(dtype)
+    x = rng.standard_normal((301, 37)).astype(dtype)
+    n = 70_001
+    p, g = rng.standard_normal(n).astype(dtype), rng.standard_normal(n).astype(dtype)
+
+    def run():
+        results = []
+        for kernel, second in ((nb.softmax_cross_entropy, labels),
+                               (nb.sigmoid_binary_cross_entropy, targets), (nb.mse, targets)):
+            grad = np.empty_like(logits)
+            results += [kernel(logits, second, grad), grad]
+        soft = np.empty_like(logits)
+        nb.softmax(logits, soft)
+        dw, db = np.empty((37, 13), dtype), np.empty(13, dtype)
+        nb.dense_backward(x, logits, dw, db)
+        results += [soft, dw, db]
+        a = [p.copy(), np.zeros(n, dtype)]
+        nb.sgd_step(a[0], g, a[1], 0.1, 0.9, True, 1e-2, 1e-3)
+        b_ = [p.copy(), np.zeros(n, dtype), np.zeros(n, dtype), np.zeros(n, dtype)]
+        nb.adam_step(b_[0], g, b_[1], b_[2], 3, 1e-3, 0.9, 0.999, 1e-8, 1e-2, True, 1e-3, b_[3])
+        c = [p.copy(), np.zeros(n, dtype), np.zeros(n, dtype), np.zeros(n, dtype)]
+        nb.rmsprop_step(c[0], g, c[1], c[2], 1e-2, 0.99, 1e-8, 0.9, c[3], 1e-2, 1e-3)
+        return results + a + b_ + c
+
+    serial, parallel = _both_paths(force_parallel, run)
+    for s, p_ in zip(serial, parallel):
+        if isinstance(s, float):   # a loss: the partial sums are added in another order
+            assert p_ == pytest.approx(s, rel=1e-12)
+        else:
+            np.testing.assert_array_equal(s, p_)
+
+
+# ------------------------------------------------------------ exactness, aliasing, dtypes
+
+OPTIMIZER_CASES = [
+    ("sgd_step", dict(buf=True, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2, l1=1e-3)),
+    ("sgd_step", dict(buf=False, lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0, l1=0.0)),
+    ("adam_step", dict(step=7, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2,
+                       decoupled=False, l1=1e-3, vmax=True)),
+    ("adam_step", dict(step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2,
+                       decoupled=True, l1=0.0, vmax=False)),
+    ("rmsprop_step", dict(buf=True, lr=1e-2, rho=0.99, eps=1e-8, momentum=0.9,
+                          centered_mean=True, weight_decay=1e-2, l1=1e-3)),
+    ("rmsprop_step", dict(buf=False, lr=1e-2, rho=0.99, eps=1e-8, momentum=0.0,
+                          centered_mean=False, weight_decay=0.0, l1=0.0)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel, hp", OPTIMIZER_CASES)
+def test_optimizers_equal_the_reference_bit_for_bit(kernel, hp, dtype):
+    """Same operations in the same order, scalars cast as NumPy casts them, no
+    FMA contraction: the results are identical, not only close."""
+    rng = np.random.default_rng(9)
+    n = 1003
+    args = {"p": rng.standard_normal(n).astype(dtype), "g": rng.standard_normal(n).astype(dtype)}
+    if kernel == "adam_step":
+        args["m"] = rng.standard_normal(n).astype(dtype)
+        args["v"] = np.abs(rng.standard_normal(n)).astype(dtype)
+    if kernel == "rmsprop_step":
+        args["sq"] = (np.abs(rng.standard_normal(n)) + 2).astype(dtype)
+    for name, value in hp.items():
+        if value is True and name in ("buf", "vmax", "centered_mean"):
+            value = np.abs(rng.standard_normal(n)).astype(dtype)
+        elif value is False and name in ("buf", "vmax", "centered_mean"):
+            value = None
+        args[name] = value
+    mine = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in args.items()}
+    getattr(ref, kernel)(**args)
+    getattr(nb, kernel)(**mine)
+    for name, value in args.items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(mine[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("act", ref.ACTIVATIONS)
+def test_backward_in_place_into_z_or_y(act):
+    """``out`` may be the array the derivative is taken from."""
+    rng = np.random.default_rng(10)
+    z = (rng.standard_normal((33, 31)) * 3).astype(np.float32)
+    y = np.empty_like(z)
+    ref.activation_forward(act, z, y)
+    dy = rng.standard_normal(z.shape).astype(np.float32)
+    expected = np.empty_like(z)
+    ref.activation_backward(act, dy, z, y, expected)
+    if act == "gelu":   # the float32 reference is not accurate enough there (see above)
+        ref.activation_backward(act, dy.astype(np.float64), z.astype(np.float64), None,
+                                d64 := np.empty(z.shape))
+        expected = d64.astype(np.float32)
+    src = (y if act in ref.Y_ACTIVATIONS else z).copy()
+    args = dict(z=None, y=src) if act in ref.Y_ACTIVATIONS else dict(z=src, y=None)
+    nb.activation_backward(act, dy, out=src, **args)
+    assert_close(src, expected, np.float32)
+
+
+@pytest.mark.parametrize("label_dtype", [np.int8, np.uint16, np.int32, np.uint64, np.intp])
+def test_labels_of_any_integer_dtype(label_dtype):
+    rng = np.random.default_rng(11)
+    logits = rng.standard_normal((17, 5)).astype(np.float32)
+    labels = rng.integers(0, 5, 17).astype(label_dtype)
+    before = labels.copy()
+    expected_grad, grad = np.empty_like(logits), np.empty_like(logits)
+    expected = ref.softmax_cross_entropy(logits, labels, expected_grad)
+    loss = nb.softmax_cross_entropy(logits, labels, grad)
+    assert type(loss) is float
+    assert loss == pytest.approx(expected, rel=1e-6)
+    assert_close(grad, expected_grad, np.float32, reduction=5)
+    np.testing.assert_array_equal(labels, before)
+
+
+def test_read_only_inputs():
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((8, 5)).astype(np.float32)
+    w = rng.standard_normal((5, 3)).astype(np.float32)
+    b = rng.standard_normal(3).astype(np.float32)
+    for a in (x, w, b):
+        a.setflags(write=False)
+    out, expected = np.empty((8, 3), np.float32), np.empty((8, 3), np.float32)
+    nb.dense_forward(x, w, b, "tanh", out)
+    ref.dense_forward(x, w, b, "tanh", expected)
+    assert_close(out, expected, np.float32, reduction=5)
+    y = np.empty_like(x)
+    nb.activation_forward("sigmoid", x, y)
+    ref.activation_forward("sigmoid", x, expected := np.empty_like(x))
+    assert_close(y, expected, np.float32)
+
+
+# ------------------------------------------------------------ cache folder
+
+def test_cache_dir_setting_rules(tmp_path):
+    pkg = str(tmp_path / "pkg")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    assert nb._cache_dir_setting(pkg, env, writable=lambda p: True) is None
+    assert nb._cache_dir_setting(pkg, env, writable=lambda p: False) == \
+        os.path.join(str(tmp_path / "xdg"), "fastnn", "numba")
+    home = {"HOME": str(tmp_path / "home")}
+    assert nb._cache_dir_setting(pkg, home, writable=lambda p: False).startswith(
+        os.path.expanduser("~"))
+    user = {"NUMBA_CACHE_DIR": str(tmp_path / "mine"), **env}
+    assert nb._cache_dir_setting(pkg, user, writable=lambda p: False) is None
+
+
+def test_dir_writable_sees_a_failing_write(tmp_path, monkeypatch):
+    assert nb._dir_writable(str(tmp_path / "cache"))
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(nb.tempfile, "TemporaryFile", refuse)
+    assert not nb._dir_writable(str(tmp_path / "cache"))
+
+
+def test_unwritable_package_caches_in_user_folder(tmp_path):
+    """A fresh process where writing into the package's __pycache__ fails
+    (injected; root ignores permissions): kernels compile and are cached
+    under $XDG_CACHE_HOME/fastnn/numba."""
+    code = textwrap.dedent("""
+        import os, tempfile
+        import fastnn.kernels as k
+        pkg_cache = os.path.join(os.path.dirname(os.path.abspath(k.__file__)), "__pycache__")
+        real = tempfile.TemporaryFile
+        def guarded(*args, dir=None, **kwargs):
+            if dir is not None and os.path.abspath(dir) == pkg_cache:
+                raise PermissionError("read-only package folder")
+            return real(*args, dir=dir, **kwargs)
+        tempfile.TemporaryFile = guarded
+        import numpy as np
+        from fastnn.kernels import numba_cpu as nb
+        z = np.linspace(-3, 3, 11, dtype=np.float32)
+        out = np.empty_like(z)
+        nb.activation_forward("relu", z, out)
+        print(os.environ["NUMBA_CACHE_DIR"])
+        print(nb.cache_dir())
+    """)
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    env.pop("NUMBA_CACHE_DIR", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    expected = os.path.join(str(tmp_path), "fastnn", "numba")
+    assert proc.stdout.split() == [expected, expected]
+    cached = [f for _, _, files in os.walk(expected) for f in files if f.endswith(".nbi")]
+    assert cached, "nothing was cached in the user folder"
+
+
+# ------------------------------------------------------------ threads
+
+def test_concurrent_calls_from_python_threads(tmp_path):
+    """Parallel kernels from four Python threads at once. numba's workqueue
+    layer aborts the process here ("Concurrent access"); the omp layer we
+    select does not. Run in a fresh process so that an abort fails the test."""
+    code = textwrap.dedent("""
+        import threading
+        import numpy as np
+        from fastnn.kernels import numba_cpu as nb, reference as ref
+        nb.PARALLEL_MIN.update({k: 1 for k in nb.PARALLEL_MIN})
+        nb.set_num_threads(2)
+        z = np.linspace(-5, 5, 50_001, dtype=np.float32)
+        expected = np.empty_like(z)
+        ref.activation_forward("tanh", z, expected)
+        errors = []
+        def work():
+            out = np.empty_like(z)
+            for _ in range(200):
+                nb.activation_forward("tanh", z, out)
+            errors.append(float(np.abs(out - expected).max()))
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads: t.start()
+        for t in threads: t.join()
+        assert max(errors) < 1e-6, errors
+        print(nb.threading_layer())
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
