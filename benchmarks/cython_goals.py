@@ -3,6 +3,7 @@ print a table with pass/fail, the numba backend alongside where it exists.
 
     python benchmarks/cython_goals.py               # every goal (about 2 minutes)
     python benchmarks/cython_goals.py --quick       # fewer repeats
+    python benchmarks/cython_goals.py --only dense,process
     python benchmarks/cython_goals.py --thresholds  # serial vs parallel by size (the
                                                     # measurement behind PAR_MIN_*)
 
@@ -300,6 +301,8 @@ def main():
     ap.add_argument("--thresholds", action="store_true",
                     help="only measure serial vs parallel by size")
     ap.add_argument("--no-numba", action="store_true", help="leave the numba backend out")
+    ap.add_argument("--only", default="dense,optim,loss,act,process",
+                    help="comma-separated sections (default: all): dense,optim,loss,act,process")
     args = ap.parse_args()
     repeats = 3 if args.quick else 7
     try:
@@ -319,11 +322,14 @@ def main():
     else:
         print("numba backend: compared in the last column (same ratio, its kernel)")
     table = Table()
-    dense_goals(table, nb, repeats)
-    optimizer_goals(table, nb, repeats)
-    loss_goals(table, nb, repeats)
-    activation_goals(table, nb, repeats)
-    process_goals(table, repeats)
+    only = set(args.only.split(","))
+    for name, run in (("dense", lambda: dense_goals(table, nb, repeats)),
+                      ("optim", lambda: optimizer_goals(table, nb, repeats)),
+                      ("loss", lambda: loss_goals(table, nb, repeats)),
+                      ("act", lambda: activation_goals(table, nb, repeats)),
+                      ("process", lambda: process_goals(table, repeats))):
+        if name in only:
+            run()
     table.summary()
     return 0
 
