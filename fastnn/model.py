@@ -81,6 +81,7 @@ class _Plan:
         self.ys, self.zs, self.deltas = ys, zs, deltas
         self.logits = ys[-1]
         self.step = None
+        self.step_state = None
         self.short = {}
 
     def view(self, n):
@@ -400,6 +401,16 @@ class Sequential:
         if optimizer:
             self.optimizer._check_flat(self._params, self._grads)
 
+    def _step_for(self, be, plan):
+        """The plan's training step, made once per plan and optimizer state (a
+        step closes over the state buffers, which ``reset`` or ``load`` replace)."""
+        state = self.optimizer._states[0]
+        if plan.step is None or plan.step_state is not state:
+            plan.step = self._make_step(be, plan, self.optimizer._make_flat_step(
+                be, self._params, self._grads))
+            plan.step_state = state
+        return plan.step
+
     def _make_step(self, be, plan, opt_step):
         """The training step on ``plan``'s buffers: a closure over the kernels."""
         fwd = [(w, b, layer.activation, y, z)
@@ -537,10 +548,7 @@ class Sequential:
         batch = min(batch_size, n)
         plan = self._train_plan(be, batch)
         self._check_plan(plan, x[:batch], y[:batch])
-        if plan.step is None:
-            plan.step = self._make_step(be, plan, opt._make_flat_step(be, self._params,
-                                                                      self._grads))
-        full_step = plan.step
+        full_step = self._step_for(be, plan)
         rng = np.random.default_rng(seed) if seed is not None else self._rng
         classification = self.loss.classification
         count_correct = be.count_correct
@@ -574,10 +582,7 @@ class Sequential:
                     else:
                         stop = n
                         p = plan.view(n - start)
-                        if p.step is None:
-                            p.step = self._make_step(be, p, opt._make_flat_step(
-                                be, self._params, self._grads))
-                        step = p.step
+                        step = self._step_for(be, p)
                     yb = yd[start:stop]
                     nb = stop - start
                     total_loss += step(xd[start:stop], yb) * nb

@@ -663,3 +663,16 @@ def test_losses_by_name_and_object():
     model = fn.Sequential([fn.Dense(2)], input_dim=3)
     model.compile(fn.losses.SoftmaxCrossEntropy(), fn.SGD(0.1))
     assert model.loss.name == "softmax_cross_entropy"
+
+
+def test_optimizer_reset_between_fits():
+    """A step closes over the optimizer's state buffers: after ``reset`` it must
+    use the new ones."""
+    x, y = _blobs(n=40)
+    model = fn.Sequential([fn.Dense(4, "relu"), fn.Dense(3)], input_dim=8, seed=0)
+    model.compile("softmax_cross_entropy", "adam")
+    model.fit(x, y, epochs=1, batch_size=10, verbose=0)
+    model.optimizer.reset()
+    model.fit(x, y, epochs=1, batch_size=10, verbose=0)
+    assert model.optimizer.iterations == 4
+    assert np.any(model.optimizer._state_arrays()["m"] != 0)
