@@ -17,9 +17,12 @@ BACKENDS = benchmark_backends()
 
 
 def pytest_generate_tests(metafunc):
+    cases = quick_cases() if metafunc.config.getoption("--bench-quick") else all_cases()
     if "kcase" in metafunc.fixturenames:
-        cases = quick_cases() if metafunc.config.getoption("--bench-quick") else all_cases()
         metafunc.parametrize("kcase", cases, ids=[c.id for c in cases])
+    if "pcase" in metafunc.fixturenames:    # the cases with a probe
+        cases = [c for c in cases if c.probe is not None]
+        metafunc.parametrize("pcase", cases, ids=[c.id for c in cases])
 
 
 def _group(case):
@@ -37,9 +40,8 @@ def test_kernel(benchmark, kcase, backend):
     benchmark(fn)
 
 
-def test_probe(benchmark, kcase):
-    if kcase.probe is None:
-        pytest.skip("no probe for this kernel")
+def test_probe(benchmark, pcase):
+    kcase = pcase
     fn = probe(kcase)
     if fn is None:
         pytest.skip("the bandwidth floor needs numba")
