@@ -1115,7 +1115,10 @@ def fmt_time(s):
 
 
 def fmt_ratio(r):
-    return "" if r is None else f"{r:.2f}x"
+    """``1.23x``; two significant digits below 0.1 (``0.031x``)."""
+    if r is None:
+        return ""
+    return f"{r:.2f}x" if r >= 0.1 else f"{r:.2g}x"
 
 
 def fmt_probe(row):

@@ -187,6 +187,36 @@ def startup_table(rows):
                     f"{r.first_s:.2f} s", f"{r.total_s:.2f} s", r.kind] for r in rows])
 
 
+def summary_tables(kernel_rows, train_rows):
+    """Compact tables for a README: speed-ups over NumPy by backend in columns,
+    and training samples/s by contender in columns."""
+    out = []
+    backends = [b for b in _bench.BACKEND_ORDER if b != "numpy"
+                and any(r.backend == b for r in kernel_rows)]
+    if kernel_rows and backends:
+        cells = {}
+        for r in kernel_rows:
+            key = (r.name, r.shape, r.dtype)
+            cells.setdefault(key, {})[r.backend] = r
+        rows = []
+        for (name, shape, dtype), by in cells.items():
+            base = by.get("numpy")
+            rows.append([name, shape, dtype, _bench.fmt_time(base.seconds if base else None)]
+                        + [_bench.fmt_ratio(by[b].speedup) if b in by else "(reference)"
+                           for b in backends])
+        out.append(_table(["kernel", "shape", "dtype", "NumPy"] + backends, rows=rows,
+                          right=["NumPy"] + backends))
+    if train_rows:
+        names = list(dict.fromkeys(r.contender for r in train_rows))
+        by = {(r.batch, r.contender): r for r in train_rows}
+        rows = []
+        for batch in dict.fromkeys(r.batch for r in train_rows):
+            rows.append([batch] + [f"{by[batch, n].samples_per_s:,.0f}" if (batch, n) in by
+                                   else "" for n in names])
+        out.append(_table(["batch"] + names, rows=rows, right=["batch"] + names))
+    return out
+
+
 def render_report(info, kernel_rows, train_rows, start_rows, notes, fallbacks, repeats,
                   elapsed, command, spent=None):
     """report.md as a string."""
@@ -205,6 +235,13 @@ def render_report(info, kernel_rows, train_rows, start_rows, notes, fallbacks, r
         f"{elapsed:.0f} s{split}.", "",
         f"**Machine:** {_bench.machine_line(info)}.{load}", "",
     ]
+    summary = summary_tables(kernel_rows, train_rows)
+    if summary:
+        lines += ["## Summary", "",
+                  "Speed-ups over NumPy (its time in the NumPy column; *(reference)*: the "
+                  "backend runs the NumPy reference there); training in samples/s.", ""]
+        for t in summary:
+            lines += [t, ""]
     if kernel_rows:
         lines += [
             "## Kernels", "",
