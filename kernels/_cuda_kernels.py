@@ -22,6 +22,7 @@ Launch conventions (the wrappers keep them):
 * Row kernels (softmax, softmax cross-entropy) run one block per row.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -60,6 +61,22 @@ GELU_A = 0.044715
 
 _NB_TYPES = {np.dtype(np.float32): cuda.float32, np.dtype(np.float64): cuda.float64}
 _built = {}
+
+
+def _quiet(fn):
+    """``fn`` under ``np.errstate(all="ignore")``: simulated kernels compute
+    with NumPy scalars, which warn where a GPU silently gives IEEE results
+    (``inf - inf``, ``0 * inf``); NumPy's error state is per thread, so the
+    caller's does not reach the simulator's threads."""
+    @functools.wraps(fn)
+    def quiet(*args):
+        with np.errstate(all="ignore"):
+            return fn(*args)
+    return quiet
+
+
+#: The decorator of every kernel (``cuda.jit``; quiet under the simulator).
+kernel = (lambda fn: cuda.jit(_quiet(fn))) if SIMULATOR else cuda.jit
 
 
 def kernels(dtype):
@@ -251,21 +268,21 @@ def build(dtype):
 
     # ------------------------------------------------------------ elementwise
 
-    @cuda.jit
+    @kernel
     def fill(a, value):
         """``a[:] = value`` (1-D)."""
         start, stride = cuda.grid(1), cuda.gridsize(1)
         for i in range(start, a.size, stride):
             a[i] = value
 
-    @cuda.jit
+    @kernel
     def activation_forward(act, z, out):
         """``out = act(z)`` (1-D; ``out`` may be ``z``)."""
         start, stride = cuda.grid(1), cuda.gridsize(1)
         for i in range(start, out.size, stride):
             out[i] = act_forward(act, z[i])
 
-    @cuda.jit
+    @kernel
     def activation_backward(act, dy, z, y, out):
         """``out = dy * act'`` (1-D; ``out`` may be ``dy``; the unused one of
         ``z``, ``y`` may be any array)."""
@@ -273,7 +290,7 @@ def build(dtype):
         for i in range(start, out.size, stride):
             store_delta(dy[i], act, z, y, out, i)
 
-    @cuda.jit
+    @kernel
     def bias_activation(zin, b, act, out, preact, has_preact):
         """``dense_forward``'s epilogue after a cuBLAS GEMM (flat ``(m, n)``
         arrays, ``n = b.size``): ``z = zin + b``, ``preact = z``, ``out = act(z)``.
@@ -283,7 +300,7 @@ def build(dtype):
         for i in range(start, out.size, stride):
             store_forward(zin[i], b[i % n], act, out, preact, has_preact, i)
 
-    @cuda.jit
+    @kernel
     def column_sum(a, out):
         """``out = a.sum(0)`` for a 2-D ``a``: ``(CW, RW)`` threads per block,
         a column per x-lane, rows split over the y-lanes, then a shared-memory sum."""
@@ -308,7 +325,7 @@ def build(dtype):
 
     # ------------------------------------------------------------ GEMM
 
-    @cuda.jit
+    @kernel
     def gemm(a, b, ta, tb, epi, act, bias, out, preact, has_preact, z, y):
         """``C = op(a) @ op(b)`` with a fused epilogue; ``op(a) = a.T`` when
         ``ta`` (``a`` stored ``(k, m)``), else ``a`` (``(m, k)``); likewise
@@ -384,7 +401,7 @@ def build(dtype):
 
     # ------------------------------------------------------------ losses
 
-    @cuda.jit
+    @kernel
     def mean_of_partials(partials, count, divisor, result):
         """``result[0] = sum(partials[:count]) / divisor`` in float64, one block."""
         sh = cuda.shared.array(BLOCK, F64)
@@ -396,7 +413,7 @@ def build(dtype):
         if t == 0:
             result[0] = s / divisor
 
-    @cuda.jit
+    @kernel
     def softmax_cross_entropy(logits, labels, grad, partials):
         """One block per row ``i``: ``m``, ``s`` by shared-memory reductions,
         ``grad_i = (exp(z_i - m)/s - onehot) / batch`` and
@@ -416,7 +433,7 @@ def build(dtype):
         if t == 0:
             partials[i] = F64(math.log(s) - (logits[i, label] - m))
 
-    @cuda.jit
+    @kernel
     def softmax(z, out):
         """One block per row: ``out_i = exp(z_i - m) / s`` (``out`` may be ``z``)."""
         sh = cuda.shared.array(BLOCK, DT)
@@ -425,7 +442,7 @@ def build(dtype):
         for j in range(cuda.threadIdx.x, z.shape[1], BLOCK):
             out[i, j] = math.exp(z[i, j] - m) / s
 
-    @cuda.jit
+    @kernel
     def sigmoid_bce(z, t, grad, partials):
         """Grid-stride over flat arrays: ``grad = (sigmoid(z) - t) / n``;
         ``partials[block]`` = block sum of ``softplus(z) - z*t`` in float64."""
@@ -442,7 +459,7 @@ def build(dtype):
         if cuda.threadIdx.x == 0:
             partials[cuda.blockIdx.x] = s
 
-    @cuda.jit
+    @kernel
     def mse(pred, target, grad, scale, partials):
         """Grid-stride over flat arrays: ``d = pred - target``;
         ``grad = d*scale`` (``scale = 2/n``; ``grad`` may be ``pred``);
@@ -458,7 +475,7 @@ def build(dtype):
         if cuda.threadIdx.x == 0:
             partials[cuda.blockIdx.x] = s
 
-    @cuda.jit
+    @kernel
     def count_correct(logits, labels, partials):
         """Rows whose prediction equals the label (``partials[block]`` = the
         block's count): ``argmax == label`` (first maximum, NaN counting as
@@ -487,7 +504,7 @@ def build(dtype):
 
     # ------------------------------------------------------------ optimizers
 
-    @cuda.jit
+    @kernel
     def sgd(p, g, buf, lr, momentum, nesterov, wd, l1):
         """``g' = g + wd*p + l1*sign(p)``; with ``momentum > 0``
         ``buf = momentum*buf + g'``, ``d = g' + momentum*buf`` (Nesterov) or
@@ -502,7 +519,7 @@ def build(dtype):
                 d = d + momentum * bv if nesterov else bv
             p[i] = pv - lr * d
 
-    @cuda.jit
+    @kernel
     def adam(p, g, m, v, vmax, has_vmax, wd, l1, decay, has_decay,
              beta1, c1, beta2, c2, bc2_sqrt, eps, step_size):
         """Adam / AdamW / AMSGrad: ``g' = g + wd*p + l1*sign(p)`` (``wd = 0``
@@ -527,7 +544,7 @@ def build(dtype):
             den = math.sqrt(vv) / bc2_sqrt + eps
             p[i] = pv - mv / den * step_size
 
-    @cuda.jit
+    @kernel
     def rmsprop(p, g, sq, buf, cm, lr, rho, c, eps, momentum, centered, wd, l1):
         """``g' = g + wd*p + l1*sign(p)``; ``sq = rho*sq + c*g'^2`` (``c = 1-rho``);
         centered: ``cm = rho*cm + c*g'``, ``den = sqrt(sq - cm^2) + eps``, else

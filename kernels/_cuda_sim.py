@@ -8,15 +8,11 @@ device arrays by that interface and reads device labels back with
 ``as_cuda_array``, so without this shim a simulated device array could not pass
 the gate, and a model on the cuda backend could not run under the simulator.
 
-``install(cuda)`` adds the three (and silences NumPy's RuntimeWarnings from
-simulated kernels), only when the simulator is active and only
+``install(cuda)`` adds the three, only when the simulator is active and only
 where they are missing. The interface describes the wrapped host buffer, so
 the gate's overlap checks see the real addresses. It is applied once by
 ``fastnn.kernels.cuda`` when it finds the simulator.
 """
-
-import warnings
-
 
 def _interface(self):
     """``__cuda_array_interface__`` (version 3) of a simulated device array."""
@@ -37,12 +33,6 @@ def install(cuda):
     ``as_cuda_array``/``is_cuda_array`` to the simulator's ``cuda`` module,
     where missing."""
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
-
-    # Simulated kernels compute with NumPy scalars, which warn where a GPU
-    # silently gives IEEE results (inf - inf, 0 * inf); NumPy's errstate is
-    # per thread and does not reach the simulator's threads.
-    warnings.filterwarnings("ignore", category=RuntimeWarning,
-                            module=r"fastnn\.kernels\._cuda_kernels")
 
     if "__cuda_array_interface__" not in FakeCUDAArray.__dict__:
         FakeCUDAArray.__cuda_array_interface__ = property(_interface)

@@ -136,10 +136,9 @@ def _ready():
 def info():
     """Lines for ``python -m fastnn info``: device, GEMM engine, versions."""
     ok, reason = available()
-    out = {"available": ok}
     if not ok:
-        out["reason"] = reason
-        return out
+        return {"reason": reason}
+    out = {}
     from importlib.metadata import PackageNotFoundError, version
 
     for pkg in ("numba-cuda", "cupy-cuda12x"):

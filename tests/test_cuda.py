@@ -277,6 +277,7 @@ def test_dense_device_and_numpy_paths(dtype, act):
 
 
 @needs_cuda
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the reference on inf and NaN
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", R.ACTIVATIONS)
 def test_elementwise_in_place(dtype, act):
