@@ -43,6 +43,7 @@ else:
     BK = 16
     CW, RW = 32, 8
 BM = TS * R                      # GEMM block tile: BM x BM outputs
+BM_PAD = BM + 1                  # shared tile row length: stores along k hit distinct banks
 LOADS = (BM * BK) // (TS * TS)   # tile elements each thread loads per operand
 assert LOADS * TS * TS == BM * BK
 
@@ -335,8 +336,8 @@ def build(dtype):
         the flat ``(m, n)`` arrays of the epilogue ``epi``:
         ``EPI_STORE`` ``out = C``; ``EPI_FORWARD`` ``store_forward``
         (bias ``bias``); ``EPI_DELTA`` ``store_delta``."""
-        As = cuda.shared.array((BK, BM), DT)
-        Bs = cuda.shared.array((BK, BM), DT)
+        As = cuda.shared.array((BK, BM_PAD), DT)
+        Bs = cuda.shared.array((BK, BM_PAD), DT)
         acc = cuda.local.array((R, R), DT)
         tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
         tid = ty * TS + tx
