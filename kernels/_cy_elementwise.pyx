@@ -17,12 +17,16 @@ from _cy_math cimport (
 #: True when this extension was compiled with OpenMP.
 OPENMP = bool(FASTNN_OPENMP)
 
-# Parallel thresholds in elements, measured on 2 cores (benchmarks/cython_goals.py
-# --thresholds): a parallel region costs ~5-15 us (threads asleep after
-# GOMP_SPINCOUNT=1000), which a cheap (memory-bound) loop earns back only above
-# ~256 k elements and a transcendental one (~1-2 ns/element) above ~16 k.
-cdef Py_ssize_t PAR_MIN_CHEAP = 1 << 18
-cdef Py_ssize_t PAR_MIN_TRANS = 1 << 14
+# Parallel thresholds in elements, measured on the 2-core development machine
+# (benchmarks/cython_goals.py --thresholds; best of 100-400 samples, as it was
+# shared with other jobs). A parallel region costs ~2-3 us when the other core
+# is free (libgomp wakes a sleeping thread: GOMP_SPINCOUNT=1000). relu backward
+# at 16 k elements: 2.3 us serial, 2.6 us parallel; at 131 k: 11.6 us vs 6.8 us;
+# so a cheap (memory-bound, ~0.08 ns/element) loop goes parallel from 64 k.
+# sigmoid (~2 ns/element) at 16 k: 34 us serial, 18 us parallel: a
+# transcendental loop goes parallel from 8 k.
+cdef Py_ssize_t PAR_MIN_CHEAP = 1 << 16
+cdef Py_ssize_t PAR_MIN_TRANS = 1 << 13
 cdef int _num_threads = 1
 
 

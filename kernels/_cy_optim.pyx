@@ -20,9 +20,10 @@ from _cy_math cimport FASTNN_OPENMP, chunk_step, n_chunks
 OPENMP = bool(FASTNN_OPENMP)
 
 # Parallel threshold in elements (benchmarks/cython_goals.py --thresholds): an
-# optimizer loop costs ~1-2 ns/element in SSE2 (sqrt, division) and streams
-# 5-8 arrays, so two threads pay off from ~32 k elements.
-cdef Py_ssize_t PAR_MIN_OPT = 1 << 15
+# optimizer loop costs ~1.5 ns/element serially in SSE2 (sqrt, division); Adam
+# at 16 k elements took 24 us serial and 14 us on 2 threads (best of 150 samples),
+# so two threads pay off from 16 k.
+cdef Py_ssize_t PAR_MIN_OPT = 1 << 14
 cdef int _num_threads = 1
 
 

@@ -145,10 +145,10 @@ def test_activation_sweep_against_reference(act, dtype):
 def forced_threads():
     """Run with 3 threads in every extension (uneven chunks) and parallel
     thresholds set by the test; restore both afterwards."""
-    saved = (_cy_elementwise._set_parallel_min(1 << 18, 1 << 14),
-             _cy_dense._set_parallel_min(1 << 18, 1 << 14),
-             _cy_loss._set_parallel_min(1 << 18, 1 << 14),
-             _cy_optim._set_parallel_min(1 << 15))
+    saved = (_cy_elementwise._set_parallel_min(1 << 16, 1 << 13),
+             _cy_dense._set_parallel_min(1 << 16, 1 << 13),
+             _cy_loss._set_parallel_min(1 << 16, 1 << 13),
+             _cy_optim._set_parallel_min(1 << 14))
 
     def set_mode(parallel):
         lo = 1 if parallel else 1 << 60
