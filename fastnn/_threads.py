@@ -29,12 +29,23 @@ def get_num_threads():
     return _num_threads if _num_threads is not None else cpu_count()
 
 
+def _load_scipy_blas():
+    """Load SciPy's BLAS (its own OpenBLAS, which the cython and numba backends
+    call) so that threadpoolctl sizes it now: a BLAS library loaded after
+    ``threadpool_limits`` keeps its default thread count. Costs ~0.15 s once."""
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401
+    except ImportError:
+        pass
+
+
 def _apply_to_loaded_pools(n):
     """Size the pools that are loaded now; backends loaded later read
     ``get_num_threads()`` when they load."""
     global _blas_limiter
     from threadpoolctl import threadpool_limits
 
+    _load_scipy_blas()
     _blas_limiter = threadpool_limits(limits=n)
     for mod_name in ("fastnn.kernels.cython_cpu", "fastnn.kernels.numba_cpu"):
         mod = sys.modules.get(mod_name)
