@@ -139,6 +139,8 @@ def run(args):
     print(f"data: {source}; {opt!r}; batch "
           f"{args.batch_size}; {args.dtype}; backend {backend}; "
           f"{fn.get_num_threads()} threads")
+    if not args.quiet:
+        print("val_loss / val_accuracy: the test split, evaluated after each epoch")
     verbose = 0 if args.quiet else (1 if sys.stderr.isatty() else 2)
     t0 = time.perf_counter()
     history = model.fit(x, y, epochs=args.epochs, batch_size=args.batch_size,

@@ -1,18 +1,14 @@
 """Losses for ``Sequential.compile``: by name or as objects.
 
-=================================  ===========================  ===================
-name (aliases)                     last layer, targets ``y``    ``predict`` returns
-=================================  ===========================  ===================
-``softmax_cross_entropy``          ``Dense(k)``, k >= 2;        softmax
-(``sparse_categorical_crossentropy``,  integer class indices
-``cross_entropy``)                 ``(n,)`` in ``[0, k)``
-``sigmoid_binary_cross_entropy``   ``Dense(1)``; ``y`` in       sigmoid, ``(n, 1)``
-(``binary_crossentropy``, ``bce``) ``[0, 1]``, ``(n,)`` or
-                                   ``(n, 1)``, any real dtype
-``mse``                            ``Dense(k)``; ``y`` real     the outputs
-(``mean_squared_error``)           ``(n, k)`` (or ``(n,)`` when
-                                   k == 1)
-=================================  ===========================  ===================
+* ``softmax_cross_entropy`` (aliases ``sparse_categorical_crossentropy``,
+  ``cross_entropy``): last layer ``Dense(k)`` with k >= 2; ``y`` integer
+  class indices of shape ``(n,)`` in ``[0, k)``; ``predict`` returns the
+  softmax.
+* ``sigmoid_binary_cross_entropy`` (``binary_crossentropy``, ``bce``): last
+  layer ``Dense(1)``; ``y`` in ``[0, 1]`` of shape ``(n,)`` or ``(n, 1)``,
+  any real dtype; ``predict`` returns the sigmoid, ``(n, 1)``.
+* ``mse`` (``mean_squared_error``): last layer ``Dense(k)``; ``y`` real of
+  shape ``(n, k)`` (or ``(n,)`` when k == 1); ``predict`` returns the outputs.
 
 The formulas are the kernels' (``fastnn.kernels.reference``): the mean over
 the batch of ``log(sum_j exp(z_j)) - z_label`` (softmax cross-entropy), of
