@@ -106,7 +106,7 @@ def build(dtype):
     F = dtype.type
     DT = _NB_TYPES[dtype]
     F64 = cuda.float64
-    ZERO, ONE, HALF, TWO = F(0), F(1), F(0.5), F(2)
+    ZERO, ONE, TWO = F(0), F(1), F(2)
     SLOPE = F(LEAKY_SLOPE)
     GC, GA, GA3 = F(GELU_C), F(GELU_A), F(3 * GELU_A)
     NEG_INF = F(-np.inf)
@@ -147,9 +147,19 @@ def build(dtype):
         return math.log1p(math.exp(-abs(z))) + maximum(z, ZERO)
 
     @cuda.jit(device=True)
-    def gelu_tanh(z):
-        """``tanh(c*(z + a*z^3))``, evaluated as ``tanh(((a*z*z + 1)*z)*c)``."""
-        return math.tanh((z * z * GA + ONE) * z * GC)
+    def gelu_halves(z):
+        """``(s, q) = ((1 + t)/2, (1 - t)/2)`` for ``t = tanh(u)``,
+        ``u = c*(z + a*z^3)`` (evaluated as ``((a*z*z + 1)*z)*c``), i.e.
+        ``s = sigmoid(2u)``, ``q = sigmoid(-2u)``, from one ``e = exp(-2|u|)``.
+        Written so, GELU and its derivative keep their relative accuracy in
+        the negative tail, where ``1 + t`` cancels (the float32 reference's
+        ``t + 1`` there is off by up to ~1e-6 absolute, for values ~1e-7)."""
+        u = (z * z * GA + ONE) * z * GC
+        e = math.exp(-TWO * abs(u))
+        r = ONE / (ONE + e)
+        if u >= ZERO:
+            return r, e * r
+        return e * r, r
 
     @cuda.jit(device=True)
     def act_forward(act, z):
@@ -165,7 +175,9 @@ def build(dtype):
         if act == 4:
             return maximum(z, z * SLOPE)
         if act == 5:
-            return (gelu_tanh(z) + ONE) * z * HALF
+            # 0.5*z*(1 + tanh(u)) = z*s
+            s, q = gelu_halves(z)
+            return z * s
         if act == 6:
             return z * sigmoid(z)
         return softplus(z)
@@ -187,10 +199,10 @@ def build(dtype):
         if act == 4:
             return ONE if z > ZERO else SLOPE
         if act == 5:
-            # 0.5*(1+t) + 0.5*z*(1-t^2)*c*(1 + 3a*z^2)
-            t = gelu_tanh(z)
-            inner = (z * z * GA3 + ONE) * GC * z * (ONE - t * t)
-            return (t + ONE + inner) * HALF
+            # 0.5*(1+t) + 0.5*z*(1-t^2)*c*(1 + 3a*z^2), with 1+t = 2s and
+            # 1-t^2 = 4*s*q: s*(1 + 2*z*q*c*(1 + 3a*z^2))
+            s, q = gelu_halves(z)
+            return s * (ONE + TWO * z * q * GC * (z * z * GA3 + ONE))
         if act == 6:
             s = sigmoid(z)
             return ((ONE - s) * z + ONE) * s
