@@ -12,7 +12,7 @@ an inline range function; the others are vectorized selects in the loop.
 
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport pow, sqrt
+from libc.math cimport pow, sqrt, sqrtf
 
 from _cy_math cimport FASTNN_OPENMP, chunk_step, n_chunks
 
@@ -61,6 +61,15 @@ cdef inline floating regularized(floating p, floating g, floating wd, floating l
     s = s if p != zero else p        # sign(0) = 0, sign(NaN) = NaN
     a = g + l1 * s
     return a if use_l1 else g
+
+
+cdef inline floating fsqrt(floating x) noexcept nogil:
+    """``sqrt`` in the dtype's precision (``sqrtf`` for float32: libm's ``sqrt``
+    would promote the whole float32 expression to double)."""
+    if floating is float:
+        return sqrtf(x)
+    else:
+        return sqrt(x)
 
 
 # ------------------------------------------------------------------ SGD
@@ -132,7 +141,7 @@ cdef inline void adam_range(floating* p, const floating* g, floating* m, floatin
             vm = vm if vm != vm else t          # NaN propagates, as np.maximum
             vmax[i] = vm
             vi = vm
-        p[i] = pi - (mi / (sqrt(vi) * inv_bc2 + eps)) * step_size
+        p[i] = pi - (mi / (fsqrt(vi) * inv_bc2 + eps)) * step_size
 
 
 cdef void adam_chunk(floating* p, const floating* g, floating* m, floating* v,
@@ -183,7 +192,7 @@ cdef inline void rmsprop_range(floating* p, const floating* g, floating* sq, flo
             a = cm[i] * rho + c2 * gp
             cm[i] = a
             s = s - a * a
-        q = gp / (sqrt(s) + eps)
+        q = gp / (fsqrt(s) + eps)
         if momentum:
             q = buf[i] * mom + q
             buf[i] = q
