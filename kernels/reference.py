@@ -65,15 +65,24 @@ def _sigmoid(z, out):
     return out
 
 
-def _gelu_inner_tanh(z):
-    """``tanh(c*(z + a*z^3))`` of the tanh-form GELU, in a new array."""
-    t = z * z
-    t *= GELU_A
-    t += 1
-    t *= z
-    t *= GELU_C
-    np.tanh(t, out=t)
-    return t
+def _gelu_halves(z):
+    """``s = sigmoid(2u)`` and ``q = sigmoid(-2u) = 1 - s`` for the tanh-form
+    GELU, ``u = c*(z + a*z^3)``, as new arrays.
+
+    ``0.5*(1 + tanh(u))`` equals ``s``; computing it as a sigmoid avoids the
+    cancellation of ``1 + tanh(u)`` when ``tanh(u)`` is near -1 (float32 GELU
+    and its derivative for z in [-6, -3]), and ``q`` keeps ``1 - tanh(u)^2 =
+    4*s*q`` accurate where ``tanh(u)`` is near +-1.
+    """
+    u = z * z
+    u *= GELU_A
+    u += 1
+    u *= z
+    u *= 2 * GELU_C
+    s = _sigmoid(u, np.empty_like(z))
+    np.negative(u, out=u)
+    q = _sigmoid(u, u)
+    return s, q
 
 
 def activation_forward(act, z, out):
@@ -89,7 +98,8 @@ def activation_forward(act, z, out):
         * leaky_relu: ``z`` if ``z > 0`` else ``0.01*z``
         * sigmoid: ``1 / (1 + exp(-z))``
         * tanh: ``tanh(z)``
-        * gelu (tanh form): ``0.5*z*(1 + tanh(sqrt(2/pi)*(z + 0.044715*z^3)))``
+        * gelu (tanh form): ``0.5*z*(1 + tanh(u))``, ``u = sqrt(2/pi)*(z + 0.044715*z^3)``,
+          computed as ``z*sigmoid(2u)``
         * silu: ``z*sigmoid(z)``
         * softplus: ``log1p(exp(-|z|)) + max(z, 0)``
     z : ndarray, float32 or float64
@@ -112,10 +122,9 @@ def activation_forward(act, z, out):
     elif act == "tanh":
         np.tanh(z, out=out)
     elif act == "gelu":
-        t = _gelu_inner_tanh(z)
-        t += 1
-        t *= z
-        np.multiply(t, 0.5, out=out)
+        # 0.5*z*(1 + tanh(u)) = z*sigmoid(2u)
+        s, _ = _gelu_halves(z)
+        np.multiply(z, s, out=out)
     elif act == "silu":
         s = _sigmoid(z, np.empty_like(z))
         np.multiply(z, s, out=out)
@@ -143,18 +152,18 @@ def _derivative(act, z, y):
     if act == "leaky_relu":
         return np.where(z > 0, 1, LEAKY_SLOPE).astype(z.dtype)
     if act == "gelu":
-        # d/dz = 0.5*(1+t) + 0.5*z*(1-t^2)*c*(1 + 3a*z^2)
-        t = _gelu_inner_tanh(z)
-        inner = z * z
-        inner *= 3 * GELU_A
-        inner += 1
-        inner *= GELU_C
-        inner *= z
-        inner *= 1 - t * t
-        t += 1
-        t += inner
-        t *= 0.5
-        return t
+        # d/dz = 0.5*(1+t) + 0.5*z*(1-t^2)*c*(1 + 3a*z^2), t = tanh(u);
+        # with 0.5*(1+t) = s and 1-t^2 = 4*s*q: s*(1 + 2*z*q*c*(1 + 3a*z^2))
+        s, q = _gelu_halves(z)
+        d = z * z
+        d *= 3 * GELU_A
+        d += 1
+        d *= 2 * GELU_C
+        d *= z
+        d *= q
+        d += 1
+        d *= s
+        return d
     if act == "silu":
         # d/dz = s*(1 + z*(1-s)), s = sigmoid(z)
         s = _sigmoid(z, np.empty_like(z))
