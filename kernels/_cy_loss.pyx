@@ -51,22 +51,26 @@ def _set_parallel_min(Py_ssize_t cheap, Py_ssize_t trans):
 
 
 cdef inline floating row_max(const floating* z, Py_ssize_t n) noexcept nogil:
-    """``max(z[:n])`` with four partial maxima (NaN ignored here; it reaches
-    the result through ``exp(z - m)`` as in the reference)."""
-    cdef floating m0 = z[0], m1 = z[0], m2 = z[0], m3 = z[0]
-    cdef Py_ssize_t j = 0
-    while j + 4 <= n:
-        m0 = z[j] if z[j] > m0 else m0
-        m1 = z[j + 1] if z[j + 1] > m1 else m1
-        m2 = z[j + 2] if z[j + 2] > m2 else m2
-        m3 = z[j + 3] if z[j + 3] > m3 else m3
-        j += 4
+    """``max(z[:n])`` with eight partial maxima that the compiler turns into
+    vector max instructions (NaN is ignored here; it reaches the result through
+    ``exp(z - m)`` as in the reference)."""
+    cdef floating acc[8]
+    cdef floating m, v
+    cdef Py_ssize_t j = 0, l
+    for l in range(8):
+        acc[l] = z[0]
+    while j + 8 <= n:
+        for l in range(8):
+            v = z[j + l]
+            acc[l] = v if v > acc[l] else acc[l]
+        j += 8
+    m = acc[0]
+    for l in range(1, 8):
+        m = acc[l] if acc[l] > m else m
     while j < n:
-        m0 = z[j] if z[j] > m0 else m0
+        m = z[j] if z[j] > m else m
         j += 1
-    m0 = m1 if m1 > m0 else m0
-    m2 = m3 if m3 > m2 else m2
-    return m2 if m2 > m0 else m0
+    return m
 
 
 cdef inline floating exp_shifted_row(const floating* z, floating* e, Py_ssize_t n) noexcept nogil:
