@@ -362,7 +362,7 @@ def plot_speedups(kernel_rows, train_rows, path, title="fastnn speed-up over Num
         ax.set_xscale("log")
         ax.set_xlim(min(values + [1.0]) / 1.7, max(values + [1.0]) * 2.3)
         ax.set_ylim(y - gap_in / bar_in + 0.5, -0.6)
-        ax.axvline(1.0, color="#444444", lw=1, ls="--")
+        ax.axvline(1.0, color="#444444", lw=1, ls="--", zorder=0.5)
         ax.set_yticks(ticks)
         ax.set_yticklabels(ticklabels, fontsize=8.5)
         ax.tick_params(axis="y", length=0)
