@@ -22,8 +22,8 @@ OPENMP = bool(FASTNN_OPENMP)
 
 # Parallel thresholds of the epilogues, in output elements (the same measured
 # figures as _cy_elementwise: benchmarks/cython_goals.py --thresholds).
-cdef Py_ssize_t PAR_MIN_CHEAP = 1 << 16
-cdef Py_ssize_t PAR_MIN_TRANS = 1 << 13
+cdef Py_ssize_t PAR_MIN_CHEAP = 1 << 17
+cdef Py_ssize_t PAR_MIN_TRANS = 1 << 14
 cdef int _num_threads = 1
 
 

@@ -17,16 +17,16 @@ from _cy_math cimport (
 #: True when this extension was compiled with OpenMP.
 OPENMP = bool(FASTNN_OPENMP)
 
-# Parallel thresholds in elements, measured on the 2-core development machine
-# (benchmarks/cython_goals.py --thresholds; best of 100-400 samples, as it was
-# shared with other jobs). A parallel region costs ~2-3 us when the other core
-# is free (libgomp wakes a sleeping thread: GOMP_SPINCOUNT=1000). relu backward
-# at 16 k elements: 2.3 us serial, 2.6 us parallel; at 131 k: 11.6 us vs 6.8 us;
-# so a cheap (memory-bound, ~0.08 ns/element) loop goes parallel from 64 k.
-# sigmoid (~2 ns/element) at 16 k: 34 us serial, 18 us parallel: a
-# transcendental loop goes parallel from 8 k.
-cdef Py_ssize_t PAR_MIN_CHEAP = 1 << 16
-cdef Py_ssize_t PAR_MIN_TRANS = 1 << 13
+# Parallel thresholds in elements, measured on the 2-core development machine (a
+# VM shared with other jobs; benchmarks/cython_goals.py --thresholds). Waking the
+# OpenMP worker (asleep after GOMP_SPINCOUNT=1000 spins) costs ~2-3 us when the
+# other core is free, but 50-100 us (median) when other processes keep it busy.
+# Serial costs: relu ~0.1-0.2 ns/element (memory-bound), sigmoid ~2-4 ns, so a
+# region must save at least a few tens of microseconds: cheap loops go parallel
+# from 128 k elements (relu backward at 131 k: 11.6 us serial, 6.8 us on 2 idle
+# cores), transcendental ones from 16 k (sigmoid at 16 k: 34 us serial, 18 us).
+cdef Py_ssize_t PAR_MIN_CHEAP = 1 << 17
+cdef Py_ssize_t PAR_MIN_TRANS = 1 << 14
 cdef int _num_threads = 1
 
 

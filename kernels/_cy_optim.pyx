@@ -19,11 +19,11 @@ from _cy_math cimport FASTNN_OPENMP, chunk_step, n_chunks
 #: True when this extension was compiled with OpenMP.
 OPENMP = bool(FASTNN_OPENMP)
 
-# Parallel threshold in elements (benchmarks/cython_goals.py --thresholds): an
-# optimizer loop costs ~1.5 ns/element serially in SSE2 (sqrt, division); Adam
-# at 16 k elements took 24 us serial and 14 us on 2 threads (best of 150 samples),
-# so two threads pay off from 16 k.
-cdef Py_ssize_t PAR_MIN_OPT = 1 << 14
+# Parallel threshold in elements (benchmarks/cython_goals.py --thresholds; see
+# _cy_elementwise.pyx for the cost of a parallel region): an optimizer loop costs
+# ~1.2 ns/element serially in SSE2 (sqrt, division; Adam at 16 k elements: 24 us
+# serial, 14 us on 2 idle cores), so it goes parallel from 32 k (~40 us serial).
+cdef Py_ssize_t PAR_MIN_OPT = 1 << 15
 cdef int _num_threads = 1
 
 
