@@ -308,7 +308,21 @@ def thresholds(repeats):
     from fastnn.kernels import _cy_elementwise, _cy_optim
     from fastnn.kernels import cython_cpu as cy
 
+    import time
+
     threads = fastnn.get_num_threads()
+    saved = _cy_elementwise._set_parallel_min(1, 1)
+    z, out = rand(1024), np.empty(1024, F32)
+    single = []
+    for _ in range(2000):  # single calls: the worker has gone to sleep in between
+        t0 = time.perf_counter()
+        cy.activation_forward("relu", z, out)
+        single.append(time.perf_counter() - t0)
+    _cy_elementwise._set_parallel_min(*saved)
+    single = np.array(single) * 1e6
+    print(f"cost of one parallel region (relu on 1 k elements, {threads} threads, "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}): min {single.min():.1f} us, "
+          f"median {np.median(single):.1f} us, mean {single.mean():.1f} us")
     print(f"serial vs parallel ({threads} threads), microseconds per call")
     print(f"  {'n':>9s}  {'relu 1':>8s} {'relu N':>8s}  {'sigm 1':>8s} {'sigm N':>8s}  "
           f"{'adam 1':>8s} {'adam N':>8s}")
