@@ -17,7 +17,8 @@ that cannot be if-converted, no float reductions inside a vector loop):
   NaN propagates through the polynomial.
 * ``vtanh``: Cephes' odd polynomial (float32) / rational (float64) below
   ``|x| = 0.625``, ``(1-e)/(1+e)`` with ``e = exp(-2|x|)`` above, blended by a
-  select; ``vtanh_sech2`` also gives ``1 - tanh^2`` without cancellation.
+  select.
+* GELU as ``z*sigmoid(2u)`` (``gelu_halves``), as the reference computes it.
 * ``vsigmoid``: ``e = exp(-|z|)``, ``(z >= 0 ? 1 : e) / (1 + e)``: full
   relative accuracy in the negative tail; ``sigmoid(-inf) = 0``.
 * ``vlog1p_unit``: ``log1p(u)`` for ``u`` in ``[0, 1]`` (softplus, BCE) as
@@ -127,16 +128,13 @@ cdef inline floating vexp(floating x) noexcept nogil:
         return (p * fastnn_pow2d(xx)) * fastnn_pow2d(n - xx)
 
 
-cdef inline floating vtanh_sech2(floating x, floating* sech2) noexcept nogil:
-    """``tanh(x)``, vectorizable (``tanh(+-inf) = +-1``, NaN in gives NaN out),
-    and ``sech(x)^2 = 1 - tanh(x)^2`` into ``sech2`` with full relative
-    accuracy (as ``4e/(1+e)^2``, ``e = exp(-2|x|)``, above ``|x| = 0.625``,
-    where ``1 - t*t`` would cancel)."""
-    cdef floating zero = 0, one = 1, four = 4, cut = 0.625
+cdef inline floating vtanh(floating x) noexcept nogil:
+    """``tanh(x)``, vectorizable: ``tanh(+-inf) = +-1``, NaN in gives NaN out."""
+    cdef floating zero = 0, one = 1, cut = 0.625
     cdef floating nx = -x
     cdef floating a = nx if x < zero else x
     cdef floating s = a * a
-    cdef floating small, big, e, q, ns
+    cdef floating small, big, e, ns
     if floating is float:
         small = ((((<float>-5.70498872745E-3 * s + <float>2.06390887954E-2) * s
                    - <float>5.37397155531E-2) * s + <float>1.33314422036E-1) * s
@@ -147,18 +145,10 @@ cdef inline floating vtanh_sech2(floating x, floating* sech2) noexcept nogil:
                              / (((s + 1.12811678491632931402E2) * s
                                  + 2.23548839060100448583E3) * s + 4.84406305325125486048E3))
     e = vexp(-(a + a))
-    q = one / (one + e)
-    big = (one - e) * q
-    sech2[0] = one - small * small if a < cut else (four * e) * (q * q)
+    big = (one - e) / (one + e)
     s = small if a < cut else big
     ns = -s
     return ns if x < zero else s
-
-
-cdef inline floating vtanh(floating x) noexcept nogil:
-    """``tanh(x)``, vectorizable: ``tanh(+-inf) = +-1``, NaN in gives NaN out."""
-    cdef floating unused
-    return vtanh_sech2(x, &unused)
 
 
 cdef inline floating vsigmoid(floating z) noexcept nogil:
@@ -227,11 +217,21 @@ cdef inline bint act_is_transcendental(int act) noexcept nogil:
     return act >= ACT_SIGMOID
 
 
-cdef inline floating gelu_inner(floating z, floating* sech2) noexcept nogil:
-    """``t = tanh(c*(z + a*z^3))`` of the tanh-form GELU (the reference's
-    order), and ``1 - t^2`` into ``sech2``."""
-    cdef floating one = 1
-    return vtanh_sech2((((z * z) * <floating>GELU_A + one) * z) * <floating>GELU_C, sech2)
+cdef inline floating gelu_halves(floating z, floating* q) noexcept nogil:
+    """``s = sigmoid(2u)`` of the tanh-form GELU, ``u = c*(z + a*z^3)`` (the
+    reference's order), and ``q = sigmoid(-2u) = 1 - s`` into ``q``.
+
+    ``0.5*(1 + tanh(u)) = s`` and ``1 - tanh(u)^2 = 4*s*q``: both without the
+    cancellation of ``1 + tanh(u)`` near ``tanh(u) = -1``. One ``exp(-2|u|)``
+    serves both halves."""
+    cdef floating zero = 0, one = 1
+    cdef floating u = (((z * z) * <floating>GELU_A + one) * z) * <floating>(2 * GELU_C)
+    cdef floating nu = -u
+    cdef floating e = vexp(u if u < zero else nu)
+    cdef floating r = one / (one + e)
+    cdef floating lo = e * r, hi = r
+    q[0] = lo if u >= zero else hi
+    return hi if u >= zero else lo
 
 
 cdef inline void act_forward_range(int act, const floating* z, floating* out,
@@ -260,9 +260,10 @@ cdef inline void act_forward_range(int act, const floating* z, floating* out,
         for i in range(lo, hi):
             out[i] = vtanh(z[i])
     elif act == ACT_GELU:
+        # 0.5*z*(1 + tanh(u)) = z*sigmoid(2u)
         for i in range(lo, hi):
             v = z[i]
-            out[i] = ((gelu_inner(v, &t) + one) * v) * half
+            out[i] = v * gelu_halves(v, &t)
     elif act == ACT_SILU:
         for i in range(lo, hi):
             v = z[i]
@@ -285,7 +286,7 @@ cdef inline void act_backward_range(int act, const floating* dy, const floating*
     cdef Py_ssize_t i
     cdef floating v, t, s, d
     cdef floating zero = 0, one = 1, half = 0.5, slope = LEAKY_SLOPE
-    cdef floating c = GELU_C, a3 = 3 * GELU_A
+    cdef floating c2 = 2 * GELU_C, a3 = 3 * GELU_A
     if act == ACT_IDENTITY:
         if out != dy:
             for i in range(lo, hi):
@@ -305,14 +306,14 @@ cdef inline void act_backward_range(int act, const floating* dy, const floating*
         for i in range(lo, hi):
             out[i] = dy[i] * (one if z[i] > zero else slope)
     elif act == ACT_GELU:
-        # 0.5*(1+t) + 0.5*z*(1-t^2)*c*(1 + 3a*z^2), in the reference's order but
-        # with 1 - t^2 = sech^2 computed without cancellation (near t = -1 the
-        # reference's 1 - t*t turns a 1-ulp error of tanh into ~1e-6 here)
+        # 0.5*(1+t) + 0.5*z*(1-t^2)*c*(1 + 3a*z^2), t = tanh(u); with
+        # 0.5*(1+t) = s and 1-t^2 = 4*s*q: s*(1 + 2*z*q*c*(1 + 3a*z^2)), in the
+        # reference's order
         for i in range(lo, hi):
             v = z[i]
-            t = gelu_inner(v, &s)
-            d = ((((v * v) * a3 + one) * c) * v) * s
-            out[i] = dy[i] * (((t + one) + d) * half)
+            t = gelu_halves(v, &s)
+            d = ((((v * v) * a3 + one) * c2) * v) * s
+            out[i] = dy[i] * ((d + one) * t)
     elif act == ACT_SILU:
         for i in range(lo, hi):
             v = z[i]
