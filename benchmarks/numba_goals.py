@@ -102,6 +102,23 @@ def _stream_ser(p, g, m, v):
         p[i] = p[i] + gi
 
 
+@njit(parallel=True, cache=True, error_model="numpy")
+def _stream3_par(p, g, s):
+    """The memory floor of SGD with momentum and of RMSprop: read p, g, s; write p, s."""
+    for i in prange(p.size):
+        gi = g[i]
+        s[i] = s[i] + gi
+        p[i] = p[i] + gi
+
+
+@njit(cache=True, error_model="numpy")
+def _stream3_ser(p, g, s):
+    for i in range(p.size):
+        gi = g[i]
+        s[i] = s[i] + gi
+        p[i] = p[i] + gi
+
+
 def optimizer_goals():
     print("optimizers, 10 M float32 parameters", flush=True)
     n = 10_000_000
@@ -125,20 +142,23 @@ def optimizer_goals():
            f"serial {ms(t_ser[0])}); ref/floor {t_ref[0] / floor:.1f}x")
     a.clear()   # free 240 MB before the next arrays
 
-    s = {k: np.zeros(n, F32) for k in ("sq", "sq2", "buf", "buf2")}
+    s = {k: np.zeros(n, F32) for k in ("sq", "sq2", "buf", "buf2", "fs")}
     rms = dict(lr=1e-3, rho=0.99, eps=1e-8, momentum=0.0, centered_mean=None,
                weight_decay=0.0, l1=0.0)
-    t_nb, t_ref = compare(lambda: nb.rmsprop_step(p1, g, s["sq"], None, **rms),
-                          lambda: ref.rmsprop_step(p2, g, s["sq2"], None, **rms))
-    report("rmsprop 10M f32: numpy ref / numba", t_ref[0] / t_nb[0], 10, ">=",
-           f"ref {ms(t_ref[0])}, numba {ms(t_nb[0])}; numba/floor(3 reads+2 writes "
-           f"~{5 / 7:.2f} x adam floor) {t_nb[0] / (floor * 5 / 7):.2f}")
     sgd = dict(lr=1e-2, momentum=0.9, nesterov=False, weight_decay=0.0, l1=0.0)
-    t_nb, t_ref = compare(lambda: nb.sgd_step(p1, g, s["buf"], **sgd),
-                          lambda: ref.sgd_step(p2, g, s["buf2"], **sgd))
-    report("sgd momentum 10M f32: numpy ref / numba", t_ref[0] / t_nb[0], 10, ">=",
-           f"ref {ms(t_ref[0])}, numba {ms(t_nb[0])}; numba/floor(3 reads+2 writes) "
-           f"{t_nb[0] / (floor * 5 / 7):.2f}")
+    t_rms, t_rms_ref, t_sgd, t_sgd_ref, t_par, t_ser = compare(
+        lambda: nb.rmsprop_step(p1, g, s["sq"], None, **rms),
+        lambda: ref.rmsprop_step(p2, g, s["sq2"], None, **rms),
+        lambda: nb.sgd_step(p1, g, s["buf"], **sgd),
+        lambda: ref.sgd_step(p2, g, s["buf2"], **sgd),
+        lambda: _stream3_par(pf, g, s["fs"]),
+        lambda: _stream3_ser(pf, g, s["fs"]))
+    floor3 = min(t_par[0], t_ser[0])
+    for name, t_nb, t_ref in (("rmsprop", t_rms, t_rms_ref), ("sgd momentum", t_sgd, t_sgd_ref)):
+        report(f"{name} 10M f32: numpy ref / numba", t_ref[0] / t_nb[0], 10, ">=",
+               f"ref {ms(t_ref[0])}, numba {ms(t_nb[0])}; floor (3 reads + 2 writes) "
+               f"{ms(floor3)}: numba/floor {t_nb[0] / floor3:.2f}, ref/floor "
+               f"{t_ref[0] / floor3:.1f}")
 
 
 # ------------------------------------------------------------ dense layer
@@ -207,16 +227,24 @@ FIGHT = textwrap.dedent("""
     x = rng.standard_normal((128, 784)).astype(np.float32)
     w = rng.standard_normal((784, 256)).astype(np.float32)
     out = np.empty((128, 256), np.float32)
-    n = 235_146                      # the parameters of a 784-256-128-10 MLP
-    p, g = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
-    m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    n = 1 << 20                 # above the parallel thresholds of both kernels
+    if sys.argv[2] == "adam":
+        p, g = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+        m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
+        def kernel():
+            nb.adam_step(p, g, m, v, 10, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, 0.0, None)
+        parallel = n >= nb.PARALLEL_MIN["optimizer"]
+    else:
+        z = rng.standard_normal(n).astype(np.float32)
+        y = np.empty_like(z)
+        def kernel():
+            nb.activation_forward("sigmoid", z, y)
+        parallel = n >= nb.PARALLEL_MIN["exp"]
     def gemm():
         np.dot(x, w, out=out)
-    def kernel():
-        nb.adam_step(p, g, m, v, 10, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, 0.0, None)
     def loop():
         gemm(); kernel(); gemm()
-    def per_call(fn, calls=200):
+    def per_call(fn, calls=100):
         t = time.perf_counter()
         for _ in range(calls):
             fn()
@@ -231,30 +259,31 @@ FIGHT = textwrap.dedent("""
     print(json.dumps({"best": {k: min(v) for k, v in rounds.items()},
                       "median": {k: statistics.median(v) for k, v in rounds.items()},
                       "layer": nb.threading_layer(), "numba_threads": nb._num_threads,
-                      "blas_threads": blas, "parallel": n >= nb.PARALLEL_MIN["optimizer"],
+                      "blas_threads": blas, "parallel": parallel,
                       "GOMP_SPINCOUNT": __import__("os").environ.get("GOMP_SPINCOUNT")}))
 """)
 
 
 def thread_fight_goal():
-    print("thread pools: GEMM, parallel Adam (235 k), GEMM, in a fresh process", flush=True)
-    proc = subprocess.run([sys.executable, "-c", FIGHT, str(ROUNDS)], capture_output=True,
-                          text=True, timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr)
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    for stat in ("best", "median"):
-        t = r[stat]
+    print("thread pools: GEMM 128x784x256, a parallel kernel over 1 M float32, GEMM; "
+          "fresh processes", flush=True)
+    for kernel in ("sigmoid", "adam"):
+        proc = subprocess.run([sys.executable, "-c", FIGHT, str(ROUNDS), kernel],
+                              capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr)
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        t = r["best"]
         parts = 2 * t["gemm"] + t["kernel"]
-        if stat == "best":
-            report("gemm+adam+gemm loop / sum of parts", t["loop"] / parts, 1.1, "<=",
-                   f"loop {ms(t['loop'])}, parts {ms(parts)} (gemm {ms(t['gemm'])}, "
-                   f"adam {ms(t['kernel'])}); layer {r['layer']}, numba threads "
-                   f"{r['numba_threads']}, BLAS threads {r['blas_threads']}, "
-                   f"GOMP_SPINCOUNT={r['GOMP_SPINCOUNT']}, prange path: {r['parallel']}")
-        else:
-            print(f"    (medians: loop {ms(t['loop'])}, parts {ms(parts)}, "
-                  f"ratio {t['loop'] / parts:.2f})")
+        report(f"gemm+{kernel}+gemm loop / sum of parts", t["loop"] / parts, 1.1, "<=",
+               f"loop {ms(t['loop'])}, parts {ms(parts)} (gemm {ms(t['gemm'])}, {kernel} "
+               f"{ms(t['kernel'])}); layer {r['layer']}, numba threads {r['numba_threads']}, "
+               f"BLAS threads {r['blas_threads']}, GOMP_SPINCOUNT={r['GOMP_SPINCOUNT']}, "
+               f"prange path: {r['parallel']}")
+        t = r["median"]
+        parts = 2 * t["gemm"] + t["kernel"]
+        print(f"    (medians: loop {ms(t['loop'])}, parts {ms(parts)}, "
+              f"ratio {t['loop'] / parts:.2f})")
 
 
 # ------------------------------------------------------------ start-up
@@ -346,14 +375,14 @@ def thresholds():
     }
     for name, make in cases.items():
         print(f"  {name}")
-        for n in (2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144):
+        for n in (8192, 32768, 131072, 262144, 524288, 1 << 20, 1 << 21, 1 << 22):
             k, args = make(n)
             s, p = compare(lambda: k.run(0, n, *args),
                            lambda: k.par(threads, n, k.align, *args))
             print(f"    n={n:>7d}  serial {s[0] * 1e6:8.1f} us  parallel {p[0] * 1e6:8.1f} us"
                   f"  ratio {s[0] / p[0]:.2f}")
     print("  optimizer (adam)")
-    for n in (4096, 8192, 16384, 32768, 65536, 131072, 262144):
+    for n in (32768, 131072, 262144, 524288, 1 << 20, 1 << 21, 1 << 22, 1 << 23):
         p, g, m, v = (rng.standard_normal(n).astype(F32) for _ in range(4))
         v = np.abs(v)
         k = nb._specialised(("adam", False, False, False, False), nb._adam_kernel,

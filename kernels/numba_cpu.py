@@ -525,8 +525,11 @@ _ACT = {
     "softplus": (_f_softplus, _sigmoid, False),
 }
 ACTIVATIONS = tuple(_ACT)
-#: Activations whose loops call exp/tanh (more work per element: parallel sooner).
+#: Activations whose forward loop calls exp/tanh/log1p (more work per element:
+#: parallel sooner), and those whose derivative does (sigmoid' and tanh' come
+#: from y: cheap).
 _TRANSCENDENTAL = frozenset(("sigmoid", "tanh", "gelu", "silu", "softplus"))
+_TRANSCENDENTAL_D = frozenset(("gelu", "silu", "softplus"))
 
 
 @_scalar
@@ -544,11 +547,24 @@ def _maximum(a, b):
 
 # ------------------------------------------------------------ serial / parallel launch
 
-# Below these element counts a kernel runs its serial loop: a prange launch
-# costs microseconds (waking the OpenMP team) that small arrays cannot pay
-# back. Measured on this machine (2 cores, omp layer; see the report of issue
-# 4 and tests/test_numba.py for the equality of both paths): TODO.
-PARALLEL_MIN = {"cheap": 1 << 16, "exp": 1 << 13, "optimizer": 1 << 15}
+# Below these element counts a kernel runs its serial loop, above them the
+# prange path. Measured on the development machine (2 cores, a KVM guest,
+# numba 0.68 omp layer, GOMP_SPINCOUNT=1000 from fastnn/__init__.py; the
+# machine was shared, figures are the best of 400 single calls; rerun with
+# ``python benchmarks/numba_goals.py --thresholds``): the OpenMP workers fall
+# asleep between two calls (the spin is ~1 us, shorter than numba's dispatch),
+# and waking one costs 50-60 us here, for any size (relu over 4 k elements:
+# 0.4 us serial, 56 us parallel). Serially, relu takes ~70 us per 1 M float32
+# (memory-bound), sigmoid ~195 us, Adam ~190 us (in cache) per 1 M elements.
+# A parallel call pays when the serial loop takes more than about twice the
+# wake-up, ~120 us: sigmoid over 1 M took 195 us serial and 100 us parallel,
+# over 256 k 49 us and 105 us; relu over 1 M 70 us and 51-135 us; Adam over
+# 512 k 94 us and 60 us. Hence the values below (a cheap loop from 2 M
+# elements, a transcendental one or an optimizer from 512 k). A machine with
+# more cores and cheaper wake-ups would profit sooner; these err on the
+# serial side, which is never far from the best and keeps the cores free for
+# BLAS between GEMMs.
+PARALLEL_MIN = {"cheap": 1 << 21, "exp": 1 << 19, "optimizer": 1 << 19}
 _ALIGN = 64   # chunk boundaries at multiples of 64 elements (whole cache lines)
 
 
@@ -708,8 +724,9 @@ def _same(a, b):
     return a is b or (b is not None and np.may_share_memory(a, b))
 
 
-def _threshold(act):
-    return PARALLEL_MIN["exp" if act in _TRANSCENDENTAL else "cheap"]
+def _threshold(act, derivative=False):
+    costly = act in (_TRANSCENDENTAL_D if derivative else _TRANSCENDENTAL)
+    return PARALLEL_MIN["exp" if costly else "cheap"]
 
 
 def activation_forward(act, z, out):
@@ -759,7 +776,7 @@ def activation_backward(act, dy, z, y, out):
     k = _act_kernels(act)
     s = _derivative_source(act, z, y)
     n = dy.size
-    t = _threshold(act)
+    t = _threshold(act, derivative=True)
     if _same(out, dy):
         _launch(k.grad_into_dy, n, t, out.reshape(-1), s.reshape(-1))
     elif _same(out, s):
@@ -817,7 +834,8 @@ def backprop_delta(dy, w, z, y, act, out):
         return
     k = _act_kernels(act)
     s = _derivative_source(act, z, y)
-    _launch(k.grad_into_dy, out.size, _threshold(act), out.reshape(-1), s.reshape(-1))
+    _launch(k.grad_into_dy, out.size, _threshold(act, derivative=True), out.reshape(-1),
+            s.reshape(-1))
 
 
 def _column_sums(lo, hi, dz, db):
