@@ -424,18 +424,18 @@ def _relu(z):
 
 
 @_scalar
-def _gelu_sigmoid(z):
-    """``e = exp(-2|u|)`` and ``s = sigmoid(2u)`` for ``u = c*(z + a*z^3)`` (in
-    the reference's order of operations). With them ``1 + tanh(u) = 2s`` and
-    ``1 - tanh(u)^2 = 4e/(1+e)^2`` without the cancellation of ``1 - t*t``
-    near ``|t| = 1`` (which costs the float32 reference up to 1.2e-6 absolute
-    error in gelu' around ``z = -5``)."""
+def _gelu_halves(z):
+    """``s = sigmoid(2u)`` and ``q = sigmoid(-2u)`` for ``u = c*(z + a*z^3)``,
+    in the reference's order of operations (``0.5*(1 + tanh(u)) = s`` and
+    ``1 - tanh(u)^2 = 4*s*q``, without the cancellation of ``1 + tanh(u)``
+    near ``tanh(u) = -1``); one exp for both."""
     u = z * z
     u = u * _c(z, GELU_A) + _c(z, 1.0)
-    u = u * z * _c(z, GELU_C)
-    e = _exp(-(abs(u) + abs(u)))
+    u = u * z * _c(z, 2 * GELU_C)
+    e = _exp(-abs(u))
     one = _c(z, 1.0)
-    return e, (one if u >= 0 else e) / (one + e)
+    d = one + e
+    return (one if u >= 0 else e) / d, (e if u >= 0 else one) / d
 
 
 @_scalar
@@ -455,10 +455,8 @@ def _f_tanh(z):
 
 @_scalar
 def _f_gelu(z):
-    # 0.5*z*(1 + tanh(u)) with 1 + tanh(u) = 2s, in the reference's order (so
-    # that 2s*z overflows where the reference's (1 + t)*z does)
-    s = _gelu_sigmoid(z)[1]
-    return (s + s) * z * _c(z, 0.5)
+    # 0.5*z*(1 + tanh(u)) = z*sigmoid(2u)
+    return z * _gelu_halves(z)[0]
 
 
 @_scalar
@@ -498,13 +496,12 @@ def _d_leaky_relu(z):
 
 @_scalar
 def _d_gelu(z):
-    # 0.5*(1 + t) + 0.5*z*(1 - t^2)*c*(1 + 3a*z^2), t = tanh(u), in the
-    # reference's order, with 1 + t = 2s and 1 - t^2 = 4e/(1+e)^2
-    e, s = _gelu_sigmoid(z)
-    one = _c(z, 1.0)
-    inner = z * z * _c(z, 3 * GELU_A) + one
-    inner = inner * _c(z, GELU_C) * z * (e / ((one + e) * (one + e)) * _c(z, 4.0))
-    return ((s + s) + inner) * _c(z, 0.5)
+    # 0.5*(1 + t) + 0.5*z*(1 - t^2)*c*(1 + 3a*z^2) with t = tanh(u), 0.5*(1 + t) = s
+    # and 1 - t^2 = 4*s*q: s*(1 + 2c*z*q*(1 + 3a*z^2)), in the reference's order
+    s, q = _gelu_halves(z)
+    d = z * z * _c(z, 3 * GELU_A) + _c(z, 1.0)
+    d = d * _c(z, 2 * GELU_C) * z * q
+    return (d + _c(z, 1.0)) * s
 
 
 @_scalar
