@@ -4,6 +4,7 @@ print a table with pass/fail, the numba backend alongside where it exists.
     python benchmarks/cython_goals.py               # every goal (about 2 minutes)
     python benchmarks/cython_goals.py --quick       # fewer repeats
     python benchmarks/cython_goals.py --only dense,process
+    python benchmarks/cython_goals.py --best --threads 1   # a machine shared with others
     python benchmarks/cython_goals.py --thresholds  # serial vs parallel by size (the
                                                     # measurement behind PAR_MIN_*)
 
