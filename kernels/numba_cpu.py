@@ -82,21 +82,29 @@ def _dir_writable(path):
     return True
 
 
-def _cache_dir_setting(package_dir, environ, writable=_dir_writable):
-    """The ``NUMBA_CACHE_DIR`` to set, or None to leave numba's choice.
+def _cache_plan(package_dir, environ, writable=_dir_writable):
+    """Where compiled kernels are cached: ``(cache_dir_to_set, enabled)``.
 
-    ``NUMBA_CACHE_DIR`` set by the user wins; else the cache goes next to this
-    file (``__pycache__``, numba's default) when that is writable, else to the
-    user's cache folder (``_user_cache_dir``)."""
-    if environ.get("NUMBA_CACHE_DIR"):
-        return None
+    The first writable of: ``NUMBA_CACHE_DIR`` when the user set it, the
+    package folder (``__pycache__`` next to this file, numba's default), the
+    user's cache folder (``_user_cache_dir``; then it is returned, to be set
+    as ``NUMBA_CACHE_DIR``). When none is writable (a read-only install run
+    with no home), ``enabled`` is False: kernels compile in every process
+    instead of failing (numba's ``cache=True`` raises without a cache folder).
+    """
+    user = environ.get("NUMBA_CACHE_DIR")
+    if user and writable(user):
+        return None, True
     if writable(os.path.join(package_dir, "__pycache__")):
-        return None
-    return _user_cache_dir(environ)
+        return None, True
+    mine = _user_cache_dir(environ)
+    if writable(mine):
+        return mine, True
+    return None, False
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_CACHE_DIR_SET = _cache_dir_setting(_PACKAGE_DIR, os.environ)
+_CACHE_DIR_SET, _CACHE_ENABLED = _cache_plan(_PACKAGE_DIR, os.environ)
 if _CACHE_DIR_SET is not None:
     os.environ["NUMBA_CACHE_DIR"] = _CACHE_DIR_SET
 
@@ -128,7 +136,7 @@ _SERIALISE_PARALLEL = _select_threading_layer()
 _parallel_lock = threading.Lock()
 
 #: Options of every compiled kernel.
-_JIT = dict(cache=True, nogil=True, error_model="numpy")
+_JIT = dict(cache=_CACHE_ENABLED, nogil=True, error_model="numpy")
 #: Options of the inlined helpers (loop bodies, scalar functions).
 _INNER = dict(error_model="numpy")
 
@@ -1226,17 +1234,28 @@ def rmsprop_step(p, g, sq, buf, lr, rho, eps, momentum, centered_mean, weight_de
 # ------------------------------------------------------------ backend hooks
 
 def available():
-    """numba imported; the caveat names a threading layer that is not thread-safe."""
+    """numba imported; the caveats: no cache folder, a threading layer that is
+    not thread-safe."""
+    caveats = []
+    if not _CACHE_ENABLED:
+        caveats.append(f"no writable cache folder (package folder, {_user_cache_dir(os.environ)}"
+                       f", NUMBA_CACHE_DIR): kernels compile in every process")
     if _SERIALISE_PARALLEL:
-        return True, (f"numba threading layer {numba.config.THREADING_LAYER!r} may be "
-                      f"workqueue (not thread-safe): parallel kernels are serialised across "
-                      f"Python threads")
-    return True, ""
+        caveats.append(f"numba threading layer {numba.config.THREADING_LAYER!r} may be "
+                       f"workqueue (not thread-safe): parallel kernels are serialised across "
+                       f"Python threads")
+    return True, "; ".join(caveats)
 
 
 def cache_dir():
-    """Where compiled kernels are cached (``NUMBA_CACHE_DIR``, else next to this file)."""
-    return numba.config.CACHE_DIR or os.path.join(_PACKAGE_DIR, "__pycache__")
+    """Where compiled kernels are cached (``NUMBA_CACHE_DIR``, else next to
+    this file), or None when nothing is writable (no caching)."""
+    if not _CACHE_ENABLED:
+        return None
+    user = numba.config.CACHE_DIR
+    if user and _dir_writable(user):
+        return user
+    return os.path.join(_PACKAGE_DIR, "__pycache__")
 
 
 def threading_layer():

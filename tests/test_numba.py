@@ -414,17 +414,25 @@ def test_read_only_inputs():
 
 # ------------------------------------------------------------ cache folder
 
-def test_cache_dir_setting_rules(tmp_path):
+def test_cache_plan_rules(tmp_path):
     pkg = str(tmp_path / "pkg")
-    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
-    assert nb._cache_dir_setting(pkg, env, writable=lambda p: True) is None
-    assert nb._cache_dir_setting(pkg, env, writable=lambda p: False) == \
-        os.path.join(str(tmp_path / "xdg"), "fastnn", "numba")
+    xdg = str(tmp_path / "xdg")
+    mine = os.path.join(xdg, "fastnn", "numba")
+    env = {"XDG_CACHE_HOME": xdg}
+    plan = nb._cache_plan
+    # the package folder first (numba's default: nothing to set)
+    assert plan(pkg, env, writable=lambda p: True) == (None, True)
+    # not writable: the user's cache folder
+    assert plan(pkg, env, writable=lambda p: p == mine) == (mine, True)
     home = {"HOME": str(tmp_path / "home")}
-    assert nb._cache_dir_setting(pkg, home, writable=lambda p: False).startswith(
+    assert plan(pkg, home, writable=lambda p: not p.startswith(pkg))[0].startswith(
         os.path.expanduser("~"))
+    # NUMBA_CACHE_DIR set by the user wins when it is writable
     user = {"NUMBA_CACHE_DIR": str(tmp_path / "mine"), **env}
-    assert nb._cache_dir_setting(pkg, user, writable=lambda p: False) is None
+    assert plan(pkg, user, writable=lambda p: True) == (None, True)
+    assert plan(pkg, user, writable=lambda p: p == mine) == (mine, True)
+    # nothing writable: compile without a cache
+    assert plan(pkg, env, writable=lambda p: False) == (None, False)
 
 
 def test_dir_writable_sees_a_failing_write(tmp_path, monkeypatch):
@@ -468,6 +476,35 @@ def test_unwritable_package_caches_in_user_folder(tmp_path):
     assert proc.stdout.split() == [expected, expected]
     cached = [f for _, _, files in os.walk(expected) for f in files if f.endswith(".nbi")]
     assert cached, "nothing was cached in the user folder"
+
+
+def test_nothing_writable_compiles_uncached(tmp_path):
+    """No writable cache folder anywhere (package, user cache, NUMBA_CACHE_DIR;
+    writes injected to fail): the kernels compile without a cache instead of
+    failing, and the registry says so."""
+    code = textwrap.dedent("""
+        import tempfile
+        def refuse(*args, **kwargs):
+            raise PermissionError("read-only")
+        tempfile.TemporaryFile = refuse
+        import numpy as np
+        import fastnn
+        from fastnn.kernels import numba_cpu as nb
+        z = np.linspace(-3, 3, 11, dtype=np.float32)
+        out = np.empty_like(z)
+        nb.activation_forward("tanh", z, out)
+        assert abs(out[-1] - np.tanh(np.float32(3))) < 1e-6
+        info = fastnn.backends()["numba"]
+        assert info.available and "no writable cache folder" in info.reason, info
+        assert nb.cache_dir() is None
+        print("ok")
+    """)
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    env.pop("NUMBA_CACHE_DIR", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["ok"]
 
 
 # ------------------------------------------------------------ threads
