@@ -373,7 +373,8 @@ def main():
     if args.threads:
         fastnn.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"fastnn cython goals: {fastnn.get_num_threads()} threads, OpenMP "
+    variant = getattr(cython_cpu, "CPU_VARIANT", "baseline")
+    print(f"fastnn cython goals: CPU variant {variant}, {fastnn.get_num_threads()} threads, OpenMP "
           f"{'on' if cython_cpu.OPENMP else 'OFF'}, load average {load:.2f}, {STAT} of "
           f"{repeats} round-robin samples")
     if args.thresholds:
