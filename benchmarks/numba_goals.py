@@ -227,14 +227,15 @@ FIGHT = textwrap.dedent("""
     x = rng.standard_normal((128, 784)).astype(np.float32)
     w = rng.standard_normal((784, 256)).astype(np.float32)
     out = np.empty((128, 256), np.float32)
-    n = 1 << 20                 # above the parallel thresholds of both kernels
-    if sys.argv[2] == "adam":
+    if sys.argv[2] == "adam":   # on the prange path: at least its parallel threshold
+        n = max(1 << 20, nb.PARALLEL_MIN["optimizer"])
         p, g = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
         m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
         def kernel():
             nb.adam_step(p, g, m, v, 10, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, 0.0, None)
         parallel = n >= nb.PARALLEL_MIN["optimizer"]
     else:
+        n = max(1 << 20, nb.PARALLEL_MIN["exp"])
         z = rng.standard_normal(n).astype(np.float32)
         y = np.empty_like(z)
         def kernel():
@@ -259,14 +260,14 @@ FIGHT = textwrap.dedent("""
     print(json.dumps({"best": {k: min(v) for k, v in rounds.items()},
                       "median": {k: statistics.median(v) for k, v in rounds.items()},
                       "layer": nb.threading_layer(), "numba_threads": nb._num_threads,
-                      "blas_threads": blas, "parallel": parallel,
+                      "blas_threads": blas, "parallel": parallel, "n": n,
                       "GOMP_SPINCOUNT": __import__("os").environ.get("GOMP_SPINCOUNT")}))
 """)
 
 
 def thread_fight_goal():
-    print("thread pools: GEMM 128x784x256, a parallel kernel over 1 M float32, GEMM; "
-          "fresh processes", flush=True)
+    print("thread pools: GEMM 128x784x256, a parallel kernel (sigmoid over 1 M float32, "
+          "Adam over 4 M), GEMM; fresh processes", flush=True)
     for kernel in ("sigmoid", "adam"):
         proc = subprocess.run([sys.executable, "-c", FIGHT, str(ROUNDS), kernel],
                               capture_output=True, text=True, timeout=600)
@@ -275,7 +276,8 @@ def thread_fight_goal():
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         t = r["best"]
         parts = 2 * t["gemm"] + t["kernel"]
-        report(f"gemm+{kernel}+gemm loop / sum of parts", t["loop"] / parts, 1.1, "<=",
+        report(f"gemm+{kernel}({r['n'] >> 20} M)+gemm loop / parts", t["loop"] / parts, 1.1,
+               "<=",
                f"loop {ms(t['loop'])}, parts {ms(parts)} (gemm {ms(t['gemm'])}, {kernel} "
                f"{ms(t['kernel'])}); layer {r['layer']}, numba threads {r['numba_threads']}, "
                f"BLAS threads {r['blas_threads']}, GOMP_SPINCOUNT={r['GOMP_SPINCOUNT']}, "

@@ -563,13 +563,17 @@ def _maximum(a, b):
 # (memory-bound), sigmoid ~195 us, Adam ~190 us (in cache) per 1 M elements.
 # A parallel call pays when the serial loop takes more than about twice the
 # wake-up, ~120 us: sigmoid over 1 M took 195 us serial and 100 us parallel,
-# over 256 k 49 us and 105 us; relu over 1 M 70 us and 51-135 us; Adam over
-# 512 k 94 us and 60 us. Hence the values below (a cheap loop from 2 M
-# elements, a transcendental one or an optimizer from 512 k). A machine with
-# more cores and cheaper wake-ups would profit sooner; these err on the
-# serial side, which is never far from the best and keeps the cores free for
-# BLAS between GEMMs.
-PARALLEL_MIN = {"cheap": 1 << 21, "exp": 1 << 19, "optimizer": 1 << 19}
+# over 256 k 49 us and 105 us; relu over 1 M 70 us and 51-135 us. The
+# optimizers are memory-bound, and one core already streams at the machine's
+# bandwidth (Adam over 10 M: 4.8 ms serial and parallel, the floor of 4 reads
+# and 3 writes); in between, parallel Adam lost or tied (1 M: 197 us serial,
+# 261 us parallel; 4 M: 1.7 ms and 2.0 ms) and slowed the next GEMM. Hence
+# the values below: a cheap loop from 2 M elements, a transcendental one from
+# 512 k, an optimizer from 4 M. A machine with more cores, more bandwidth
+# than one core can use, and cheaper wake-ups would profit sooner; these err
+# on the serial side, which is never far from the best and keeps the cores
+# free for BLAS between GEMMs.
+PARALLEL_MIN = {"cheap": 1 << 21, "exp": 1 << 19, "optimizer": 1 << 22}
 _ALIGN = 64   # chunk boundaries at multiples of 64 elements (whole cache lines)
 
 
