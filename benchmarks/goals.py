@@ -311,7 +311,15 @@ def main(argv=None):
     parser.add_argument("--only", default=None,
                         help="comma-separated groups: adam, rmsprop, sgd, dense, elementwise, "
                              "softmax, pools, startup, training, gpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="fastnn.set_num_threads(n) first (default: all cores); on a busy "
+                             "machine 1 thread gives steadier ratios (no spinning BLAS threads)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        fastnn.set_num_threads(args.threads)
+        # the fresh processes (thread pools, start-up) read these
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+            os.environ[var] = str(args.threads)
     backends = benchmark_backends()
     if args.backends:
         backends = [b for b in backends if b in args.backends.split(",")]
