@@ -15,13 +15,131 @@ The shared inline math (vectorizable exp/tanh/sigmoid, the activations over
 raw-pointer ranges) lives in ``_cy_math.pxd``. Importing this module fails (and
 the registry reports why) when the extensions were not built. Without OpenMP at
 build time the kernels run serially and ``available()`` says so.
+
+Per-CPU variants: on x86-64, setup.py builds each extension three times, for
+baseline x86-64 (``_cy_dense``), x86-64-v3 (AVX2 and FMA: ``_cy_dense_v3``)
+and x86-64-v4 (AVX-512 F/BW/CD/DQ/VL: ``_cy_dense_v4``). At import the best
+variant this CPU runs is loaded (``cpu_levels()``), or the one named by
+``FASTNN_CPU_VARIANT`` (``baseline``, ``v3``, ``v4``: for tests and
+comparisons; one the CPU cannot run, or that was not built, makes this backend
+unavailable with the reason). The chosen modules are also registered as
+``fastnn.kernels._cy_*``, so that code importing those names after this module
+gets the code the backend runs. ``info()`` reports the choice.
 """
 
-from . import _cy_dense, _cy_elementwise, _cy_loss, _cy_optim
-from ._cy_dense import backprop_delta, dense_backward, dense_forward
-from ._cy_elementwise import activation_backward, activation_forward
-from ._cy_loss import mse, sigmoid_binary_cross_entropy, softmax, softmax_cross_entropy
-from ._cy_optim import adam_step, rmsprop_step, sgd_step
+import importlib
+import os
+import sys
+
+#: The per-CPU variants, best last; "baseline" is the plain module name.
+VARIANTS = ("baseline", "v3", "v4")
+_NAMES = ("_cy_elementwise", "_cy_dense", "_cy_loss", "_cy_optim")
+#: /proc/cpuinfo flags that ``-march=x86-64-v3`` / ``-march=x86-64-v4`` code may use.
+_LINUX_FLAGS = {
+    "v3": ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"),
+    "v4": ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
+}
+
+
+def _cpuinfo_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def cpu_levels():
+    """The variants this CPU (and its OS) can run, in ``VARIANTS`` order.
+
+    Linux: the flags of ``/proc/cpuinfo`` (the kernel lists AVX and AVX-512
+    only when it saves their registers). Elsewhere: NumPy's runtime CPU
+    dispatch table (``AVX2``, ``FMA3``, ``F16C``; ``AVX512_SKX``).
+    """
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "x64"):
+        return ("baseline",)
+    levels = ["baseline"]
+    flags = _cpuinfo_flags()
+    if flags is not None:
+        v3 = all(f in flags for f in _LINUX_FLAGS["v3"])
+        v4 = v3 and all(f in flags for f in _LINUX_FLAGS["v4"])
+    else:
+        try:
+            from numpy._core._multiarray_umath import __cpu_features__ as feats
+        except ImportError:
+            feats = {}
+        v3 = all(feats.get(k) for k in ("AVX2", "FMA3", "F16C"))
+        v4 = v3 and bool(feats.get("AVX512_SKX"))
+    if v3:
+        levels.append("v3")
+    if v4:
+        levels.append("v4")
+    return tuple(levels)
+
+
+def _module_name(name, variant):
+    return f"{__package__}.{name}" + ("" if variant == "baseline" else f"_{variant}")
+
+
+def built_variants():
+    """The variants whose extensions are installed."""
+    import importlib.util
+
+    return tuple(v for v in VARIANTS
+                 if all(importlib.util.find_spec(_module_name(n, v)) is not None for n in _NAMES))
+
+
+def _choose():
+    forced = os.environ.get("FASTNN_CPU_VARIANT", "").strip().lower()
+    runnable = cpu_levels()
+    if forced:
+        if forced not in VARIANTS:
+            raise ImportError(f"FASTNN_CPU_VARIANT={forced!r} is not a variant; choose one of "
+                              f"{', '.join(VARIANTS)}")
+        if forced not in runnable:
+            raise ImportError(f"FASTNN_CPU_VARIANT={forced}: this CPU cannot run it (it runs "
+                              f"{', '.join(runnable)})")
+        if forced != "baseline" and forced not in built_variants():
+            raise ImportError(f"FASTNN_CPU_VARIANT={forced}: that variant was not built "
+                              f"(built: {', '.join(built_variants()) or 'none'})")
+        return forced, True
+    built = built_variants()
+    for variant in reversed(VARIANTS):
+        if variant in runnable and (variant == "baseline" or variant in built):
+            return variant, False
+    return "baseline", False
+
+
+def _load(variant):
+    modules = [importlib.import_module(_module_name(n, variant)) for n in _NAMES]
+    if variant != "baseline":
+        package = sys.modules[__package__]
+        for name, module in zip(_NAMES, modules):
+            sys.modules[f"{__package__}.{name}"] = module
+            setattr(package, name, module)
+    return modules
+
+
+CPU_VARIANT, _FORCED = _choose()
+_cy_elementwise, _cy_dense, _cy_loss, _cy_optim = _load(CPU_VARIANT)
+
+dense_forward = _cy_dense.dense_forward
+backprop_delta = _cy_dense.backprop_delta
+dense_backward = _cy_dense.dense_backward
+activation_forward = _cy_elementwise.activation_forward
+activation_backward = _cy_elementwise.activation_backward
+softmax_cross_entropy = _cy_loss.softmax_cross_entropy
+sigmoid_binary_cross_entropy = _cy_loss.sigmoid_binary_cross_entropy
+mse = _cy_loss.mse
+softmax = _cy_loss.softmax
+sgd_step = _cy_optim.sgd_step
+adam_step = _cy_optim.adam_step
+rmsprop_step = _cy_optim.rmsprop_step
 
 __all__ = [
     "dense_forward", "activation_forward", "activation_backward", "backprop_delta",
@@ -35,6 +153,7 @@ COMPLETE = True
 _EXTENSIONS = (_cy_elementwise, _cy_dense, _cy_loss, _cy_optim)
 #: True when every extension was compiled with OpenMP.
 OPENMP = all(ext.OPENMP for ext in _EXTENSIONS)
+_num_threads = 1
 
 
 def available():
@@ -47,19 +166,41 @@ def available():
 
 def set_num_threads(n):
     """Set the OpenMP threads of every extension's parallel loops."""
+    global _num_threads
     for ext in _EXTENSIONS:
         ext.set_num_threads(n)
+    _num_threads = max(1, int(n))
+
+
+def get_num_threads():
+    """The OpenMP threads of this backend's parallel loops."""
+    return _num_threads
+
+
+_DESCRIPTION = {"baseline": "x86-64 baseline (SSE2)", "v3": "x86-64-v3 (AVX2, FMA)",
+                "v4": "x86-64-v4 (AVX-512)"}
 
 
 def info():
     """Extra lines for ``python -m fastnn info``."""
-    return {"openmp": OPENMP, "extensions": ", ".join(ext.__name__ for ext in _EXTENSIONS)}
+    variant = _DESCRIPTION.get(CPU_VARIANT, CPU_VARIANT)
+    if len(cpu_levels()) == 1 and cpu_levels() == ("baseline",) and CPU_VARIANT == "baseline" \
+            and built_variants() == ("baseline",):
+        variant = "baseline (no per-CPU variants on this platform)"
+    return {
+        "openmp": OPENMP,
+        "openmp_threads": _num_threads,
+        "cpu_variant": variant + (" (forced by FASTNN_CPU_VARIANT)" if _FORCED else ""),
+        "cpu_variants_built": ", ".join(built_variants()),
+        "cpu_variants_runnable": ", ".join(cpu_levels()),
+        "extensions": ", ".join(ext.__name__ for ext in _EXTENSIONS),
+    }
 
 
 def _init_threads():
-    from fastnn._threads import get_num_threads
+    from fastnn._threads import get_num_threads as fastnn_threads
 
-    set_num_threads(get_num_threads())
+    set_num_threads(fastnn_threads())
 
 
 _init_threads()
