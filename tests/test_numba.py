@@ -537,3 +537,31 @@ def test_concurrent_calls_from_python_threads(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_forked_child_runs_serially():
+    """GNU OpenMP aborts a child forked after the parent ran a parallel
+    region; the backend runs such a child's kernels serially instead."""
+    code = textwrap.dedent("""
+        import os
+        import numpy as np
+        from fastnn.kernels import numba_cpu as nb
+        nb.PARALLEL_MIN.update({k: 1 for k in nb.PARALLEL_MIN})
+        nb.set_num_threads(2)
+        z = np.linspace(-3, 3, 100_000, dtype=np.float32)
+        before, after = np.empty_like(z), np.empty_like(z)
+        nb.activation_forward("tanh", z, before)          # a parallel region here
+        pid = os.fork()
+        if pid == 0:
+            nb.activation_forward("tanh", z, after)
+            os._exit(0 if np.array_equal(after, before) else 3)
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status))
+    """)
+    if nb.numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: no parallel path")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["0"], proc.stdout + proc.stderr
