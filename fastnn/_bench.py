@@ -135,7 +135,8 @@ def machine_line(info=None):
     vers = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
     blas = "; ".join(dict.fromkeys(info["blas"])) or "BLAS unknown"
     load = "" if info["load"] is None else f"; load average {info['load']:.1f} at start"
-    return (f"{info['cpu']}, {info['cores']} cores, {info['threads']} threads used; "
+    threads = f"{info['threads']} thread{'s' if info['threads'] != 1 else ''}"
+    return (f"{info['cpu']}, {info['cores']} cores, {threads} used; "
             f"BLAS: {blas}; {vers}; {info['platform']}{load}")
 
 

@@ -288,7 +288,8 @@ def render_report(info, kernel_rows, train_rows, start_rows, notes, fallbacks, r
 # ======================================================================= chart
 
 def _chart_title(info):
-    return (f"fastnn speed-up over NumPy: {info['cpu']}, {info['threads']} threads, "
+    threads = f"{info['threads']} thread{'s' if info['threads'] != 1 else ''}"
+    return (f"fastnn speed-up over NumPy: {info['cpu']}, {threads}, "
             f"NumPy {info['versions']['numpy']}")
 
 
