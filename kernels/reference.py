@@ -421,15 +421,17 @@ def sgd_step(p, g, buf, lr, momentum, nesterov, weight_decay, l1):
     """
     gp = _regularized(p, g, weight_decay, l1)
     if momentum == 0:
-        d = gp
+        d = np.multiply(gp, lr)
     else:
         buf *= momentum
         buf += gp
         if nesterov:
-            d = gp + momentum * buf
+            d = np.multiply(buf, momentum)
+            d += gp
+            d *= lr
         else:
-            d = buf
-    p -= lr * d
+            d = np.multiply(buf, lr)
+    p -= d
 
 
 def adam_step(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, l1, vmax):
@@ -469,21 +471,24 @@ def adam_step(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, 
         gp = _regularized(p, g, weight_decay, l1)
     bc1 = 1 - beta1 ** step
     bc2_sqrt = math.sqrt(1 - beta2 ** step)
+    tmp = np.multiply(gp, 1 - beta1)  # the one scratch array
     m *= beta1
-    m += (1 - beta1) * gp
+    m += tmp
+    np.multiply(gp, gp, out=tmp)
+    tmp *= 1 - beta2
     v *= beta2
-    v += (1 - beta2) * (gp * gp)
+    v += tmp
     if vmax is not None:
         np.maximum(vmax, v, out=vmax)
         second = vmax
     else:
         second = v
-    denom = np.sqrt(second)
-    denom /= bc2_sqrt
-    denom += eps
-    np.divide(m, denom, out=denom)
-    denom *= lr / bc1
-    p -= denom
+    np.sqrt(second, out=tmp)
+    tmp /= bc2_sqrt
+    tmp += eps
+    np.divide(m, tmp, out=tmp)
+    tmp *= lr / bc1
+    p -= tmp
 
 
 def rmsprop_step(p, g, sq, buf, lr, rho, eps, momentum, centered_mean, weight_decay, l1):
@@ -509,21 +514,25 @@ def rmsprop_step(p, g, sq, buf, lr, rho, eps, momentum, centered_mean, weight_de
         Running mean of gradients when centered, else None. IN/OUT
     """
     gp = _regularized(p, g, weight_decay, l1)
+    den = np.multiply(gp, gp)  # the one scratch array
+    den *= 1 - rho
     sq *= rho
-    sq += (1 - rho) * (gp * gp)
+    sq += den
     if centered_mean is not None:
+        np.multiply(gp, 1 - rho, out=den)
         centered_mean *= rho
-        centered_mean += (1 - rho) * gp
-        den = sq - centered_mean * centered_mean
+        centered_mean += den
+        np.multiply(centered_mean, centered_mean, out=den)
+        np.subtract(sq, den, out=den)
         np.sqrt(den, out=den)
     else:
-        den = np.sqrt(sq)
+        np.sqrt(sq, out=den)
     den += eps
     np.divide(gp, den, out=den)
     if momentum > 0:
         buf *= momentum
         buf += den
-        p -= lr * buf
+        np.multiply(buf, lr, out=den)
     else:
         den *= lr
-        p -= den
+    p -= den
