@@ -184,9 +184,8 @@ _DESCRIPTION = {"baseline": "x86-64 baseline (SSE2)", "v3": "x86-64-v3 (AVX2, FM
 def info():
     """Extra lines for ``python -m fastnn info``."""
     variant = _DESCRIPTION.get(CPU_VARIANT, CPU_VARIANT)
-    if len(cpu_levels()) == 1 and cpu_levels() == ("baseline",) and CPU_VARIANT == "baseline" \
-            and built_variants() == ("baseline",):
-        variant = "baseline (no per-CPU variants on this platform)"
+    if built_variants() == ("baseline",):
+        variant = "baseline (no per-CPU variants built: not x86-64, or FASTNN_CPU_VARIANTS=0)"
     return {
         "openmp": OPENMP,
         "openmp_threads": _num_threads,
