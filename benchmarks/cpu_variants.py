@@ -13,6 +13,9 @@ the best time over NumPy's.
 
 import argparse
 import importlib
+import importlib.machinery
+import importlib.util
+import os
 import time
 
 import numpy as np
@@ -25,10 +28,7 @@ from fastnn.kernels import reference as ref
 def _variant_modules(variant):
     suffix = "" if variant == "baseline" else f"_{variant}"
     if variant == "baseline" and cython_cpu.CPU_VARIANT != "baseline":
-        import importlib.util
-        import os
-        import importlib.machinery
-
+        # fastnn.kernels._cy_* names the chosen variant: load the baseline's files
         mods = {}
         for n in ("_cy_optim", "_cy_dense", "_cy_elementwise"):
             for ext in importlib.machinery.EXTENSION_SUFFIXES:
