@@ -266,20 +266,12 @@ def test_read_only_install_as_nobody(install, where):
 def test_no_writable_cache_folder_anywhere(install):
     """``HOME=/nonexistent`` and no ``XDG_CACHE_HOME``: there is nowhere to
     cache; ``import fastnn`` and the cython backend still work, and the numba
-    backend either works uncached or says why it is unavailable.
-
-    Known gap (the numba backend, kernels/numba_cpu.py): numba's
-    ``cache=True`` raises "cannot cache function ...: no locator available"
-    when the first kernel is built, so ``backends()`` reports numba available
-    and its first call fails; xfail until the backend compiles without a cache
-    there."""
+    backend either works uncached or says why it is unavailable (kernels/numba_cpu.py
+    compiles uncached there and says so in its reason)."""
     before = _tree(install["site"])
     proc = _as_nobody([install["py"], "-I", "-c", USE], env=_env(HOME="/nonexistent"),
                       cwd=install["scratch"])
     assert _tree(install["site"]) == before
-    if proc.returncode != 0 and "no locator available" in proc.stderr:
-        pytest.xfail("numba backend: cache=True without a writable cache folder fails "
-                     "on the first kernel (kernels/numba_cpu.py)")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads([ln for ln in proc.stdout.splitlines()
                          if ln.startswith("REPORT")][-1][len("REPORT"):])
