@@ -87,11 +87,17 @@ def _module_name(name, variant):
 
 
 def built_variants():
-    """The variants whose extensions are installed."""
+    """The variants whose extensions are installed next to this module."""
     import importlib.util
 
-    return tuple(v for v in VARIANTS
-                 if all(importlib.util.find_spec(_module_name(n, v)) is not None for n in _NAMES))
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def beside(name):
+        spec = importlib.util.find_spec(name)
+        return spec is not None and spec.origin is not None and \
+            os.path.dirname(os.path.abspath(spec.origin)) == here
+
+    return tuple(v for v in VARIANTS if all(beside(_module_name(n, v)) for n in _NAMES))
 
 
 def _choose():

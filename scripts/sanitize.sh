@@ -4,10 +4,11 @@
 #   bash scripts/sanitize.sh            # address,undefined; ~10-20 min on 2 busy cores
 #   FASTNN_SANITIZE=address bash scripts/sanitize.sh
 #   SANITIZE_TESTS="tests/test_parity.py" bash scripts/sanitize.sh
+#   SANITIZE_QUICK=1 bash scripts/sanitize.sh   # baseline variant only (a third of the build)
 #
 # What it does:
 #  1. a scratch venv that sees this Python's packages (NumPy, SciPy, Cython, pytest,
-#     hypothesis: --system-site-packages) gets fastnn built from a copy of this tree with
+#     hypothesis: a .pth of its site-packages) gets fastnn built from a copy of this tree with
 #     FASTNN_SANITIZE=address,undefined (setup.py adds -fsanitize=... -fno-omit-frame-pointer
 #     -g to every Cython extension, all CPU variants included);
 #  2. Python itself is not instrumented, so the ASan runtime is preloaded (LD_PRELOAD of
@@ -35,6 +36,7 @@ cleanup() { [ "$keep" = 1 ] && echo "kept $work" || rm -rf "$work"; }
 trap cleanup EXIT
 python="${PYTHON:-python3}"
 sanitize="${FASTNN_SANITIZE:-address,undefined}"
+quick="${SANITIZE_QUICK:-0}"
 tests="${SANITIZE_TESTS:-tests/test_parity.py tests/test_cython.py tests/test_cpu_variants.py tests/test_fuzz.py tests/test_threads.py tests/test_validate.py tests/test_backend.py tests/test_optimizer_steps.py}"
 variant_tests="${SANITIZE_VARIANT_TESTS:-tests/test_parity.py tests/test_cython.py}"
 log="$work/sanitize.log"
@@ -46,13 +48,20 @@ libasan="$(gcc -print-file-name=libasan.so)"
 [ -f "$libasan" ] || { echo "gcc's libasan.so was not found ($libasan)"; exit 2; }
 
 step "1. scratch venv, fastnn built with FASTNN_SANITIZE=$sanitize"
-"$python" -m venv --system-site-packages "$work/venv"
+"$python" -m venv "$work/venv"
+# this Python's packages as plain path entries (not --system-site-packages, which would
+# also run its .pth files: an editable fastnn install there would resolve modules the
+# scratch install lacks from the checkout)
+"$work/venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" >/dev/null
+"$python" -c "import sysconfig; print(sysconfig.get_paths()['purelib']); print(sysconfig.get_paths()['platlib'])" \
+  | sort -u > "$("$work/venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_base_packages.pth"
 mkdir -p "$work/src"
 # the tracked and untracked (not ignored) files: no build outputs of the checkout
 (cd "$root" && git ls-files -z --cached --others --exclude-standard) \
   | (cd "$root" && xargs -0 cp --parents -t "$work/src" 2>/dev/null) \
   || cp -r "$root/." "$work/src"
 rm -rf "$work/src/build" "$work/src/kernels"/*.so "$work/src/kernels"/_cy_*.c
+if [ "$quick" = 1 ]; then export FASTNN_CPU_VARIANTS=0; fi   # setup.py: baseline only
 FASTNN_SANITIZE="$sanitize" "$work/venv/bin/python" -m pip install -q --no-deps \
   --no-build-isolation --disable-pip-version-check "$work/src" >> "$log" 2>&1 \
   || { tail -40 "$log"; exit 1; }
