@@ -86,6 +86,9 @@ class Call:
         self._shape(name, info, shape)
         if not info.c_contiguous:
             raise ValueError(f"{name} must be C-contiguous (numpy.ascontiguousarray makes a copy)")
+        if isinstance(a, np.ndarray) and not a.flags.aligned:
+            raise ValueError(f"{name} must be aligned to its dtype's size (a misaligned view "
+                             f"of a byte buffer; numpy.ascontiguousarray(..).copy() aligns it)")
         if out:
             if not info.writeable:
                 raise ValueError(f"{name} is an output and must be writable")
@@ -208,11 +211,23 @@ def _derivative_inputs(c, act, z, y, shape):
         c.float_array(name, a, shape)
 
 
+#: BLAS takes 32-bit dimensions.
+_BLAS_MAX = 2**31 - 1
+
+
+def _blas_dims(**dims):
+    for name, n in dims.items():
+        if n > _BLAS_MAX:
+            raise ValueError(f"{name} is {n}: a GEMM dimension must be below 2**31 (BLAS "
+                             f"takes 32-bit sizes)")
+
+
 def dense_forward(x, w, b, act, out, preact=None):
     activation("act", act)
     c = Call()
     batch, n_in = c.float_array("x", x, (None, None))
     _, n_out = c.float_array("w", w, (n_in, None))
+    _blas_dims(batch=batch, n_in=n_in, n_out=n_out)
     c.float_array("b", b, (n_out,))
     c.float_array("out", out, (batch, n_out), out=True)
     if preact is not None:
@@ -246,6 +261,7 @@ def backprop_delta(dy, w, z, y, act, out):
     c = Call()
     batch, n_out = c.float_array("dy", dy, (None, None))
     n_in, _ = c.float_array("w", w, (None, n_out))
+    _blas_dims(batch=batch, n_in=n_in, n_out=n_out)
     _derivative_inputs(c, act, z, y, (batch, n_in))
     c.float_array("out", out, (batch, n_in), out=True)
     c.no_overlap()
@@ -255,6 +271,7 @@ def dense_backward(x, dz, dw, db):
     c = Call()
     batch, n_in = c.float_array("x", x, (None, None))
     _, n_out = c.float_array("dz", dz, (batch, None))
+    _blas_dims(batch=batch, n_in=n_in, n_out=n_out)
     c.float_array("dw", dw, (n_in, n_out), out=True)
     c.float_array("db", db, (n_out,), out=True)
     c.no_overlap()

@@ -273,3 +273,27 @@ def test_non_finite_values_are_not_rejected():
     p = np.array([np.nan, 1.0], F)
     fastnn.ops.sgd_step(p, np.array([1.0, np.inf], F), None, 0.1, 0.0, False, 0.0, 0.0)
     assert np.isnan(p[0]) and p[1] == -np.inf
+
+
+def _misaligned(a):
+    raw = np.zeros(a.nbytes + 1, np.uint8)
+    m = raw[1:].view(a.dtype).reshape(a.shape)
+    m[...] = a
+    assert not m.flags.aligned
+    return m
+
+
+@pytest.mark.parametrize("kernel,name", _cases(FLOAT_ARRAYS))
+def test_misaligned(kernel, name):
+    """Kernels read whole elements: an array not aligned to its dtype is refused."""
+    args = valid(kernel)
+    args[name] = _misaligned(args[name])
+    check_rejected(kernel, args, ValueError, f"{name} must be aligned")
+
+
+@pytest.mark.parametrize("kernel", ["dense_forward", "backprop_delta", "dense_backward"])
+def test_gemm_dimensions_fit_blas(kernel, monkeypatch):
+    from fastnn import _validate
+
+    monkeypatch.setattr(_validate, "_BLAS_MAX", 3)
+    check_rejected(kernel, valid(kernel), ValueError, "GEMM dimension must be below 2\\*\\*31")
