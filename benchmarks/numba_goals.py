@@ -250,10 +250,14 @@ FIGHT = textwrap.dedent("""
         for _ in range(calls):
             fn()
         return (time.perf_counter() - t) / calls
-    for fn in (gemm, kernel, loop):
+    n_rounds = int(sys.argv[1])
+    rounds = {"gemm": [], "kernel": [], "loop": [], "kernel_fresh": []}
+    kernel(); kernel()
+    for _ in range(n_rounds):      # the kernel alone before any BLAS call: no other pool
+        rounds["kernel_fresh"].append(per_call(kernel))
+    for fn in (gemm, loop):
         fn(); fn()
-    rounds = {"gemm": [], "kernel": [], "loop": []}
-    for _ in range(int(sys.argv[1])):
+    for _ in range(n_rounds):      # interleaved: OpenBLAS's idle workers still spin here
         for name, fn in (("gemm", gemm), ("kernel", kernel), ("loop", loop)):
             rounds[name].append(per_call(fn))
     blas = [p.get("num_threads") for p in threadpool_info() if p.get("user_api") == "blas"]
@@ -265,27 +269,46 @@ FIGHT = textwrap.dedent("""
 """)
 
 
+def _fight(kernel, **env):
+    proc = subprocess.run([sys.executable, "-c", FIGHT, str(ROUNDS), kernel],
+                          env=dict(os.environ, **env), capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr)
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    ratios = {}
+    for stat in ("best", "median"):
+        t = r[stat]
+        ratios[stat] = t["loop"] / (2 * t["gemm"] + t["kernel_fresh"])
+        ratios[stat + "_interleaved"] = t["loop"] / (2 * t["gemm"] + t["kernel"])
+    return r, ratios
+
+
 def thread_fight_goal():
-    print("thread pools: GEMM 128x784x256, a parallel kernel (sigmoid over 1 M float32, "
-          "Adam over 4 M), GEMM; fresh processes", flush=True)
+    print("thread pools: GEMM 128x784x256, a parallel kernel (sigmoid, Adam over 1 M "
+          "float32), GEMM; fresh processes", flush=True)
     for kernel in ("sigmoid", "adam"):
-        proc = subprocess.run([sys.executable, "-c", FIGHT, str(ROUNDS), kernel],
-                              capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr)
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        r, ratios = _fight(kernel)
         t = r["best"]
-        parts = 2 * t["gemm"] + t["kernel"]
-        report(f"gemm+{kernel}({r['n'] >> 20} M)+gemm loop / parts", t["loop"] / parts, 1.1,
-               "<=",
-               f"loop {ms(t['loop'])}, parts {ms(parts)} (gemm {ms(t['gemm'])}, {kernel} "
-               f"{ms(t['kernel'])}); layer {r['layer']}, numba threads {r['numba_threads']}, "
-               f"BLAS threads {r['blas_threads']}, GOMP_SPINCOUNT={r['GOMP_SPINCOUNT']}, "
-               f"prange path: {r['parallel']}")
-        t = r["median"]
-        parts = 2 * t["gemm"] + t["kernel"]
-        print(f"    (medians: loop {ms(t['loop'])}, parts {ms(parts)}, "
-              f"ratio {t['loop'] / parts:.2f})")
+        parts = 2 * t["gemm"] + t["kernel_fresh"]
+        report(f"gemm+{kernel}({r['n'] >> 20} M)+gemm loop / parts", ratios["best"], 1.1,
+               "<=", f"loop {ms(t['loop'])}, parts {ms(parts)} (gemm {ms(t['gemm'])}, "
+               f"{kernel} {ms(t['kernel_fresh'])} before any BLAS call, "
+               f"{ms(t['kernel'])} between GEMM rounds: ratio "
+               f"{ratios['best_interleaved']:.2f}); layer {r['layer']}, numba threads "
+               f"{r['numba_threads']}, BLAS threads {r['blas_threads']}, GOMP_SPINCOUNT="
+               f"{r['GOMP_SPINCOUNT']}, prange path: {r['parallel']}; medians "
+               f"{ratios['median']:.2f} / {ratios['median_interleaved']:.2f}")
+    # the same loop with libgomp's default spinning (what fastnn/__init__.py avoids)
+    # and with OpenBLAS's idle workers sleeping at once (set before numpy loads)
+    for label, env in (("libgomp default spin (GOMP_SPINCOUNT=300000)",
+                        {"GOMP_SPINCOUNT": "300000"}),
+                       ("OPENBLAS_THREAD_TIMEOUT=4", {"OPENBLAS_THREAD_TIMEOUT": "4"})):
+        for kernel in ("sigmoid", "adam"):
+            r, ratios = _fight(kernel, **env)
+            print(f"    {label}: gemm+{kernel}+gemm / parts {ratios['best']:.2f} "
+                  f"(kernel alone between GEMM rounds: {ratios['best_interleaved']:.2f}); "
+                  f"loop {ms(r['best']['loop'])}, gemm {ms(r['best']['gemm'])}")
 
 
 # ------------------------------------------------------------ start-up
@@ -361,6 +384,18 @@ def startup_goal():
 
 # ------------------------------------------------------------ thresholds
 
+def _cold(fn, calls=100):
+    """p10 of single calls each made after a 1 ms pause (the OpenMP workers
+    asleep, as between two BLAS calls of a training step)."""
+    times = []
+    for _ in range(calls):
+        time.sleep(1e-3)
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.percentile(times, 10))
+
+
 def thresholds():
     """Serial vs prange times by size, for the three kinds of work; the
     crossover is where PARALLEL_MIN should be."""
@@ -381,8 +416,9 @@ def thresholds():
             k, args = make(n)
             s, p = compare(lambda: k.run(0, n, *args),
                            lambda: k.par(threads, n, k.align, *args))
+            cold = _cold(lambda: k.par(threads, n, k.align, *args))
             print(f"    n={n:>7d}  serial {s[0] * 1e6:8.1f} us  parallel {p[0] * 1e6:8.1f} us"
-                  f"  ratio {s[0] / p[0]:.2f}")
+                  f"  ratio {s[0] / p[0]:.2f}   parallel after a pause (p10) {cold * 1e6:8.1f} us")
     print("  optimizer (adam)")
     for n in (32768, 131072, 262144, 524288, 1 << 20, 1 << 21, 1 << 22, 1 << 23):
         p, g, m, v = (rng.standard_normal(n).astype(F32) for _ in range(4))
@@ -392,8 +428,9 @@ def thresholds():
         args = (p, g, m, v, v, F32(1), F32(0), F32(0), F32(0.9), F32(0.1), F32(0.999),
                 F32(0.001), F32(0.5), F32(1e-8), F32(1e-3))
         s, q = compare(lambda: k.run(0, n, *args), lambda: k.par(threads, n, k.align, *args))
+        cold = _cold(lambda: k.par(threads, n, k.align, *args))
         print(f"    n={n:>7d}  serial {s[0] * 1e6:8.1f} us  parallel {q[0] * 1e6:8.1f} us"
-              f"  ratio {s[0] / q[0]:.2f}")
+              f"  ratio {s[0] / q[0]:.2f}   parallel after a pause (p10) {cold * 1e6:8.1f} us")
 
 
 def main(argv=None):

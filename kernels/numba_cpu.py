@@ -554,26 +554,23 @@ def _maximum(a, b):
 
 # Below these element counts a kernel runs its serial loop, above them the
 # prange path. Measured on the development machine (2 cores, a KVM guest,
-# numba 0.68 omp layer, GOMP_SPINCOUNT=1000 from fastnn/__init__.py; the
-# machine was shared, figures are the best of 400 single calls; rerun with
-# ``python benchmarks/numba_goals.py --thresholds``): the OpenMP workers fall
-# asleep between two calls (the spin is ~1 us, shorter than numba's dispatch),
-# and waking one costs 50-60 us here, for any size (relu over 4 k elements:
-# 0.4 us serial, 56 us parallel). Serially, relu takes ~70 us per 1 M float32
-# (memory-bound), sigmoid ~195 us, Adam ~190 us (in cache) per 1 M elements.
-# A parallel call pays when the serial loop takes more than about twice the
-# wake-up, ~120 us: sigmoid over 1 M took 195 us serial and 100 us parallel,
-# over 256 k 49 us and 105 us; relu over 1 M 70 us and 51-135 us. The
-# optimizers are memory-bound, and one core already streams at the machine's
-# bandwidth (Adam over 10 M: 4.8 ms serial and parallel, the floor of 4 reads
-# and 3 writes); in between, parallel Adam lost or tied (1 M: 197 us serial,
-# 261 us parallel; 4 M: 1.7 ms and 2.0 ms) and slowed the next GEMM. Hence
-# the values below: a cheap loop from 2 M elements, a transcendental one from
-# 512 k, an optimizer from 4 M. A machine with more cores, more bandwidth
-# than one core can use, and cheaper wake-ups would profit sooner; these err
-# on the serial side, which is never far from the best and keeps the cores
-# free for BLAS between GEMMs.
-PARALLEL_MIN = {"cheap": 1 << 21, "exp": 1 << 19, "optimizer": 1 << 22}
+# numba 0.68 omp layer, GOMP_SPINCOUNT=1000 from fastnn/__init__.py, quiet:
+# load < 0.8; ``python benchmarks/numba_goals.py --thresholds``). Serially,
+# relu forward takes 66 us per 1 M float32 (memory-bound), sigmoid 190 us,
+# Adam 180 us (in cache). A parallel call right after another one costs
+# 1-2 us more than its work (relu over 4 k: 0.5 us serial, 1.7 us parallel),
+# so back to back two threads win from ~100 k cheap elements and ~30 k
+# transcendental or optimizer ones. But libgomp's workers fall asleep ~1 us
+# after a region, and waking them costs ~50 us on this VM (relu over 4 k after
+# a pause: 47 us, p10 of 400 calls). That is the case in a training step,
+# where our kernels alternate with BLAS calls: the whole 784-256-128-10 Adam
+# step ran 8-16% slower with thresholds of 128 k / 16 k / 32 k than fully
+# serial, and as fast as serial with these. So a kernel goes parallel where
+# it wins even with that wake-up: relu over 2 M took 134 us serial and 73 us
+# parallel; sigmoid over 1 M 190 us and 97 us (about 150 us with the
+# wake-up); Adam over 1 M 181 us and 97 us. A machine whose threads wake
+# faster would profit sooner.
+PARALLEL_MIN = {"cheap": 1 << 21, "exp": 1 << 20, "optimizer": 1 << 20}
 _ALIGN = 64   # chunk boundaries at multiples of 64 elements (whole cache lines)
 
 
