@@ -565,12 +565,15 @@ def _maximum(a, b):
 # a pause: 47 us, p10 of 400 calls). That is the case in a training step,
 # where our kernels alternate with BLAS calls: the whole 784-256-128-10 Adam
 # step ran 8-16% slower with thresholds of 128 k / 16 k / 32 k than fully
-# serial, and as fast as serial with these. So a kernel goes parallel where
-# it wins even with that wake-up: relu over 2 M took 134 us serial and 73 us
-# parallel; sigmoid over 1 M 190 us and 97 us (about 150 us with the
-# wake-up); Adam over 1 M 181 us and 97 us. A machine whose threads wake
-# faster would profit sooner.
-PARALLEL_MIN = {"cheap": 1 << 21, "exp": 1 << 20, "optimizer": 1 << 20}
+# serial, and as fast as serial with these. So a kernel goes parallel from
+# 1 M elements, where it wins back to back and loses little or nothing after a
+# wake-up: sigmoid over 1 M took 190 us serial, 97 us parallel and ~150 us
+# parallel after a pause; Adam over 1 M 181 us, 97 us and ~150 us; relu over
+# 1 M 66 us, 43 us and 77 us (p10; a cheap kernel that large follows a GEMM
+# of milliseconds in a training step, so the 11 us are noise there), over
+# 2 M 134 us and 73 us. A machine whose threads wake faster would profit
+# sooner.
+PARALLEL_MIN = {"cheap": 1 << 20, "exp": 1 << 20, "optimizer": 1 << 20}
 _ALIGN = 64   # chunk boundaries at multiples of 64 elements (whole cache lines)
 
 

@@ -20,9 +20,10 @@ from conftest import BACKENDS, DTYPES, assert_close
 
 STEPS = 100
 CHECK_EVERY = 10
-#: Size for backends without PARITY_SHAPES (odd), and a larger one, above every
-#: CPU backend's parallel threshold so that the prange / OpenMP path runs too,
-#: for the variants that combine every option (to keep the suite fast).
+#: Size for backends without PARITY_SHAPES (odd), and a larger one for the
+#: variants that combine every option (above the Cython backend's OpenMP
+#: threshold; numba's prange path starts at 1 M elements and is compared with
+#: its serial path in test_numba.py with the thresholds forced down).
 SIZE, LARGE_SIZE = 1001, 70001
 LARGE_VARIANTS = ("plain", "nesterov_wd_l1", "adamw_amsgrad_l1", "wd_amsgrad_l1",
                   "centered_momentum_wd_l1")
