@@ -40,7 +40,14 @@ Threads: numba's ``omp`` threading layer is selected when it is available (it
 is thread-safe and shares libgomp with the Cython backend; ``workqueue`` is not
 thread-safe, and parallel calls then hold a lock). ``fastnn/__init__.py`` sets
 ``GOMP_SPINCOUNT`` before libgomp loads, so its idle threads do not steal the
-cores from the next BLAS call.
+cores from the next BLAS call. A process forked after a parallel region runs
+every kernel serially (GNU OpenMP cannot start a region in such a child).
+
+Cache: next to this file when that folder is writable, else in
+``$XDG_CACHE_HOME/fastnn/numba`` (``~/.cache/fastnn/numba``), set as
+``NUMBA_CACHE_DIR`` before numba is imported; a ``NUMBA_CACHE_DIR`` of the
+user's wins; with no writable folder at all kernels compile uncached
+(``available()`` says so).
 """
 
 import importlib
