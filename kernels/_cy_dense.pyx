@@ -1,6 +1,11 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""The dense layer: GEMM by BLAS (``scipy.linalg.cython_blas``, without the
-GIL) and our fused epilogues around it (Cython, OpenMP).
+"""The dense layer: GEMM by BLAS (without the GIL) and our fused epilogues
+around it (Cython, OpenMP).
+
+Which BLAS: ``scipy.linalg.cython_blas`` by default (LP64, always there), or
+NumPy's own OpenBLAS when ``cython_cpu`` finds its ILP64 Fortran entry points
+and hands their addresses to ``_set_blas`` (one BLAS, one thread pool in the
+process, shared with the user's ``np.dot``; see ``cython_cpu._numpy_blas``).
 
 Row-major arrays seen by column-major BLAS are transposed, so row-major
 ``C = A @ B`` is ``gemm('N', 'N', n, m, k, 1, B, n, A, k, 0, C, n)``;
@@ -11,6 +16,7 @@ one dtype, C-contiguity, no overlap of the output with the inputs).
 
 from cython cimport floating
 from cython.parallel cimport prange
+from libc.stdint cimport int64_t, uintptr_t
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
 from _cy_math cimport (
@@ -21,9 +27,9 @@ from _cy_math cimport (
 OPENMP = bool(FASTNN_OPENMP)
 
 # Parallel thresholds of the epilogues, in output elements (the same measured
-# figures as _cy_elementwise: benchmarks/cython_goals.py --thresholds).
-cdef Py_ssize_t PAR_MIN_CHEAP = 1 << 17
-cdef Py_ssize_t PAR_MIN_TRANS = 1 << 14
+# figures as _cy_elementwise).
+cdef Py_ssize_t PAR_MIN_CHEAP = 1 << 20
+cdef Py_ssize_t PAR_MIN_TRANS = 1 << 20
 cdef int _num_threads = 1
 
 
@@ -47,15 +53,53 @@ cdef inline Py_ssize_t _act_chunks(int act, Py_ssize_t n) noexcept nogil:
                     _num_threads)
 
 
+# Fortran ``?gemm_`` with 64-bit integers (ILP64 OpenBLAS, as NumPy bundles it)
+ctypedef void (*sgemm64_t)(const char*, const char*, const int64_t*, const int64_t*,
+                           const int64_t*, const float*, const float*, const int64_t*,
+                           const float*, const int64_t*, const float*, float*,
+                           const int64_t*) noexcept nogil
+ctypedef void (*dgemm64_t)(const char*, const char*, const int64_t*, const int64_t*,
+                           const int64_t*, const double*, const double*, const int64_t*,
+                           const double*, const int64_t*, const double*, double*,
+                           const int64_t*) noexcept nogil
+
+cdef sgemm64_t _sgemm64 = NULL   # NULL: SciPy's cython_blas
+cdef dgemm64_t _dgemm64 = NULL
+
+
+def _set_blas(uintptr_t sgemm64_addr, uintptr_t dgemm64_addr):
+    """Use the ILP64 Fortran ``sgemm``/``dgemm`` at these addresses (both
+    non-zero), or SciPy's ``cython_blas`` again (both zero)."""
+    global _sgemm64, _dgemm64
+    if (sgemm64_addr == 0) != (dgemm64_addr == 0):
+        raise ValueError("_set_blas: give both addresses or neither")
+    _sgemm64 = <sgemm64_t>sgemm64_addr
+    _dgemm64 = <dgemm64_t>dgemm64_addr
+
+
+def _blas_is_scipy():
+    """True when the GEMMs go to ``scipy.linalg.cython_blas``."""
+    return _sgemm64 == NULL
+
+
 cdef inline void gemm(char ta, char tb, int m, int n, int k,
                       const floating* a, int lda, const floating* b, int ldb,
                       floating* c, int ldc) noexcept nogil:
     """Column-major ``C = op(A) @ op(B)`` (alpha 1, beta 0) by BLAS."""
     cdef floating alpha = 1, beta = 0
+    cdef int64_t m8 = m, n8 = n, k8 = k, lda8 = lda, ldb8 = ldb, ldc8 = ldc
     if floating is float:
-        sgemm(&ta, &tb, &m, &n, &k, &alpha, <float*>a, &lda, <float*>b, &ldb, &beta, c, &ldc)
+        if _sgemm64 != NULL:
+            _sgemm64(&ta, &tb, &m8, &n8, &k8, &alpha, a, &lda8, b, &ldb8, &beta, c, &ldc8)
+        else:
+            sgemm(&ta, &tb, &m, &n, &k, &alpha, <float*>a, &lda, <float*>b, &ldb, &beta,
+                  c, &ldc)
     else:
-        dgemm(&ta, &tb, &m, &n, &k, &alpha, <double*>a, &lda, <double*>b, &ldb, &beta, c, &ldc)
+        if _dgemm64 != NULL:
+            _dgemm64(&ta, &tb, &m8, &n8, &k8, &alpha, a, &lda8, b, &ldb8, &beta, c, &ldc8)
+        else:
+            dgemm(&ta, &tb, &m, &n, &k, &alpha, <double*>a, &lda, <double*>b, &ldb, &beta,
+                  c, &ldc)
 
 
 cdef void bias_act_rows(int act, floating* z, const floating* b, floating* out,
@@ -233,8 +277,8 @@ cdef void _gemm_typed(bint ta, bint tb,
 
 def _gemm(a, b, c, trans_a=False, trans_b=False):
     """The bare BLAS GEMM of this module, ``c = op(a) @ op(b)`` (``op``
-    transposes when asked), with nothing around it: the baseline of the
-    dense-layer goals (benchmarks/cython_goals.py)."""
+    transposes when asked), with nothing around it, on the BLAS the kernels
+    use: the baseline of the dense-layer goals (benchmarks/cython_goals.py)."""
     if a.dtype.itemsize == 4:
         _gemm_typed[float](trans_a, trans_b, a, b, c)
     else:

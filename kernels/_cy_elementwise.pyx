@@ -17,16 +17,20 @@ from _cy_math cimport (
 #: True when this extension was compiled with OpenMP.
 OPENMP = bool(FASTNN_OPENMP)
 
-# Parallel thresholds in elements, measured on the 2-core development machine (a
-# VM shared with other jobs; benchmarks/cython_goals.py --thresholds). Waking the
-# OpenMP worker (asleep after GOMP_SPINCOUNT=1000 spins) costs ~2-3 us when the
-# other core is free, but 50-100 us (median) when other processes keep it busy.
-# Serial costs: relu ~0.1-0.2 ns/element (memory-bound), sigmoid ~2-4 ns, so a
-# region must save at least a few tens of microseconds: cheap loops go parallel
-# from 128 k elements (relu backward at 131 k: 11.6 us serial, 6.8 us on 2 idle
-# cores), transcendental ones from 16 k (sigmoid at 16 k: 34 us serial, 18 us).
-cdef Py_ssize_t PAR_MIN_CHEAP = 1 << 17
-cdef Py_ssize_t PAR_MIN_TRANS = 1 << 14
+# Parallel thresholds in elements, shared by every _cy_* module (as numba_cpu's
+# PARALLEL_MIN, for the same reason). Alone and back to back, two threads win
+# from ~128 k cheap elements (relu backward at 131 k: 11.6 us serial, 6.8 us
+# on 2 idle cores) and ~16 k transcendental ones (sigmoid at 16 k: 34 us, 18
+# us). But in a training step each kernel follows a BLAS call, libgomp's
+# worker is asleep (GOMP_SPINCOUNT=1000) and OpenBLAS's is spinning on the
+# other core: waking ours costs ~50 us. The 784-256-128-10 Adam step at
+# batch 32 ran at 1.44x NumPy with thresholds of 128 k / 16 k / 32 k and 1.80x
+# with 1 M for all (the same as fully serial, 1.76x), at batch 128 1.20x
+# against 1.32x (benchmarks/train_throughput.py-style interleaved epochs,
+# 2 threads, quiet machine). From 1 M elements a region wins even after a
+# wake-up.
+cdef Py_ssize_t PAR_MIN_CHEAP = 1 << 20
+cdef Py_ssize_t PAR_MIN_TRANS = 1 << 20
 cdef int _num_threads = 1
 
 

@@ -21,11 +21,11 @@ import numpy as np
 #: True when this extension was compiled with OpenMP.
 OPENMP = bool(FASTNN_OPENMP)
 
-# Parallel thresholds in elements (benchmarks/cython_goals.py --thresholds):
-# the losses and softmax evaluate one exp per element (transcendental); MSE is
-# a cheap, memory-bound loop.
-cdef Py_ssize_t PAR_MIN_CHEAP = 1 << 17
-cdef Py_ssize_t PAR_MIN_TRANS = 1 << 14
+# Parallel thresholds in elements (see _cy_elementwise.pyx): the losses and
+# softmax evaluate one exp per element (transcendental); MSE is a cheap,
+# memory-bound loop.
+cdef Py_ssize_t PAR_MIN_CHEAP = 1 << 20
+cdef Py_ssize_t PAR_MIN_TRANS = 1 << 20
 cdef int _num_threads = 1
 
 # stack buffer of per-element losses, and the most chunks (threads) a call splits into

@@ -19,11 +19,11 @@ from _cy_math cimport FASTNN_OPENMP, chunk_step, n_chunks
 #: True when this extension was compiled with OpenMP.
 OPENMP = bool(FASTNN_OPENMP)
 
-# Parallel threshold in elements (benchmarks/cython_goals.py --thresholds; see
-# _cy_elementwise.pyx for the cost of a parallel region): an optimizer loop costs
-# ~1.2 ns/element serially in SSE2 (sqrt, division; Adam at 16 k elements: 24 us
-# serial, 14 us on 2 idle cores), so it goes parallel from 32 k (~40 us serial).
-cdef Py_ssize_t PAR_MIN_OPT = 1 << 15
+# Parallel threshold in elements (see _cy_elementwise.pyx): alone, Adam wins on
+# 2 idle cores from ~32 k elements (16 k: 24 us serial, 14 us parallel, SSE2),
+# but after a BLAS call in a training step waking the OpenMP worker costs ~50
+# us, so parallel from 1 M.
+cdef Py_ssize_t PAR_MIN_OPT = 1 << 20
 cdef int _num_threads = 1
 
 

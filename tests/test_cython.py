@@ -6,6 +6,8 @@ counts, BLAS calls with 1-wide dimensions and read-only inputs.
 against the reference; these tests cover what is particular to it.)
 """
 
+import contextlib
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -227,10 +229,74 @@ def test_one_thread_and_all_cores_agree(dtype):
 
 # ------------------------------------------------------------ BLAS shapes and read-only inputs
 
+NUMPY_BLAS_USABLE = cy._numpy_blas_addresses()[0] is not None
+
+
+@contextlib.contextmanager
+def _using_blas(name):
+    """Route the GEMMs to one BLAS (NumPy's bundled OpenBLAS or SciPy's
+    cython_blas) for the block; the process's choice is restored afterwards."""
+    previous = cy.use_blas(name)
+    try:
+        yield
+    finally:
+        cy.use_blas(previous)
+
+
+BLAS_NAMES = [pytest.param("numpy", marks=pytest.mark.skipif(
+                  not NUMPY_BLAS_USABLE, reason="NumPy has no bundled ILP64 OpenBLAS")),
+              "scipy"]
+
+
+def test_blas_choice_reported():
+    assert cy.blas() in ("numpy", "scipy")
+    assert _cy_dense._blas_is_scipy() == (cy.blas() == "scipy")
+    assert ("NumPy" in cy.info()["blas"]) == (cy.blas() == "numpy")
+    if np.__config__.CONFIG["Build Dependencies"]["blas"]["name"] == "scipy-openblas":
+        # the PyPI wheels: NumPy's own OpenBLAS is found and used by default
+        assert cy.blas() == "numpy", cy.info()["blas"]
+
+
+def test_use_blas_rejects_other_names():
+    before = cy.blas()
+    with pytest.raises(ValueError, match="'numpy' or 'scipy'"):
+        cy.use_blas("mkl")
+    with pytest.raises(ValueError, match="both addresses or neither"):
+        _cy_dense._set_blas(1, 0)
+    assert cy.blas() == before
+
+
+@pytest.mark.parametrize("value, expect", [("scipy", "scipy"), ("numpy", "numpy"),
+                                           ("bogus", "error")])
+def test_fastnn_blas_environment(value, expect):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FASTNN_BLAS=value)
+    code = ("import fastnn\nb = fastnn.backends()['cython']\n"
+            "if b.available:\n    from fastnn.kernels import cython_cpu as c\n    print(c.blas())\n"
+            "else:\n    print('error: ' + b.reason)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    if expect == "error":
+        assert out.startswith("error") and "FASTNN_BLAS" in out, out
+    elif expect == "numpy" and out.startswith("error"):
+        assert "NumPy's BLAS cannot be used" in out   # a NumPy without bundled OpenBLAS
+    else:
+        assert out == expect
+
+
 @given(batch=st.sampled_from([1, 2, 5]), n_in=st.sampled_from([1, 3, 64]),
        n_out=st.sampled_from([1, 4, 33]), dtype=st.sampled_from(DTYPES),
        act=st.sampled_from(ref.ACTIVATIONS))
-def test_blas_paths_with_one_wide_dimensions(batch, n_in, n_out, dtype, act):
+@pytest.mark.parametrize("blas", BLAS_NAMES)
+def test_blas_paths_with_one_wide_dimensions(blas, batch, n_in, n_out, dtype, act):
+    with _using_blas(blas):
+        _check_dense_kernels(batch, n_in, n_out, dtype, act)
+
+
+def _check_dense_kernels(batch, n_in, n_out, dtype, act):
     rng = np.random.default_rng(batch * 100 + n_in * 10 + n_out)
     x = rng.standard_normal((batch, n_in)).astype(dtype)
     w = rng.standard_normal((n_in, n_out)).astype(dtype)
