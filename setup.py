@@ -15,7 +15,9 @@ for baseline x86-64 (``fastnn.kernels._cy_dense``), for x86-64-v3 (AVX2, FMA:
 ``_cy_dense_v3``, ``-march=x86-64-v3`` or MSVC ``/arch:AVX2``) and for
 x86-64-v4 (AVX-512: ``_cy_dense_v4``, ``-march=x86-64-v4`` or
 ``/arch:AVX512``): the same arithmetic in wider vectors, so every variant
-gives the baseline's results bit for bit; ``fastnn.kernels.cython_cpu`` loads the best one the CPU
+gives the baseline's results bit for bit, except the exp/tanh/log1p polynomials
+of ``kernels/_cy_math.pxd``, which use FMA where the target has it (a few ulp;
+tanh 1.5x faster); ``fastnn.kernels.cython_cpu`` loads the best one the CPU
 runs (``FASTNN_CPU_VARIANT`` forces one). A variant the compiler cannot target
 (gcc < 11, clang < 12) is left out with a warning; ``FASTNN_CPU_VARIANTS=0`` builds the baseline only
 (a quicker development build).
