@@ -29,7 +29,7 @@ OPENMP = bool(FASTNN_OPENMP)
 # Parallel thresholds of the epilogues, in output elements (the same measured
 # figures as _cy_elementwise).
 cdef Py_ssize_t PAR_MIN_CHEAP = 1 << 20
-cdef Py_ssize_t PAR_MIN_TRANS = 1 << 20
+cdef Py_ssize_t PAR_MIN_TRANS = 1 << 19
 cdef int _num_threads = 1
 
 

@@ -27,10 +27,12 @@ OPENMP = bool(FASTNN_OPENMP)
 # batch 32 ran at 1.44x NumPy with thresholds of 128 k / 16 k / 32 k and 1.80x
 # with 1 M for all (the same as fully serial, 1.76x), at batch 128 1.20x
 # against 1.32x (benchmarks/train_throughput.py-style interleaved epochs,
-# 2 threads, quiet machine). From 1 M elements a region wins even after a
-# wake-up.
+# 2 threads, quiet machine). A region pays off after a wake-up once half the
+# serial time exceeds those ~50 us: cheap loops (~0.07 ns/element) and the
+# optimizers (~0.2 ns) from 1 M elements, the transcendental loops (sigmoid
+# ~0.34 ns/element serially on AVX-512) from 512 k.
 cdef Py_ssize_t PAR_MIN_CHEAP = 1 << 20
-cdef Py_ssize_t PAR_MIN_TRANS = 1 << 20
+cdef Py_ssize_t PAR_MIN_TRANS = 1 << 19
 cdef int _num_threads = 1
 
 

@@ -25,7 +25,7 @@ OPENMP = bool(FASTNN_OPENMP)
 # softmax evaluate one exp per element (transcendental); MSE is a cheap,
 # memory-bound loop.
 cdef Py_ssize_t PAR_MIN_CHEAP = 1 << 20
-cdef Py_ssize_t PAR_MIN_TRANS = 1 << 20
+cdef Py_ssize_t PAR_MIN_TRANS = 1 << 19
 cdef int _num_threads = 1
 
 # stack buffer of per-element losses, and the most chunks (threads) a call splits into
