@@ -408,8 +408,6 @@ def _forced_parallel(backend):
         from fastnn.kernels import cython_cpu   # the extensions of the loaded CPU variant
 
         for mod in cython_cpu._EXTENSIONS:
-            if not hasattr(mod, "_set_parallel_min"):
-                pytest.skip(f"{mod.__name__} has no _set_parallel_min")
             ones = (1,) if "_cy_optim" in mod.__name__ else (1, 1)
             old = mod._set_parallel_min(*ones)
             restore.append(lambda mod=mod, old=old: mod._set_parallel_min(*(
