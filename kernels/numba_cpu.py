@@ -920,21 +920,56 @@ def _sum64(buf, m):
 
 @_scalar
 def _row_max(z, r):
-    m = z[r, 0]
-    for j in range(1, z.shape[1]):
-        m = _maximum(m, z[r, j])
-    return m
+    """``max(z[r])`` (NaN if any is NaN, as np.max), in eight independent
+    lanes: a single running maximum is a dependency chain of one compare per
+    element."""
+    row = z[r]
+    n = row.shape[0]
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row[0]
+    j = 0
+    while j + 8 <= n:
+        m0 = _maximum(m0, row[j])
+        m1 = _maximum(m1, row[j + 1])
+        m2 = _maximum(m2, row[j + 2])
+        m3 = _maximum(m3, row[j + 3])
+        m4 = _maximum(m4, row[j + 4])
+        m5 = _maximum(m5, row[j + 5])
+        m6 = _maximum(m6, row[j + 6])
+        m7 = _maximum(m7, row[j + 7])
+        j += 8
+    while j < n:
+        m0 = _maximum(m0, row[j])
+        j += 1
+    return _maximum(_maximum(_maximum(m0, m1), _maximum(m2, m3)),
+                    _maximum(_maximum(m4, m5), _maximum(m6, m7)))
 
 
 @_scalar
 def _exp_row(z, r, m, out):
-    """``out[r] = exp(z[r] - m)``; returns its sum in the array dtype."""
-    for j in range(z.shape[1]):
-        out[r, j] = _exp(z[r, j] - m)
-    s = _c(m, 0.0)
-    for j in range(z.shape[1]):
-        s += out[r, j]
-    return s
+    """``out[r] = exp(z[r] - m)``; returns its sum, accumulated in float64 in
+    eight lanes (one running sum is latency-bound: 1.8 ms for 1024x1000) and
+    rounded to the array dtype."""
+    zr = z[r]
+    orow = out[r]
+    n = zr.shape[0]
+    for j in range(n):
+        orow[j] = _exp(zr[j] - m)
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    j = 0
+    while j + 8 <= n:
+        s0 += np.float64(orow[j])
+        s1 += np.float64(orow[j + 1])
+        s2 += np.float64(orow[j + 2])
+        s3 += np.float64(orow[j + 3])
+        s4 += np.float64(orow[j + 4])
+        s5 += np.float64(orow[j + 5])
+        s6 += np.float64(orow[j + 6])
+        s7 += np.float64(orow[j + 7])
+        j += 8
+    while j < n:
+        s0 += np.float64(orow[j])
+        j += 1
+    return _c(m, ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)))
 
 
 def _softmax_ce_rows(lo, hi, z, labels, grad, n):
