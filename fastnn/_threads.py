@@ -15,6 +15,24 @@ _lock = threading.Lock()
 _num_threads = None
 _blas_limiter = None
 
+#: True in a process forked (``os.fork``, multiprocessing's "fork" start method)
+#: from one that had imported fastnn. GNU OpenMP cannot start a parallel region
+#: in such a child once the parent used one (the child hangs, or numba aborts
+#: it), so the backends run every kernel on one thread there.
+forked_child = False
+
+
+def _after_fork_in_child():
+    global forked_child
+    forked_child = True
+    mod = sys.modules.get("fastnn.kernels.cython_cpu")
+    if mod is not None:
+        mod.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 def cpu_count():
     """Cores this process may run on (its affinity mask), at least 1."""

@@ -290,11 +290,15 @@ def available():
 
 
 def set_num_threads(n):
-    """Set the OpenMP threads of every extension's parallel loops."""
+    """Set the OpenMP threads of every extension's parallel loops (always 1 in
+    a forked child: see ``fastnn._threads.forked_child``)."""
     global _num_threads
+    from fastnn import _threads
+
+    n = 1 if _threads.forked_child else max(1, int(n))
     for ext in _EXTENSIONS:
         ext.set_num_threads(n)
-    _num_threads = max(1, int(n))
+    _num_threads = n
 
 
 def get_num_threads():

@@ -646,7 +646,9 @@ _thread_state = threading.local()
 # GNU OpenMP cannot start a parallel region in a child forked after the
 # parent used it (numba then aborts the child: "fork() called from a process
 # already using GNU OpenMP"); a forked child runs every kernel serially.
-_forked_child = False
+from fastnn import _threads as _fastnn_threads  # noqa: E402
+
+_forked_child = _fastnn_threads.forked_child   # first loaded in a forked child
 
 
 def _after_fork_in_child():

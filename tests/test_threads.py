@@ -333,3 +333,57 @@ def test_busy_threads_within_a_training_step_stay_within_the_cores(backend, thre
     assert samples.mean() <= n + 0.5, summary
     assert over <= 0.4, summary
     assert samples.max() <= n + 1, summary
+
+
+# ------------------------------------------------------------ fork
+
+_FORK_SCRIPT = r"""
+import os, sys
+import numpy as np
+import fastnn
+from fastnn import ops
+
+first, second = sys.argv[1], sys.argv[2]
+z = np.random.default_rng(0).standard_normal(1 << 21).astype(np.float32)  # parallel path
+x = np.ones((64, 300), np.float32); w = np.full((300, 40), 0.01, np.float32)
+b = np.zeros(40, np.float32)
+
+def run(backend):
+    with fastnn.use_backend(backend):
+        y = np.empty_like(z)
+        ops.activation_forward("sigmoid", z, y)
+        c = np.empty((64, 40), np.float32)
+        ops.dense_forward(x, w, b, "relu", c)
+    return y, c
+
+expected = run(first)          # the parent uses OpenMP (and BLAS) before the fork
+pid = os.fork()
+if pid == 0:
+    code = 4
+    try:
+        fastnn.set_num_threads(fastnn._threads.cpu_count())   # asking for more changes nothing
+        y, c = run(second)
+        y2, c2 = run(first)
+        same = all(np.allclose(a, e, rtol=1e-5, atol=1e-6) for a, e in
+                   ((y, expected[0]), (c, expected[1]), (y2, expected[0]), (c2, expected[1])))
+        code = 0 if same else 3
+    finally:
+        os._exit(code)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
+@pytest.mark.parametrize("first, second", [(a, b) for a in AVAILABLE_CPU for b in AVAILABLE_CPU
+                                           if "numpy" not in (a, b)])
+def test_kernels_work_in_a_forked_child(first, second):
+    """GNU OpenMP hangs a child forked after the parent ran a parallel region
+    if the child starts one: a forked child runs every kernel on one thread
+    (multiprocessing's default start method on Linux is fork)."""
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-c", _FORK_SCRIPT, first, second],
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "child 0", res.stdout + res.stderr[-2000:]
