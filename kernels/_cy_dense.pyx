@@ -2,10 +2,13 @@
 """The dense layer: GEMM by BLAS (without the GIL) and our fused epilogues
 around it (Cython, OpenMP).
 
-Which BLAS: ``scipy.linalg.cython_blas`` by default (LP64, always there), or
-NumPy's own OpenBLAS when ``cython_cpu`` finds its ILP64 Fortran entry points
-and hands their addresses to ``_set_blas`` (one BLAS, one thread pool in the
-process, shared with the user's ``np.dot``; see ``cython_cpu._numpy_blas``).
+Which BLAS: ``fastnn.kernels.cython_cpu`` hands the addresses of a Fortran
+``sgemm``/``dgemm`` to ``_set_blas``: NumPy's own OpenBLAS (ILP64) when it
+finds it (one BLAS, one thread pool in the process, shared with the user's
+``np.dot``), else SciPy's ``scipy.linalg.cython_blas`` (LP64). Nothing is
+cimported from SciPy, so importing this module does not import
+``scipy.linalg`` (0.14 s); called before ``_set_blas``, a kernel loads
+SciPy's BLAS itself.
 
 Row-major arrays seen by column-major BLAS are transposed, so row-major
 ``C = A @ B`` is ``gemm('N', 'N', n, m, k, 1, B, n, A, k, 0, C, n)``;
@@ -17,7 +20,6 @@ one dtype, C-contiguity, no overlap of the output with the inputs).
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t, uintptr_t
-from scipy.linalg.cython_blas cimport dgemm, sgemm
 
 from _cy_math cimport (
     FASTNN_OPENMP, act_backward, act_code, act_forward_range, act_is_transcendental, n_chunks,
@@ -53,7 +55,14 @@ cdef inline Py_ssize_t _act_chunks(int act, Py_ssize_t n) noexcept nogil:
                     _num_threads)
 
 
-# Fortran ``?gemm_`` with 64-bit integers (ILP64 OpenBLAS, as NumPy bundles it)
+# Fortran ``?gemm_``, with 32-bit (LP64: SciPy's) or 64-bit integers (ILP64:
+# NumPy's bundled OpenBLAS)
+ctypedef void (*sgemm32_t)(const char*, const char*, const int*, const int*, const int*,
+                           const float*, const float*, const int*, const float*, const int*,
+                           const float*, float*, const int*) noexcept nogil
+ctypedef void (*dgemm32_t)(const char*, const char*, const int*, const int*, const int*,
+                           const double*, const double*, const int*, const double*,
+                           const int*, const double*, double*, const int*) noexcept nogil
 ctypedef void (*sgemm64_t)(const char*, const char*, const int64_t*, const int64_t*,
                            const int64_t*, const float*, const float*, const int64_t*,
                            const float*, const int64_t*, const float*, float*,
@@ -63,22 +72,48 @@ ctypedef void (*dgemm64_t)(const char*, const char*, const int64_t*, const int64
                            const double*, const int64_t*, const double*, double*,
                            const int64_t*) noexcept nogil
 
-cdef sgemm64_t _sgemm64 = NULL   # NULL: SciPy's cython_blas
+cdef sgemm32_t _sgemm32 = NULL
+cdef dgemm32_t _dgemm32 = NULL
+cdef sgemm64_t _sgemm64 = NULL
 cdef dgemm64_t _dgemm64 = NULL
 
 
-def _set_blas(uintptr_t sgemm64_addr, uintptr_t dgemm64_addr):
-    """Use the ILP64 Fortran ``sgemm``/``dgemm`` at these addresses (both
-    non-zero), or SciPy's ``cython_blas`` again (both zero)."""
-    global _sgemm64, _dgemm64
-    if (sgemm64_addr == 0) != (dgemm64_addr == 0):
-        raise ValueError("_set_blas: give both addresses or neither")
-    _sgemm64 = <sgemm64_t>sgemm64_addr
-    _dgemm64 = <dgemm64_t>dgemm64_addr
+def _set_blas(uintptr_t sgemm_addr, uintptr_t dgemm_addr, bint ilp64):
+    """Call the Fortran ``sgemm``/``dgemm`` at these addresses (both non-zero),
+    with 64-bit integers when ``ilp64``."""
+    global _sgemm32, _dgemm32, _sgemm64, _dgemm64
+    if sgemm_addr == 0 or dgemm_addr == 0:
+        raise ValueError("_set_blas: both addresses are needed")
+    if ilp64:
+        _sgemm64, _dgemm64 = <sgemm64_t>sgemm_addr, <dgemm64_t>dgemm_addr
+        _sgemm32, _dgemm32 = NULL, NULL
+    else:
+        _sgemm32, _dgemm32 = <sgemm32_t>sgemm_addr, <dgemm32_t>dgemm_addr
+        _sgemm64, _dgemm64 = NULL, NULL
+
+
+def _scipy_blas_addresses():
+    """The addresses of ``sgemm``/``dgemm`` in ``scipy.linalg.cython_blas``."""
+    import ctypes
+
+    from scipy.linalg import cython_blas
+
+    name = ctypes.pythonapi.PyCapsule_GetName
+    name.restype, name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+    pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    pointer.restype, pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    capi = cython_blas.__pyx_capi__
+    return tuple(pointer(capi[f], name(capi[f])) for f in ("sgemm", "dgemm"))
+
+
+cdef inline int _ensure_blas() except -1:
+    if _sgemm32 == NULL and _sgemm64 == NULL:
+        _set_blas(*_scipy_blas_addresses(), False)
+    return 0
 
 
 def _blas_is_scipy():
-    """True when the GEMMs go to ``scipy.linalg.cython_blas``."""
+    """True when the GEMMs go to an LP64 BLAS (SciPy's ``cython_blas``)."""
     return _sgemm64 == NULL
 
 
@@ -92,14 +127,12 @@ cdef inline void gemm(char ta, char tb, int m, int n, int k,
         if _sgemm64 != NULL:
             _sgemm64(&ta, &tb, &m8, &n8, &k8, &alpha, a, &lda8, b, &ldb8, &beta, c, &ldc8)
         else:
-            sgemm(&ta, &tb, &m, &n, &k, &alpha, <float*>a, &lda, <float*>b, &ldb, &beta,
-                  c, &ldc)
+            _sgemm32(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc)
     else:
         if _dgemm64 != NULL:
             _dgemm64(&ta, &tb, &m8, &n8, &k8, &alpha, a, &lda8, b, &ldb8, &beta, c, &ldc8)
         else:
-            dgemm(&ta, &tb, &m, &n, &k, &alpha, <double*>a, &lda, <double*>b, &ldb, &beta,
-                  c, &ldc)
+            _dgemm32(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc)
 
 
 cdef void bias_act_rows(int act, floating* z, const floating* b, floating* out,
@@ -200,6 +233,7 @@ def dense_forward(x, w, b, str act, out, preact=None):
     preact : ndarray (batch, out) or None
         OUT: ``z = x @ w + b``.
     """
+    _ensure_blas()
     cdef int code = act_code(act)
     cdef int size = x.dtype.itemsize
     if preact is None:
@@ -230,6 +264,7 @@ def backprop_delta(dy, w, z, y, str act, out):
     out : ndarray (batch, in)
         OUT; must not overlap the inputs.
     """
+    _ensure_blas()
     cdef int code = act_code(act)
     cdef int size = dy.dtype.itemsize
     empty = _EMPTY2[size]
@@ -258,6 +293,7 @@ def dense_backward(x, dz, dw, db):
     db : ndarray (out,)
         OUT
     """
+    _ensure_blas()
     if x.dtype.itemsize == 4:
         _dense_backward[float](x, dz, dw, db)
     else:
@@ -279,6 +315,7 @@ def _gemm(a, b, c, trans_a=False, trans_b=False):
     """The bare BLAS GEMM of this module, ``c = op(a) @ op(b)`` (``op``
     transposes when asked), with nothing around it, on the BLAS the kernels
     use: the baseline of the dense-layer goals (benchmarks/cython_goals.py)."""
+    _ensure_blas()
     if a.dtype.itemsize == 4:
         _gemm_typed[float](trans_a, trans_b, a, b, c)
     else:

@@ -35,7 +35,7 @@ one here (OpenBLAS 0.3.31 against SciPy's 0.3.30: 32x784x256 float32 in 66 us
 against 88 us on 2 threads, 120 against 160 us on one). ``FASTNN_BLAS=scipy``
 (or ``numpy``, which fails when NumPy's cannot be used) decides instead;
 ``use_blas(name)`` switches at run time. A GEMM checked against ``np.matmul``
-guards the choice.
+guards the choice. SciPy is imported only when its BLAS is used.
 """
 
 import importlib
@@ -244,15 +244,15 @@ def use_blas(name):
         raise ValueError(f"name must be 'numpy' or 'scipy', got {name!r}")
     previous = _BLAS
     if name == "scipy":
-        _cy_dense._set_blas(0, 0)
+        _cy_dense._set_blas(*_cy_dense._scipy_blas_addresses(), False)
         _BLAS, _BLAS_NOTE = "scipy", ""
         return previous
     addresses, why = _numpy_blas_addresses()
     if addresses is None:
         raise RuntimeError(f"NumPy's BLAS cannot be used: {why}")
-    _cy_dense._set_blas(*addresses)
+    _cy_dense._set_blas(*addresses, True)
     if not _gemm_agrees():
-        _cy_dense._set_blas(0, 0)
+        _cy_dense._set_blas(*_cy_dense._scipy_blas_addresses(), False)
         _BLAS = "scipy"
         raise RuntimeError("NumPy's BLAS cannot be used: its GEMM disagreed with np.matmul")
     _BLAS, _BLAS_NOTE = "numpy", ""
@@ -273,6 +273,7 @@ def _init_blas():
     except RuntimeError as exc:
         if forced == "numpy":
             raise ImportError(f"FASTNN_BLAS=numpy: {exc}") from None
+        use_blas("scipy")
         _BLAS_NOTE = f" ({exc})"
 
 

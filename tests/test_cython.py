@@ -261,8 +261,8 @@ def test_use_blas_rejects_other_names():
     before = cy.blas()
     with pytest.raises(ValueError, match="'numpy' or 'scipy'"):
         cy.use_blas("mkl")
-    with pytest.raises(ValueError, match="both addresses or neither"):
-        _cy_dense._set_blas(1, 0)
+    with pytest.raises(ValueError, match="both addresses are needed"):
+        _cy_dense._set_blas(1, 0, True)
     assert cy.blas() == before
 
 
@@ -285,6 +285,39 @@ def test_fastnn_blas_environment(value, expect):
         assert "NumPy's BLAS cannot be used" in out   # a NumPy without bundled OpenBLAS
     else:
         assert out == expect
+
+
+def _fresh(code, **env):
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(not NUMPY_BLAS_USABLE, reason="NumPy has no bundled ILP64 OpenBLAS")
+def test_first_dense_call_does_not_import_scipy_linalg():
+    """With NumPy's BLAS, the cython backend never imports scipy.linalg (0.14 s)."""
+    out = _fresh("import sys, numpy as np, fastnn\n"
+                 "x = np.ones((3, 4), np.float32); w = np.ones((4, 2), np.float32)\n"
+                 "o = np.empty((3, 2), np.float32)\n"
+                 "fastnn.ops.dense_forward(x, w, np.zeros(2, np.float32), 'relu', o)\n"
+                 "print(fastnn.get_backend(), 'scipy.linalg' in sys.modules, o[0, 0])",
+                 FASTNN_BACKEND="cython")
+    assert out == "cython False 4.0"
+
+
+def test_extension_used_alone_loads_scipy_blas():
+    """The bare extension, before cython_cpu chose a BLAS, falls back to SciPy's."""
+    variant = cy.CPU_VARIANT
+    name = "fastnn.kernels._cy_dense" + ("" if variant == "baseline" else f"_{variant}")
+    out = _fresh(f"import numpy as np, importlib\nd = importlib.import_module({name!r})\n"
+                 "a = np.arange(6, dtype=np.float64).reshape(2, 3)\nc = np.empty((2, 2))\n"
+                 "d._gemm(a, a.T.copy(), c)\nprint(d._blas_is_scipy(), c.tolist())")
+    assert out == "True [[5.0, 14.0], [14.0, 50.0]]"
 
 
 @given(batch=st.sampled_from([1, 2, 5]), n_in=st.sampled_from([1, 3, 64]),
