@@ -24,6 +24,8 @@ def collect():
     """Everything ``info`` prints, as a dict."""
     import fastnn
     from fastnn import _backend
+    from fastnn._bench import cpu_model
+    from fastnn._threads import cpu_count
     from threadpoolctl import threadpool_info
 
     backends = {}
@@ -40,7 +42,7 @@ def collect():
         "python": sys.version.split()[0],
         "numpy": np.__version__,
         "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": f"{cpu_model()} ({platform.machine()}, {cpu_count()} cores available)",
         "cpu_features": cpu_features(),
         "default_backend": fastnn.get_backend(),
         "threads": fastnn.get_num_threads(),
