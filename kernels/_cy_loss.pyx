@@ -14,7 +14,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport log, logf
 
-from _cy_math cimport FASTNN_OPENMP, n_chunks, sum_range, vexp, vlog1p_unit
+from _cy_math cimport FASTNN_OPENMP, chunk_step, n_chunks, sum_range, vexp, vlog1p_unit
 
 import numpy as np
 
@@ -241,25 +241,41 @@ cdef double bce_range(const floating* z, const floating* t, floating* g,
     return total
 
 
-cdef double _bce(const floating[::1] z,   # IN (n,) logits, flattened
-                 const floating[::1] t,   # IN (n,) targets
-                 floating[::1] g):        # OUT (n,) gradient
-    cdef Py_ssize_t n = z.shape[0], c, nc, step
-    cdef const floating* zp = &z[0]
+cdef enum:
+    LOSS_BCE = 0
+    LOSS_MSE = 1
+
+
+cdef inline double pointwise_range(int kind, const floating* a, const floating* t, floating* g,
+                                   Py_ssize_t lo, Py_ssize_t hi, floating scale) noexcept nogil:
+    if kind == LOSS_BCE:
+        return bce_range(a, t, g, lo, hi, scale)
+    return mse_range(a, t, g, lo, hi, scale)
+
+
+cdef double _pointwise_loss(int kind,
+                            const floating[::1] a,   # IN (n,) logits or predictions, flattened
+                            const floating[::1] t,   # IN (n,) targets
+                            floating[::1] g,         # OUT (n,) gradient (MSE: may be a)
+                            floating scale):
+    """The mean of a per-element loss and its gradient (``scale`` folds the
+    1/n in), serially or in static chunks whose float64 partial sums are
+    added in chunk order."""
+    cdef Py_ssize_t n = a.shape[0], c, nc, step
+    cdef const floating* ap = &a[0]
     cdef const floating* tp = &t[0]
     cdef floating* gp = &g[0]
-    cdef floating inv_n = 1.0 / n
     cdef double total = 0
     cdef double partial[MAX_CHUNKS]
     with nogil:
-        nc = n_chunks(n, PAR_MIN_TRANS, _num_threads)
+        nc = n_chunks(n, PAR_MIN_TRANS if kind == LOSS_BCE else PAR_MIN_CHEAP, _num_threads)
         if nc == 1:
-            total = bce_range(zp, tp, gp, 0, n, inv_n)
+            total = pointwise_range(kind, ap, tp, gp, 0, n, scale)
         else:
-            step = (n + nc - 1) // nc
-            step = (step + 15) & ~(<Py_ssize_t>15)
+            step = chunk_step(n, nc)
             for c in prange(nc, schedule="static", num_threads=nc):
-                partial[c] = bce_range(zp, tp, gp, min(n, c * step), min(n, (c + 1) * step), inv_n)
+                partial[c] = pointwise_range(kind, ap, tp, gp, min(n, c * step),
+                                             min(n, (c + 1) * step), scale)
             for c in range(nc):
                 total += partial[c]
     return total / n
@@ -284,9 +300,12 @@ def sigmoid_binary_cross_entropy(logits, targets, grad):
     -------
     float
     """
+    cdef Py_ssize_t n = logits.size
     if logits.dtype.itemsize == 4:
-        return _bce[float](logits.reshape(-1), targets.reshape(-1), grad.reshape(-1))
-    return _bce[double](logits.reshape(-1), targets.reshape(-1), grad.reshape(-1))
+        return _pointwise_loss[float](LOSS_BCE, logits.reshape(-1), targets.reshape(-1),
+                                      grad.reshape(-1), <float>(1.0 / n))
+    return _pointwise_loss[double](LOSS_BCE, logits.reshape(-1), targets.reshape(-1),
+                                   grad.reshape(-1), 1.0 / n)
 
 
 # ------------------------------------------------------------------ mean squared error
@@ -311,30 +330,6 @@ cdef double mse_range(const floating* p, const floating* t, floating* g,
     return total
 
 
-cdef double _mse(const floating[::1] p,   # IN (n,) predictions, flattened
-                 const floating[::1] t,   # IN (n,) targets
-                 floating[::1] g):        # OUT (n,) gradient, may be p
-    cdef Py_ssize_t n = p.shape[0], c, nc, step
-    cdef const floating* pp = &p[0]
-    cdef const floating* tp = &t[0]
-    cdef floating* gp = &g[0]
-    cdef floating scale = 2.0 / n
-    cdef double total = 0
-    cdef double partial[MAX_CHUNKS]
-    with nogil:
-        nc = n_chunks(n, PAR_MIN_CHEAP, _num_threads)
-        if nc == 1:
-            total = mse_range(pp, tp, gp, 0, n, scale)
-        else:
-            step = (n + nc - 1) // nc
-            step = (step + 15) & ~(<Py_ssize_t>15)
-            for c in prange(nc, schedule="static", num_threads=nc):
-                partial[c] = mse_range(pp, tp, gp, min(n, c * step), min(n, (c + 1) * step), scale)
-            for c in range(nc):
-                total += partial[c]
-    return total / n
-
-
 def mse(pred, target, grad):
     """Mean squared error over all elements and its gradient, in one pass.
 
@@ -351,6 +346,9 @@ def mse(pred, target, grad):
     -------
     float
     """
+    cdef Py_ssize_t n = pred.size
     if pred.dtype.itemsize == 4:
-        return _mse[float](pred.reshape(-1), target.reshape(-1), grad.reshape(-1))
-    return _mse[double](pred.reshape(-1), target.reshape(-1), grad.reshape(-1))
+        return _pointwise_loss[float](LOSS_MSE, pred.reshape(-1), target.reshape(-1),
+                                      grad.reshape(-1), <float>(2.0 / n))
+    return _pointwise_loss[double](LOSS_MSE, pred.reshape(-1), target.reshape(-1),
+                                   grad.reshape(-1), 2.0 / n)
