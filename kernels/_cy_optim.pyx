@@ -102,18 +102,7 @@ cdef void _sgd(floating[::1] p,          # IN/OUT (n,) parameters
                const floating[::1] g,    # IN (n,) gradient
                floating[::1] buf,        # IN/OUT (n,) momentum buffer, or empty
                Hyper* h):
-    cdef Py_ssize_t n = p.shape[0], c, nc, step
-    cdef floating* pp = &p[0]
-    cdef const floating* gp = &g[0]
-    cdef floating* bp = &buf[0] if buf.shape[0] else NULL
-    with nogil:
-        nc = n_chunks(n, PAR_MIN_OPT, _num_threads)
-        if nc == 1:
-            sgd_chunk(pp, gp, bp, h, 0, n)
-        else:
-            step = chunk_step(n, nc)
-            for c in prange(nc, schedule="static", num_threads=nc):
-                sgd_chunk(pp, gp, bp, h, min(n, c * step), min(n, (c + 1) * step))
+    run(OPT_SGD, &p[0], &g[0], &buf[0] if buf.shape[0] else NULL, NULL, NULL, h, p.shape[0])
 
 
 # ------------------------------------------------------------------ Adam
@@ -158,20 +147,8 @@ cdef void _adam(floating[::1] p,          # IN/OUT (n,) parameters
                 floating[::1] v,          # IN/OUT (n,) second moment
                 floating[::1] vmax,       # IN/OUT (n,) AMSGrad maximum, or empty
                 Hyper* h):
-    cdef Py_ssize_t n = p.shape[0], c, nc, step
-    cdef floating* pp = &p[0]
-    cdef const floating* gp = &g[0]
-    cdef floating* mp = &m[0]
-    cdef floating* vp = &v[0]
-    cdef floating* xp = &vmax[0] if vmax.shape[0] else NULL
-    with nogil:
-        nc = n_chunks(n, PAR_MIN_OPT, _num_threads)
-        if nc == 1:
-            adam_chunk(pp, gp, mp, vp, xp, h, 0, n)
-        else:
-            step = chunk_step(n, nc)
-            for c in prange(nc, schedule="static", num_threads=nc):
-                adam_chunk(pp, gp, mp, vp, xp, h, min(n, c * step), min(n, (c + 1) * step))
+    run(OPT_ADAM, &p[0], &g[0], &m[0], &v[0], &vmax[0] if vmax.shape[0] else NULL, h,
+        p.shape[0])
 
 
 # ------------------------------------------------------------------ RMSprop
@@ -218,20 +195,8 @@ cdef void _rmsprop(floating[::1] p,          # IN/OUT (n,) parameters
                    floating[::1] buf,        # IN/OUT (n,) momentum buffer, or empty
                    floating[::1] cm,         # IN/OUT (n,) centered mean, or empty
                    Hyper* h):
-    cdef Py_ssize_t n = p.shape[0], c, nc, step
-    cdef floating* pp = &p[0]
-    cdef const floating* gp = &g[0]
-    cdef floating* sp = &sq[0]
-    cdef floating* bp = &buf[0] if buf.shape[0] else NULL
-    cdef floating* cp = &cm[0] if cm.shape[0] else NULL
-    with nogil:
-        nc = n_chunks(n, PAR_MIN_OPT, _num_threads)
-        if nc == 1:
-            rmsprop_chunk(pp, gp, sp, bp, cp, h, 0, n)
-        else:
-            step = chunk_step(n, nc)
-            for c in prange(nc, schedule="static", num_threads=nc):
-                rmsprop_chunk(pp, gp, sp, bp, cp, h, min(n, c * step), min(n, (c + 1) * step))
+    run(OPT_RMSPROP, &p[0], &g[0], &sq[0], &buf[0] if buf.shape[0] else NULL,
+        &cm[0] if cm.shape[0] else NULL, h, p.shape[0])
 
 
 # ------------------------------------------------------------------ the memory floor
@@ -248,19 +213,46 @@ cdef inline void stream_range(floating* p, const floating* g, floating* m, float
 
 
 cdef void _stream(floating[::1] p, const floating[::1] g, floating[::1] m, floating[::1] v):
-    cdef Py_ssize_t n = p.shape[0], c, nc, step
-    cdef floating* pp = &p[0]
-    cdef const floating* gp = &g[0]
-    cdef floating* mp = &m[0]
-    cdef floating* vp = &v[0]
+    run(OPT_STREAM, &p[0], &g[0], &m[0], &v[0], NULL, NULL, p.shape[0])
+
+
+# ------------------------------------------------------------------ one driver
+
+cdef enum:
+    OPT_SGD = 0
+    OPT_ADAM = 1
+    OPT_RMSPROP = 2
+    OPT_STREAM = 3
+
+
+cdef inline void run_chunk(int kind, floating* p, const floating* g, floating* a, floating* b,
+                           floating* c, const Hyper* h, Py_ssize_t lo,
+                           Py_ssize_t hi) noexcept nogil:
+    """Elements ``lo..hi`` of one optimizer; ``a, b, c`` are its state arrays
+    in the order of its kernel's arguments (NULL: not used)."""
+    if kind == OPT_SGD:
+        sgd_chunk(p, g, a, h, lo, hi)
+    elif kind == OPT_ADAM:
+        adam_chunk(p, g, a, b, c, h, lo, hi)
+    elif kind == OPT_RMSPROP:
+        rmsprop_chunk(p, g, a, b, c, h, lo, hi)
+    else:
+        stream_range(p, g, a, b, lo, hi)
+
+
+cdef void run(int kind, floating* p, const floating* g, floating* a, floating* b, floating* c,
+              const Hyper* h, Py_ssize_t n) noexcept:
+    """One optimizer over ``n`` elements: serially below ``PAR_MIN_OPT``, else in
+    ``num_threads`` static chunks of whole cache lines."""
+    cdef Py_ssize_t i, nc, step
     with nogil:
         nc = n_chunks(n, PAR_MIN_OPT, _num_threads)
         if nc == 1:
-            stream_range(pp, gp, mp, vp, 0, n)
+            run_chunk(kind, p, g, a, b, c, h, 0, n)
         else:
             step = chunk_step(n, nc)
-            for c in prange(nc, schedule="static", num_threads=nc):
-                stream_range(pp, gp, mp, vp, min(n, c * step), min(n, (c + 1) * step))
+            for i in prange(nc, schedule="static", num_threads=nc):
+                run_chunk(kind, p, g, a, b, c, h, min(n, i * step), min(n, (i + 1) * step))
 
 
 def _stream_floor(p, g, m, v):
