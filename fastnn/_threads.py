@@ -48,9 +48,13 @@ def get_num_threads():
 
 
 def _load_scipy_blas():
-    """Load SciPy's BLAS (its own OpenBLAS, which the cython and numba backends
-    call) so that threadpoolctl sizes it now: a BLAS library loaded after
-    ``threadpool_limits`` keeps its default thread count. Costs ~0.15 s once."""
+    """Load SciPy's BLAS (its own OpenBLAS) unless the loaded cython backend
+    calls NumPy's, so that threadpoolctl sizes it now: a BLAS library loaded
+    after ``threadpool_limits`` keeps its default thread count (the cython
+    backend sizes it again when it switches to it). Costs ~0.15 s once."""
+    cython = sys.modules.get("fastnn.kernels.cython_cpu")
+    if cython is not None and cython.blas() == "numpy":
+        return
     try:
         import scipy.linalg.cython_blas  # noqa: F401
     except ImportError:

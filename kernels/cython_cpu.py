@@ -246,6 +246,7 @@ def use_blas(name):
     if name == "scipy":
         _cy_dense._set_blas(*_cy_dense._scipy_blas_addresses(), False)
         _BLAS, _BLAS_NOTE = "scipy", ""
+        _size_scipy_blas()
         return previous
     addresses, why = _numpy_blas_addresses()
     if addresses is None:
@@ -257,6 +258,15 @@ def use_blas(name):
         raise RuntimeError("NumPy's BLAS cannot be used: its GEMM disagreed with np.matmul")
     _BLAS, _BLAS_NOTE = "numpy", ""
     return previous
+
+
+def _size_scipy_blas():
+    """SciPy's OpenBLAS may have loaded just now: give it fastnn's thread count
+    when the user set one (threadpoolctl limits only the libraries loaded)."""
+    from fastnn import _threads
+
+    if _threads._num_threads is not None:
+        _threads.set_num_threads(_threads._num_threads)
 
 
 def _init_blas():

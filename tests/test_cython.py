@@ -310,6 +310,15 @@ def test_first_dense_call_does_not_import_scipy_linalg():
     assert out == "cython False 4.0"
 
 
+def test_scipy_blas_loaded_late_gets_the_thread_count():
+    """A thread count set before the backend loads SciPy's BLAS reaches it."""
+    out = _fresh("import fastnn\nfastnn.set_num_threads(1)\n"
+                 "from fastnn.kernels import cython_cpu as c\nimport threadpoolctl\n"
+                 "print(c.blas(), sorted({p['num_threads'] for p in threadpoolctl.threadpool_info()}))",
+                 FASTNN_BLAS="scipy")
+    assert out == "scipy [1]"
+
+
 def test_extension_used_alone_loads_scipy_blas():
     """The bare extension, before cython_cpu chose a BLAS, falls back to SciPy's."""
     variant = cy.CPU_VARIANT
