@@ -920,67 +920,73 @@ def _sum64(buf, m):
     return total
 
 
+_LANES = 16   # width of the running maxima of _row_max
+
+
 @_scalar
-def _row_max(z, r):
-    """``max(z[r])`` (NaN if any is NaN, as np.max), in eight independent
-    lanes: a single running maximum is a dependency chain of one compare per
-    element."""
+def _row_max(z, r, lanes):
+    """``max(z[r])``, NaN skipped unless first (it reaches the row's results
+    anyway through ``exp(z - max)``, as in the reference). Sixteen running
+    maxima in ``lanes`` (a scratch array of ``_LANES``): an elementwise select
+    over them vectorizes, where one running maximum is a chain of dependent
+    compares (LLVM does not vectorize a float max reduction without fast-math)."""
     row = z[r]
     n = row.shape[0]
-    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row[0]
-    j = 0
-    while j + 8 <= n:
-        m0 = _maximum(m0, row[j])
-        m1 = _maximum(m1, row[j + 1])
-        m2 = _maximum(m2, row[j + 2])
-        m3 = _maximum(m3, row[j + 3])
-        m4 = _maximum(m4, row[j + 4])
-        m5 = _maximum(m5, row[j + 5])
-        m6 = _maximum(m6, row[j + 6])
-        m7 = _maximum(m7, row[j + 7])
-        j += 8
+    if n < _LANES:
+        m = row[0]
+        for j in range(1, n):
+            x = row[j]
+            m = x if x > m else m
+        return m
+    for k in range(_LANES):
+        lanes[k] = row[k]
+    j = _LANES
+    while j + _LANES <= n:
+        for k in range(_LANES):
+            x = row[j + k]
+            b = lanes[k]
+            lanes[k] = x if x > b else b
+        j += _LANES
+    m = lanes[0]
+    for k in range(1, _LANES):
+        x = lanes[k]
+        m = x if x > m else m
     while j < n:
-        m0 = _maximum(m0, row[j])
+        x = row[j]
+        m = x if x > m else m
         j += 1
-    return _maximum(_maximum(_maximum(m0, m1), _maximum(m2, m3)),
-                    _maximum(_maximum(m4, m5), _maximum(m6, m7)))
+    return m
+
+
+@register_jitable(error_model="numpy", fastmath={"reassoc"})
+def _sum_row64(row):
+    """``sum(row)`` accumulated in float64, reassociated so that it vectorizes
+    (a different order than a running sum: ~1e-16 relative)."""
+    s = 0.0
+    for j in range(row.shape[0]):
+        s += np.float64(row[j])
+    return s
 
 
 @_scalar
 def _exp_row(z, r, m, out):
-    """``out[r] = exp(z[r] - m)``; returns its sum, accumulated in float64 in
-    eight lanes (one running sum is latency-bound: 1.8 ms for 1024x1000) and
-    rounded to the array dtype."""
+    """``out[r] = exp(z[r] - m)``; returns its sum (in float64, rounded to the
+    array dtype)."""
     zr = z[r]
     orow = out[r]
-    n = zr.shape[0]
-    for j in range(n):
+    for j in range(zr.shape[0]):
         orow[j] = _exp(zr[j] - m)
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
-    j = 0
-    while j + 8 <= n:
-        s0 += np.float64(orow[j])
-        s1 += np.float64(orow[j + 1])
-        s2 += np.float64(orow[j + 2])
-        s3 += np.float64(orow[j + 3])
-        s4 += np.float64(orow[j + 4])
-        s5 += np.float64(orow[j + 5])
-        s6 += np.float64(orow[j + 6])
-        s7 += np.float64(orow[j + 7])
-        j += 8
-    while j < n:
-        s0 += np.float64(orow[j])
-        j += 1
-    return _c(m, ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)))
+    return _c(m, _sum_row64(orow))
 
 
 def _softmax_ce_rows(lo, hi, z, labels, grad, n):
     """Rows ``lo..hi``: ``grad = (softmax(z) - onehot) / n``; returns the sum
     of the rows' losses ``log(s) - (z[label] - max)`` in float64."""
     z, labels, grad = z[lo:hi], labels[lo:hi], grad[lo:hi]
+    lanes = np.empty(_LANES, z.dtype)
     total = 0.0
     for r in range(z.shape[0]):
-        m = _row_max(z, r)
+        m = _row_max(z, r, lanes)
         label = labels[r]
         picked = z[r, label] - m
         s = _exp_row(z, r, m, grad)
@@ -994,8 +1000,9 @@ def _softmax_ce_rows(lo, hi, z, labels, grad, n):
 def _softmax_rows(lo, hi, z, out):
     """Rows ``lo..hi``: ``out = exp(z - max) / sum(exp(z - max))``."""
     z, out = z[lo:hi], out[lo:hi]
+    lanes = np.empty(_LANES, z.dtype)
     for r in range(z.shape[0]):
-        m = _row_max(z, r)
+        m = _row_max(z, r, lanes)
         s = _exp_row(z, r, m, out)
         for j in range(z.shape[1]):
             out[r, j] = out[r, j] / s
