@@ -237,7 +237,9 @@ def use_blas(name):
     ``"scipy"`` (``scipy.linalg.cython_blas``); returns the previous name.
 
     Raises ``ValueError`` for another name, ``RuntimeError`` when NumPy's BLAS
-    cannot be used (the reason is in the message; nothing changes then).
+    cannot be used (the reason is in the message): the choice stays as it was,
+    or becomes SciPy's when NumPy's GEMM was found but disagreed with
+    ``np.matmul``.
     """
     global _BLAS, _BLAS_NOTE
     if name not in ("numpy", "scipy"):
