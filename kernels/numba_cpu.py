@@ -645,26 +645,16 @@ _thread_state = threading.local()
 
 # GNU OpenMP cannot start a parallel region in a child forked after the
 # parent used it (numba then aborts the child: "fork() called from a process
-# already using GNU OpenMP"); a forked child runs every kernel serially.
+# already using GNU OpenMP"); a forked child runs every kernel serially
+# (fastnn._threads sets the flag from its at-fork hook).
 from fastnn import _threads as _fastnn_threads  # noqa: E402
-
-_forked_child = _fastnn_threads.forked_child   # first loaded in a forked child
-
-
-def _after_fork_in_child():
-    global _forked_child
-    _forked_child = True
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _launch(kernel, n, min_parallel, *args):
     """Run ``kernel`` over ``n`` items (elements or rows), in parallel from
     ``min_parallel`` on. Returns what the body returns (losses: a float64 sum)."""
     threads = _num_threads
-    if threads > 1 and n >= min_parallel and not _forked_child:
+    if threads > 1 and n >= min_parallel and not _fastnn_threads.forked_child:
         if getattr(_thread_state, "threads", 0) != threads:
             numba.set_num_threads(threads)
             _thread_state.threads = threads
