@@ -13,13 +13,20 @@ A backend module may define:
 * ``ACTIVATIONS``: the activations its kernels implement (default: all);
 * ``COMPLETE``: True when it is meant to implement the whole contract (the
   contract test then requires every kernel of it);
+* ``PENDING``: the contract kernels a COMPLETE backend does not implement
+  yet (new rows of the contract, until its issue lands); they run the
+  reference and are listed in ``fallbacks``, and the contract test requires
+  that exactly these are missing;
 * ``PARITY_SHAPES``: the (batch, width) pairs the parity suite should use
   (the CUDA simulator wants small ones);
 * ``info() -> dict``: extra lines for ``python -m fastnn info``;
 * array hooks for a model's buffers, where arrays do not live in host memory
   (the cuda backend): ``empty(shape, dtype)``, ``zeros(shape, dtype)``,
-  ``from_host(ndarray)``, ``to_host(array) -> ndarray`` and
-  ``count_correct(logits, labels) -> int`` (defaults: NumPy, below).
+  ``from_host(ndarray)``, ``to_host(array) -> ndarray``,
+  ``copy_from_host(dst, ndarray)`` and ``count_correct(logits, labels) -> int``
+  (defaults: NumPy, below). On such a backend a kernel that falls back to the
+  reference also takes device arrays: they are copied to the host, the
+  reference runs there, and the outputs are copied back (slow, but correct).
 
 Selection: ``set_backend(name)`` sets the process default, ``use_backend`` a
 thread- and task-local one (``contextvars``); the initial default is
@@ -72,16 +79,21 @@ class Backend:
         self.note = note
         self.module = module
         self.complete = bool(getattr(module, "COMPLETE", False))
+        self.pending = tuple(getattr(module, "PENDING", ()))
         supported = tuple(getattr(module, "ACTIVATIONS", reference.ACTIVATIONS))
         missing_acts = [a for a in reference.ACTIVATIONS if a not in supported]
+        device = hasattr(module, "to_host")
         fallbacks = []
         for kernel in reference.CONTRACT:
             native = getattr(module, kernel, None)
+            ref = getattr(reference, kernel)
+            if device:
+                ref = _host_fallback(kernel, module)
             if native is None:
-                setattr(self, kernel, getattr(reference, kernel))
+                setattr(self, kernel, ref)
                 fallbacks.append(kernel)
             elif kernel in _ACT_KERNELS and missing_acts:
-                setattr(self, kernel, _per_activation(kernel, native, supported))
+                setattr(self, kernel, _per_activation(kernel, native, supported, ref))
                 fallbacks.extend(f"{kernel}[{a}]" for a in missing_acts)
             else:
                 setattr(self, kernel, native)
@@ -106,13 +118,65 @@ _HOST_HOOKS = {
     "zeros": np.zeros,
     "from_host": lambda a: a,
     "to_host": np.asarray,
+    "copy_from_host": np.copyto,
     "count_correct": _count_correct,
 }
 
 
-def _per_activation(kernel, native, supported):
-    """Call ``native`` for the supported activations and the reference otherwise."""
+def _on_device(a):
+    return not isinstance(a, np.ndarray) and hasattr(a, "__cuda_array_interface__")
+
+
+def _memory(a):
+    """What identifies an array's memory: its address, shape and dtype."""
+    cai = a.__cuda_array_interface__
+    return cai["data"][0], tuple(cai["shape"]), cai["typestr"]
+
+
+def _host_fallback(kernel, module):
+    """The reference ``kernel`` for a backend whose arrays may live on a device.
+
+    Device arguments (``__cuda_array_interface__``) are copied to the host
+    with the module's ``to_host`` (once per memory, so ``out`` may still be
+    ``x``), the reference runs on the copies, and the arrays the kernel writes
+    (``reference.OUTPUTS``) are copied back with ``copy_from_host``. A call
+    with NumPy arrays only runs the reference directly.
+    """
     ref = getattr(reference, kernel)
+    params = list(inspect.signature(ref).parameters)
+    outputs = frozenset(reference.OUTPUTS[kernel])
+
+    def fallback(*args, **kwargs):
+        if not any(_on_device(a) for a in args) and not any(
+                _on_device(a) for a in kwargs.values()):
+            return ref(*args, **kwargs)
+        bound = dict(zip(params, args), **kwargs)
+        host, back = {}, {}
+        for name, a in bound.items():
+            if not _on_device(a):
+                continue
+            key = _memory(a)
+            if key not in host:
+                host[key] = module.to_host(a)
+            if name in outputs:
+                back[key] = a
+            bound[name] = host[key]
+        result = ref(**bound)
+        for key, a in back.items():
+            module.copy_from_host(a, host[key])
+        return result
+
+    fallback.__name__ = fallback.__qualname__ = kernel
+    fallback.__doc__ = ref.__doc__
+    fallback.__wrapped__ = ref
+    return fallback
+
+
+def _per_activation(kernel, native, supported, ref=None):
+    """Call ``native`` for the supported activations and the reference (or
+    ``ref``) otherwise."""
+    if ref is None:
+        ref = getattr(reference, kernel)
     position = list(inspect.signature(ref).parameters).index("act")
     supported = frozenset(supported)
 

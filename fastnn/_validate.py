@@ -359,3 +359,208 @@ def rmsprop_step(p, g, sq, buf, lr, rho, eps, momentum, centered_mean, weight_de
     if momentum > 0 and buf is None:
         raise ValueError("buf is required when momentum > 0 (a zero-initialised array like p)")
     _optimizer_arrays(p, g, [("sq", sq), ("buf", buf), ("centered_mean", centered_mean)])
+
+
+# ------------------------------------------------------------ convolutional kernels (issue 15)
+#
+# NHWC images. The output size of a convolution or pool follows from the
+# input, the kernel (or pool), the stride and the padding; a combination that
+# leaves no output row or column is refused here, naming it.
+
+def _int_tuple(name, value, length, what, low):
+    """A tuple or list of ``length`` ints (NumPy integers too, not bools), each >= ``low``."""
+    if not isinstance(value, (tuple, list)):
+        raise TypeError(f"{name} must be a tuple or list of {length} ints ({what}), got "
+                        f"{type(value).__name__}")
+    if len(value) != length:
+        raise ValueError(f"{name} must have {length} entries ({what}), got {len(value)}: "
+                         f"{tuple(value)!r}")
+    for v in value:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name} must hold ints ({what}), got {type(v).__name__} in "
+                            f"{tuple(value)!r}")
+        if v < low:
+            raise ValueError(f"{name} must hold ints >= {low} ({what}), got {tuple(value)!r}")
+    return tuple(int(v) for v in value)
+
+
+def _stride(name, value):
+    return _int_tuple(name, value, 2, "the steps (sh, sw)", 1)
+
+
+def _padding(value, kh, kw):
+    """``(top, bottom, left, right)``, ints >= 0, each below the kernel extent on its axis."""
+    pads = _int_tuple("padding", value, 4, "zeros (top, bottom, left, right)", 0)
+    top, bottom, left, right = pads
+    if max(top, bottom) >= kh or max(left, right) >= kw:
+        raise ValueError(f"padding {pads} must be below the kernel extent on each axis "
+                         f"(top, bottom < kh = {kh}; left, right < kw = {kw}): a window of "
+                         f"padding only")
+    return pads
+
+
+def _output_size(what, h, w, kh, kw, stride, pads=(0, 0, 0, 0)):
+    """``(p, q)`` of a convolution or pool; ``ValueError`` when either is below 1."""
+    top, bottom, left, right = pads
+    p = (h + top + bottom - kh) // stride[0] + 1
+    q = (w + left + right - kw) // stride[1] + 1
+    if p < 1 or q < 1:
+        padded = f" padded to {h + top + bottom}x{w + left + right}" if any(pads) else ""
+        raise ValueError(f"{what}: the {h}x{w} image{padded} is smaller than the {kh}x{kw} "
+                         f"window, so there is no output (p = {p}, q = {q}; padding {pads}, "
+                         f"stride {stride})")
+    return p, q
+
+
+def _int32_array(c, name, a, shape, *, out=False):
+    """An int32, C-contiguous array of ``shape`` (readable input, or writable output)."""
+    info = array_info(name, a)
+    if info.dtype != np.dtype(np.int32):
+        raise TypeError(f"{name} must have dtype int32, got {info.dtype}")
+    c._shape(name, info, shape)
+    if not info.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (numpy.ascontiguousarray makes a copy)")
+    if isinstance(a, np.ndarray) and not a.flags.aligned:
+        raise ValueError(f"{name} must be aligned to its dtype's size")
+    if out:
+        if not info.writeable:
+            raise ValueError(f"{name} is an output and must be writable")
+        c.outputs[name] = info
+    else:
+        c.inputs[name] = info
+    return a
+
+
+def _argmax_values(a, windows):
+    """Window indices must lie in ``[0, windows)``: a backend scatters through them."""
+    host = a if isinstance(a, np.ndarray) else _to_host(a)
+    lo, hi = host.min(), host.max()
+    if lo < 0 or hi >= windows:
+        raise ValueError(f"argmax must hold window indices in [0, {windows}) (i*pw + j, from "
+                         f"maxpool2d_forward), got values in [{lo}, {hi}]")
+
+
+def _conv_gemm_dims(n, p, q, kh, kw, c, o):
+    _blas_dims(**{"batch*p*q": n * p * q, "kh*kw*c": kh * kw * c, "filters": o})
+
+
+def conv2d_forward(x, w, b, act, out, preact=None, stride=(1, 1), padding=(0, 0, 0, 0)):
+    activation("act", act)
+    c = Call()
+    n, h, wd, ch = c.float_array("x", x, (None,) * 4)
+    kh, kw, _, o = c.float_array("w", w, (None, None, ch, None))
+    c.float_array("b", b, (o,))
+    stride = _stride("stride", stride)
+    pads = _padding(padding, kh, kw)
+    p, q = _output_size("conv2d_forward", h, wd, kh, kw, stride, pads)
+    _conv_gemm_dims(n, p, q, kh, kw, ch, o)
+    c.float_array("out", out, (n, p, q, o), out=True)
+    if preact is not None:
+        c.float_array("preact", preact, (n, p, q, o), out=True)
+    c.no_overlap()
+
+
+def conv2d_backward(x, dz, dw, db, stride=(1, 1), padding=(0, 0, 0, 0)):
+    c = Call()
+    n, h, wd, ch = c.float_array("x", x, (None,) * 4)
+    kh, kw, _, o = c.float_array("dw", dw, (None, None, ch, None), out=True)
+    c.float_array("db", db, (o,), out=True)
+    stride = _stride("stride", stride)
+    pads = _padding(padding, kh, kw)
+    p, q = _output_size("conv2d_backward", h, wd, kh, kw, stride, pads)
+    _conv_gemm_dims(n, p, q, kh, kw, ch, o)
+    c.float_array("dz", dz, (n, p, q, o))
+    c.no_overlap()
+
+
+def conv2d_backprop(dz, w, z, y, act, out, stride=(1, 1), padding=(0, 0, 0, 0)):
+    activation("act", act)
+    c = Call()
+    kh, kw, ch, o = c.float_array("w", w, (None,) * 4)
+    n, p, q, _ = c.float_array("dz", dz, (None, None, None, o))
+    stride = _stride("stride", stride)
+    pads = _padding(padding, kh, kw)
+    _, h, wd, _ = c.float_array("out", out, (n, None, None, ch), out=True)
+    top, bottom, left, right = pads
+    pp = (h + top + bottom - kh) // stride[0] + 1
+    qq = (wd + left + right - kw) // stride[1] + 1
+    if (pp, qq) != (p, q):
+        raise ValueError(f"out has shape {(n, h, wd, ch)}: a {h}x{wd} input with a {kh}x{kw} "
+                         f"kernel, stride {stride} and padding {pads} gives a "
+                         f"{max(pp, 0)}x{max(qq, 0)} output, but dz is {p}x{q}")
+    _conv_gemm_dims(n, p, q, kh, kw, ch, o)
+    _derivative_inputs(c, act, z, y, (n, h, wd, ch))
+    c.no_overlap()
+
+
+def _pool(pool, stride):
+    pool = _int_tuple("pool", pool, 2, "the window (ph, pw)", 1)
+    return pool, (pool if stride is None else _stride("stride", stride))
+
+
+def _pool_fits(pool, h, w, name):
+    if pool[0] > h or pool[1] > w:
+        raise ValueError(f"pool {pool} is larger than the {h}x{w} image of {name}: max "
+                         f"pooling has no padding, so there is no output")
+
+
+def maxpool2d_forward(x, out, argmax, pool=(2, 2), stride=None):
+    c = Call()
+    n, h, wd, ch = c.float_array("x", x, (None,) * 4)
+    pool, stride = _pool(pool, stride)
+    _pool_fits(pool, h, wd, "x")
+    p, q = _output_size("maxpool2d_forward", h, wd, pool[0], pool[1], stride)
+    c.float_array("out", out, (n, p, q, ch), out=True)
+    _int32_array(c, "argmax", argmax, (n, p, q, ch), out=True)
+    c.no_overlap()
+
+
+def maxpool2d_backward(dy, argmax, z, y, act, out, pool=(2, 2), stride=None):
+    activation("act", act)
+    c = Call()
+    n, p, q, ch = c.float_array("dy", dy, (None,) * 4)
+    pool, stride = _pool(pool, stride)
+    _, h, wd, _ = c.float_array("out", out, (n, None, None, ch), out=True)
+    _pool_fits(pool, h, wd, "out (the pool's input)")
+    pp, qq = _output_size("maxpool2d_backward", h, wd, pool[0], pool[1], stride)
+    if (pp, qq) != (p, q):
+        raise ValueError(f"out has shape {(n, h, wd, ch)}: a {h}x{wd} input with pool {pool} "
+                         f"and stride {stride} gives a {pp}x{qq} output, but dy is {p}x{q}")
+    _int32_array(c, "argmax", argmax, (n, p, q, ch))
+    _derivative_inputs(c, act, z, y, (n, h, wd, ch))
+    c.no_overlap()
+    _argmax_values(argmax, pool[0] * pool[1])
+
+
+def _rate(rate):
+    if isinstance(rate, (bool, np.bool_)) or not isinstance(rate, numbers.Real):
+        raise TypeError(f"rate must be a real number, got {type(rate).__name__}")
+    r = float(rate)
+    if not (0.0 <= r < 1.0):
+        raise ValueError(f"rate must be in [0, 1), got {rate} (a rate of 1 would drop every "
+                         f"element and scale by 1/0)")
+    return r
+
+
+def _seed(seed):
+    seed = integer("seed", seed, low=0)
+    if seed >= 2**64:
+        raise ValueError(f"seed must be below 2**64 (a uint64), got {seed}")
+    return seed
+
+
+def _dropout(name, a, rate, seed, out):
+    _rate(rate)
+    _seed(seed)
+    c = Call()
+    shape = c.float_array(name, a, (None,) * max(_ndim(name, a), 1))
+    c.float_array("out", out, shape, out=True)
+    c.no_overlap(allow_identical=True)
+
+
+def dropout_forward(x, rate, seed, out):
+    _dropout("x", x, rate, seed, out)
+
+
+def dropout_backward(dy, rate, seed, out):
+    _dropout("dy", dy, rate, seed, out)

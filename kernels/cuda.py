@@ -35,17 +35,21 @@ import warnings
 import numpy as np
 
 from .reference import ACTIVATIONS  # noqa: F401 - the backend implements all of them
+from .reference import CONV_KERNELS
 
 __all__ = [
     "dense_forward", "activation_forward", "activation_backward",
     "backprop_delta", "dense_backward", "softmax_cross_entropy",
     "sigmoid_binary_cross_entropy", "mse", "sgd_step", "adam_step",
     "rmsprop_step", "softmax",
-    "available", "info", "empty", "zeros", "from_host", "to_host",
+    "available", "info", "empty", "zeros", "from_host", "to_host", "copy_from_host",
     "count_correct", "synchronize", "set_gemm", "gemm_engine",
 ]
 
 COMPLETE = True   # every kernel, every activation in ACTIVATIONS (imported above)
+#: Not implemented yet: the registry runs the reference (device arrays copied to
+#: the host and back). Issue 16 implements them and removes this line.
+PENDING = CONV_KERNELS
 #: (batch, width) pairs for the parity suite: tiny, as the simulator runs
 #: every GPU thread as a Python thread.
 PARITY_SHAPES = tuple((batch, width) for batch in (1, 3, 5) for width in (1, 7, 10))
@@ -657,6 +661,18 @@ def to_host(a):
     if not _is_device(a):
         a = cuda.as_cuda_array(a)
     return a.copy_to_host()
+
+
+def copy_from_host(dst, src):
+    """Copy the NumPy array ``src`` into the existing array ``dst`` (device or
+    NumPy, same shape and dtype); waits for the copy."""
+    if isinstance(dst, np.ndarray):
+        np.copyto(dst, src)
+        return
+    cuda = _ready()
+    if not _is_device(dst):
+        dst = cuda.as_cuda_array(dst)
+    dst.copy_to_device(np.ascontiguousarray(src))
 
 
 def count_correct(logits, labels):

@@ -28,7 +28,17 @@ __all__ = [
     "backprop_delta", "dense_backward", "softmax_cross_entropy",
     "sigmoid_binary_cross_entropy", "mse", "sgd_step", "adam_step",
     "rmsprop_step", "softmax",
+    "conv2d_forward", "conv2d_backward", "conv2d_backprop",
+    "maxpool2d_forward", "maxpool2d_backward", "dropout_forward", "dropout_backward",
+    "CONV_KERNELS", "OUTPUTS", "conv_output_size", "same_padding", "keras_padding",
+    "dropout_threshold",
 ]
+
+#: The kernels of the convolutional layers (issue 15): NHWC images.
+CONV_KERNELS = (
+    "conv2d_forward", "conv2d_backward", "conv2d_backprop",
+    "maxpool2d_forward", "maxpool2d_backward", "dropout_forward", "dropout_backward",
+)
 
 #: Every kernel a backend must export, with these signatures.
 CONTRACT = (
@@ -36,7 +46,21 @@ CONTRACT = (
     "backprop_delta", "dense_backward", "softmax_cross_entropy",
     "sigmoid_binary_cross_entropy", "mse", "sgd_step", "adam_step",
     "rmsprop_step", "softmax",
-)
+) + CONV_KERNELS
+
+#: The array parameters each kernel writes (outputs and in-place state); every
+#: other array parameter is read only.
+OUTPUTS = {
+    "dense_forward": ("out", "preact"), "activation_forward": ("out",),
+    "activation_backward": ("out",), "backprop_delta": ("out",),
+    "dense_backward": ("dw", "db"), "softmax_cross_entropy": ("grad",),
+    "sigmoid_binary_cross_entropy": ("grad",), "mse": ("grad",), "softmax": ("out",),
+    "sgd_step": ("p", "buf"), "adam_step": ("p", "m", "v", "vmax"),
+    "rmsprop_step": ("p", "sq", "buf", "centered_mean"),
+    "conv2d_forward": ("out", "preact"), "conv2d_backward": ("dw", "db"),
+    "conv2d_backprop": ("out",), "maxpool2d_forward": ("out", "argmax"),
+    "maxpool2d_backward": ("out",), "dropout_forward": ("out",), "dropout_backward": ("out",),
+}
 
 #: The reference implements the whole contract (the registry's ``COMPLETE``).
 COMPLETE = True
@@ -536,3 +560,431 @@ def rmsprop_step(p, g, sq, buf, lr, rho, eps, momentum, centered_mean, weight_de
     else:
         den *= lr
     p -= den
+
+
+# ---------------------------------------------------------------- convolution (NHWC)
+#
+# Images are channels-last: x (batch, height, width, channels), kernels
+# w (kh, kw, c_in, c_out). ``stride`` is (sh, sw); ``padding`` is
+# (top, bottom, left, right) rows/columns of zeros around the input.
+
+def conv_output_size(size, k, stride, before=0, after=0):
+    """Output length of a convolution or pooling along one axis:
+    ``(size + before + after - k) // stride + 1`` (below 1: no output).
+
+    Parameters
+    ----------
+    size : int
+        Input length.
+    k : int
+        Kernel (or pool) extent.
+    stride : int
+    before, after : int
+        Zeros padded before and after.
+
+    Returns
+    -------
+    int
+    """
+    return (size + before + after - k) // stride + 1
+
+
+def same_padding(size, k, stride):
+    """Keras' ``"same"`` padding along one axis, as ``(before, after)``.
+
+    The output length is ``ceil(size / stride)``; the total pad
+    ``max((out - 1)*stride + k - size, 0)`` is split with the extra zero
+    after (bottom/right), as Keras and TensorFlow do. Each side stays below
+    ``k``, as the kernels require.
+
+    Parameters
+    ----------
+    size, k, stride : int
+
+    Returns
+    -------
+    (int, int)
+    """
+    out = -(-size // stride)
+    total = max((out - 1) * stride + k - size, 0)
+    return total // 2, total - total // 2
+
+
+def keras_padding(mode, image, kernel, stride):
+    """Map Keras' ``padding`` argument onto the kernels' ``(top, bottom, left, right)``.
+
+    Parameters
+    ----------
+    mode : {"valid", "same"}
+        ``"valid"``: no padding; ``"same"``: :func:`same_padding` on each axis.
+    image : (int, int)
+        Input ``(height, width)``.
+    kernel, stride : (int, int)
+
+    Returns
+    -------
+    (int, int, int, int)
+    """
+    if mode == "valid":
+        return (0, 0, 0, 0)
+    if mode == "same":
+        return same_padding(image[0], kernel[0], stride[0]) + \
+            same_padding(image[1], kernel[1], stride[1])
+    raise ValueError(f"padding must be 'valid' or 'same', got {mode!r}")
+
+
+def _padded(x, padding):
+    """``x`` with ``padding`` zeros around its image axes (``x`` itself when none)."""
+    top, bottom, left, right = padding
+    if not (top or bottom or left or right):
+        return x
+    n, h, w, c = x.shape
+    xpad = np.zeros((n, h + top + bottom, w + left + right, c), x.dtype)
+    xpad[:, top:top + h, left:left + w] = x
+    return xpad
+
+
+def _windows(a, kh, kw, stride, p, q):
+    """The read-only view ``v[n, p, q, i, j, c] = a[n, p*sh + i, q*sw + j, c]``
+    (no copy): the im2col matrix is ``v`` reshaped to ``(n*p*q, kh*kw*c)``."""
+    sh, sw = stride
+    sn, sy, sx, sc = a.strides
+    n, c = a.shape[0], a.shape[3]
+    return np.lib.stride_tricks.as_strided(
+        a, (n, p, q, kh, kw, c), (sn, sy * sh, sx * sw, sy, sx, sc), writeable=False)
+
+
+def _im2col(x, kh, kw, stride, padding, p, q):
+    """Columns ``(n*p*q, kh*kw*c)``, row ``(n, p, q)`` holding the window
+    ``xpad[n, p*sh:p*sh+kh, q*sw:q*sw+kw, :]`` in (i, j, c) order (the order of
+    ``w.reshape(kh*kw*c, o)``). One copy; none for a 1x1 kernel at stride 1
+    without padding."""
+    v = _windows(_padded(x, padding), kh, kw, stride, p, q)
+    return np.ascontiguousarray(v).reshape(-1, kh * kw * x.shape[3])
+
+
+def _row_slice(start, count, step):
+    """The positions ``start + step*t`` for ``t < count``, as a slice."""
+    return slice(start, start + step * (count - 1) + 1, step)
+
+
+def conv2d_forward(x, w, b, act, out, preact=None, stride=(1, 1), padding=(0, 0, 0, 0)):
+    """2-D convolution (cross-correlation, as Keras and PyTorch), NHWC, fused
+    with bias and activation: ``out = act(z)``,
+
+    ``z[n,p,q,o] = b[o] + sum_{i,j,c} xpad[n, p*sh+i, q*sw+j, c] * w[i,j,c,o]``
+
+    where ``xpad`` is ``x`` with ``padding`` zeros. Computed as one GEMM of the
+    im2col columns with ``w`` reshaped to ``(kh*kw*c, o)``.
+
+    Parameters
+    ----------
+    x : ndarray (n, h, w, c)
+        IN
+    w : ndarray (kh, kw, c, o)
+        IN
+    b : ndarray (o,)
+        IN
+    act : str
+        Activation name.
+    out : ndarray (n, p, q, o)
+        OUT, with ``p = (h + top + bottom - kh) // sh + 1`` and
+        ``q = (w + left + right - kw) // sw + 1``; must not overlap any input.
+    preact : ndarray (n, p, q, o) or None
+        OUT: receives ``z`` when given (as in ``dense_forward``).
+    stride : (int, int)
+        ``(sh, sw)``, each >= 1.
+    padding : (int, int, int, int)
+        ``(top, bottom, left, right)`` zeros, each below the kernel extent.
+    """
+    kh, kw, c, o = w.shape
+    p, q = out.shape[1:3]
+    z = out if preact is None else preact
+    cols = _im2col(x, kh, kw, stride, padding, p, q)
+    np.matmul(cols, w.reshape(kh * kw * c, o), out=z.reshape(-1, o))
+    z += b
+    activation_forward(act, z, out)
+
+
+def _sum_rows(a, out):
+    """``out = a.sum(0)`` for a 2-D ``a``, accumulated in float64 (rounded once
+    into a float32 ``out``)."""
+    if a.dtype == np.float64:
+        np.sum(a, axis=0, out=out)
+    else:
+        np.copyto(out, np.sum(a, axis=0, dtype=np.float64))
+
+
+def conv2d_backward(x, dz, dw, db, stride=(1, 1), padding=(0, 0, 0, 0)):
+    """Parameter gradients of a convolution, in one call (overwritten, not
+    accumulated):
+
+    ``dw[i,j,c,o] = sum_{n,p,q} xpad[n, p*sh+i, q*sw+j, c] * dz[n,p,q,o]``,
+    ``db[o] = sum_{n,p,q} dz[n,p,q,o]`` (summed in float64 for float32
+    arrays, then rounded).
+
+    ``dw`` is one GEMM: the im2col columns transposed times ``dz`` as
+    ``(n*p*q, o)``.
+
+    Parameters
+    ----------
+    x : ndarray (n, h, w, c)
+        The layer's input. IN
+    dz : ndarray (n, p, q, o)
+        Gradient with respect to the pre-activation. IN
+    dw : ndarray (kh, kw, c, o)
+        OUT; its shape gives the kernel extent.
+    db : ndarray (o,)
+        OUT
+    stride, padding
+        As in :func:`conv2d_forward`.
+    """
+    kh, kw, c, o = dw.shape
+    p, q = dz.shape[1:3]
+    cols = _im2col(x, kh, kw, stride, padding, p, q)
+    dz2 = dz.reshape(-1, o)
+    np.matmul(cols.T, dz2, out=dw.reshape(kh * kw * c, o))
+    _sum_rows(dz2, db)
+
+
+def conv2d_backprop(dz, w, z, y, act, out, stride=(1, 1), padding=(0, 0, 0, 0)):
+    """Delta of the layer below a convolution: the transposed convolution of
+    ``dz``, cropped to the unpadded input, times the derivative of the
+    activation that produced the input:
+
+    ``out[n,h,w,c] = act'(z or y)[n,h,w,c] * sum dz[n,p,q,o] * w[i,j,c,o]``
+
+    over ``(i, j, p, q, o)`` with ``p*sh + i - top == h`` and
+    ``q*sw + j - left == w`` (overlapping windows sum; positions no window
+    covers get 0). Computed as one GEMM, ``dz (n*p*q, o) @ w.T (o, kh*kw*c)``,
+    then col2im: the ``kh*kw`` column blocks added at their shifted strided
+    positions.
+
+    Parameters
+    ----------
+    dz : ndarray (n, p, q, o)
+        Gradient with respect to this layer's pre-activation. IN
+    w : ndarray (kh, kw, c, o)
+        This layer's kernel. IN
+    z, y : ndarray (n, h, w, c) or None
+        Pre-activation and output of the layer below (the derivative is taken
+        from ``y`` for identity, relu, sigmoid and tanh, else from ``z``, as in
+        ``backprop_delta``). IN
+    act : str
+        Activation of the layer below.
+    out : ndarray (n, h, w, c)
+        OUT; its shape gives the input's ``(h, w)`` (several sizes can give the
+        same output size when ``stride > 1``); must not overlap any input.
+    stride, padding
+        As in :func:`conv2d_forward`.
+    """
+    kh, kw, c, o = w.shape
+    n, p, q, _ = dz.shape
+    sh, sw = stride
+    top, bottom, left, right = padding
+    h, wd = out.shape[1:3]
+    dcols = np.matmul(dz.reshape(-1, o), w.reshape(kh * kw * c, o).T)
+    dcols = dcols.reshape(n, p, q, kh, kw, c)
+    padded = top or bottom or left or right
+    dxpad = np.zeros((n, h + top + bottom, wd + left + right, c), out.dtype) if padded else out
+    if not padded:
+        out.fill(0)
+    for i in range(kh):
+        rows = _row_slice(i, p, sh)
+        for j in range(kw):
+            dxpad[:, rows, _row_slice(j, q, sw)] += dcols[:, :, :, i, j]
+    if padded:
+        np.copyto(out, dxpad[:, top:top + h, left:left + wd])
+    activation_backward(act, out, z, y, out)
+
+
+# ---------------------------------------------------------------- max pooling (NHWC)
+
+def _pool_stride(pool, stride):
+    return tuple(pool) if stride is None else tuple(stride)
+
+
+def maxpool2d_forward(x, out, argmax, pool=(2, 2), stride=None):
+    """Max pooling without padding, NHWC:
+
+    ``out[n,p,q,c] = max_{i<ph, j<pw} x[n, p*sh+i, q*sw+j, c]``,
+    ``argmax[n,p,q,c] = i*pw + j`` of the chosen element: the first in
+    row-major window order on ties; a NaN counts as the maximum (the first NaN
+    of a window is chosen, so ``out`` is NaN there, as in PyTorch).
+
+    Computed as ``ph*pw`` passes over the output, one per window offset, each
+    reading a strided slice of ``x``.
+
+    Parameters
+    ----------
+    x : ndarray (n, h, w, c)
+        IN
+    out : ndarray (n, p, q, c)
+        OUT, ``p = (h - ph) // sh + 1``, ``q = (w - pw) // sw + 1``.
+    argmax : int32 ndarray (n, p, q, c)
+        OUT
+    pool : (int, int)
+        ``(ph, pw)``.
+    stride : (int, int) or None
+        ``(sh, sw)``; None means ``pool`` (windows side by side).
+    """
+    ph, pw = pool
+    sh, sw = _pool_stride(pool, stride)
+    p, q = out.shape[1:3]
+    np.copyto(out, x[:, _row_slice(0, p, sh), _row_slice(0, q, sw)])
+    argmax.fill(0)
+    take, number = np.empty(out.shape, bool), np.empty(out.shape, bool)
+    for k in range(1, ph * pw):
+        i, j = divmod(k, pw)
+        s = x[:, _row_slice(i, p, sh), _row_slice(j, q, sw)]
+        # s wins where it is greater, or NaN while the current maximum is not:
+        # not (s <= out) is s > out or either NaN; out == out rules out a NaN kept
+        np.less_equal(s, out, out=take)
+        np.logical_not(take, out=take)
+        np.equal(out, out, out=number)
+        take &= number
+        np.copyto(out, s, where=take)
+        np.copyto(argmax, k, where=take)
+
+
+def maxpool2d_backward(dy, argmax, z, y, act, out, pool=(2, 2), stride=None):
+    """Gradient through max pooling, times the derivative of the activation
+    below the pool:
+
+    ``out = act'(z or y) * g``, ``g[n, p*sh+i, q*sw+j, c] += dy[n,p,q,c]``
+    for every window ``(p, q)`` with ``argmax[n,p,q,c] == i*pw + j``, ``g``
+    zero elsewhere (overlapping windows, ``stride < pool``, sum; positions no
+    window chose get 0).
+
+    Computed as ``ph*pw`` masked additions of ``dy`` into strided slices of
+    ``out``, one per window offset (no scatter).
+
+    Parameters
+    ----------
+    dy : ndarray (n, p, q, c)
+        Gradient with respect to the pool's output. IN
+    argmax : int32 ndarray (n, p, q, c)
+        From :func:`maxpool2d_forward`. IN
+    z, y : ndarray (n, h, w, c) or None
+        Pre-activation and output of the layer below (see ``backprop_delta``). IN
+    act : str
+        Activation of the layer below.
+    out : ndarray (n, h, w, c)
+        OUT: the gradient with respect to the pool's input ``(n, h, w, c)``.
+    pool, stride
+        As in :func:`maxpool2d_forward`.
+    """
+    ph, pw = pool
+    sh, sw = _pool_stride(pool, stride)
+    p, q = dy.shape[1:3]
+    out.fill(0)
+    chosen = np.empty(dy.shape, bool)
+    for k in range(ph * pw):
+        i, j = divmod(k, pw)
+        s = out[:, _row_slice(i, p, sh), _row_slice(j, q, sw)]
+        np.equal(argmax, k, out=chosen)
+        np.add(s, dy, out=s, where=chosen)
+    activation_backward(act, out, z, y, out)
+
+
+# ---------------------------------------------------------------- dropout
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+#: Elements hashed per block: the uint64 temporaries stay in cache.
+_DROPOUT_BLOCK = 1 << 16
+
+
+def dropout_threshold(rate):
+    """``T = floor(rate * 2**24 + 0.5)`` in float64: an element is kept iff its
+    24-bit hash is ``>= T`` (so the kept fraction is ``1 - T/2**24``)."""
+    return int(math.floor(float(rate) * 2.0**24 + 0.5))
+
+
+def _dropout_keep(start, stop, seed, threshold, ramp, z, t, keep):
+    """``keep[:stop-start]`` = whether the elements ``start <= i < stop`` are kept:
+    ``splitmix64(seed + (i+1)*0x9E3779B97F4A7C15) >> 40 >= threshold`` (uint64
+    arithmetic wraps). ``ramp`` is ``0, 1, 2, ...`` (uint64), ``z`` and ``t``
+    uint64 scratch, all at least ``stop - start`` long."""
+    m = stop - start
+    z, t, keep = z[:m], t[:m], keep[:m]
+    np.add(ramp[:m], np.uint64(start + 1), out=z)
+    z *= _GOLDEN
+    z += seed
+    # the splitmix64 finaliser
+    np.right_shift(z, np.uint64(30), out=t)
+    z ^= t
+    z *= _MIX1
+    np.right_shift(z, np.uint64(27), out=t)
+    z ^= t
+    z *= _MIX2
+    np.right_shift(z, np.uint64(31), out=t)
+    z ^= t
+    np.right_shift(z, np.uint64(40), out=t)
+    np.greater_equal(t, np.uint64(threshold), out=keep)
+    return keep
+
+
+def dropout_forward(x, rate, seed, out):
+    """Inverted dropout: ``out = x * s`` where element ``i`` is kept, ``+0.0``
+    where it is dropped, ``s = 1/(1 - rate)`` (computed in float64, rounded once
+    to the dtype; the product in the dtype).
+
+    The mask is a pure function of ``(seed, i)``, ``i`` the flat C-order index:
+    kept iff ``splitmix64((seed + (i+1)*0x9E3779B97F4A7C15) mod 2**64) >> 40 >=
+    T``, ``T = floor(rate*2**24 + 0.5)``, where ``splitmix64(z)`` is
+    ``z ^= z >> 30; z *= 0xBF58476D1CE4E5B9; z ^= z >> 27;
+    z *= 0x94D049BB133111EB; z ^= z >> 31`` in wrapping uint64. So every backend
+    draws the same mask, no mask is stored, and the backward pass recomputes it.
+    A dropped element is ``+0.0`` even where ``x`` is inf or NaN. ``rate == 0``
+    copies ``x``.
+
+    Parameters
+    ----------
+    x : ndarray, any shape
+        IN
+    rate : float
+        In ``[0, 1)``.
+    seed : int
+        In ``[0, 2**64)``.
+    out : ndarray, same shape and dtype
+        OUT; may be ``x`` (in place).
+    """
+    if rate == 0:
+        if out is not x:
+            np.copyto(out, x)
+        return
+    scale = x.dtype.type(1.0 / (1.0 - float(rate)))
+    threshold = dropout_threshold(rate)
+    seed = np.uint64(int(seed))
+    xf, of = x.reshape(-1), out.reshape(-1)
+    block = min(xf.size, _DROPOUT_BLOCK)
+    ramp = np.arange(block, dtype=np.uint64)
+    z, t = np.empty(block, np.uint64), np.empty(block, np.uint64)
+    keep = np.empty(block, bool)
+    for start in range(0, xf.size, block):
+        stop = min(start + block, xf.size)
+        k = _dropout_keep(start, stop, seed, threshold, ramp, z, t, keep)
+        o = of[start:stop]
+        np.multiply(xf[start:stop], scale, out=o)
+        np.logical_not(k, out=k)
+        np.copyto(o, 0, where=k)
+
+
+def dropout_backward(dy, rate, seed, out):
+    """Backward pass of :func:`dropout_forward`: the same mask and scale applied
+    to ``dy`` (``out = dy * s`` where kept, ``+0.0`` where dropped).
+
+    Parameters
+    ----------
+    dy : ndarray, any shape
+        Gradient with respect to the dropout output. IN
+    rate : float
+        In ``[0, 1)``: the forward pass's.
+    seed : int
+        The forward pass's.
+    out : ndarray, same shape and dtype
+        OUT; may be ``dy`` (in place).
+    """
+    dropout_forward(dy, rate, seed, out)

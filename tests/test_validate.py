@@ -45,6 +45,30 @@ def valid(kernel):
     if kernel == "rmsprop_step":
         return dict(p=a(6), g=a(6), sq=np.abs(a(6)) + 1, buf=a(6), lr=1e-2, rho=0.99, eps=1e-8,
                     momentum=0.9, centered_mean=a(6) * 0.1, weight_decay=0.0, l1=0.0)
+    # convolutions: x (3, 6, 5, 2), w (3, 2, 2, 4), stride (1, 2), padding (1, 1, 0, 1):
+    # p = (6 + 2 - 3) // 1 + 1 = 6, q = (5 + 1 - 2) // 2 + 1 = 3 (a kernel one row
+    # taller changes p, so a grown w is a shape error)
+    conv = dict(stride=(1, 2), padding=(1, 1, 0, 1))
+    if kernel == "conv2d_forward":
+        return dict(x=a(3, 6, 5, 2), w=a(3, 2, 2, 4), b=a(4), act="gelu", out=a(3, 6, 3, 4),
+                    preact=a(3, 6, 3, 4), **conv)
+    if kernel == "conv2d_backward":
+        return dict(x=a(3, 6, 5, 2), dz=a(3, 6, 3, 4), dw=a(3, 2, 2, 4), db=a(4), **conv)
+    if kernel == "conv2d_backprop":
+        return dict(dz=a(3, 6, 3, 4), w=a(3, 2, 2, 4), z=a(3, 6, 5, 2), y=a(3, 6, 5, 2),
+                    act="softplus", out=a(3, 6, 5, 2), **conv)
+    # pooling: x (3, 5, 4, 2), pool (2, 2): out (3, 2, 2, 2)
+    if kernel == "maxpool2d_forward":
+        return dict(x=a(3, 5, 4, 2), out=a(3, 2, 2, 2), argmax=np.zeros((3, 2, 2, 2), np.int32),
+                    pool=(2, 2), stride=None)
+    if kernel == "maxpool2d_backward":
+        return dict(dy=a(3, 2, 2, 2), argmax=rng.integers(0, 4, (3, 2, 2, 2)).astype(np.int32),
+                    z=a(3, 5, 4, 2), y=a(3, 5, 4, 2), act="relu", out=a(3, 5, 4, 2),
+                    pool=(2, 2), stride=None)
+    if kernel == "dropout_forward":
+        return dict(x=a(3, 5), rate=0.5, seed=7, out=a(3, 5))
+    if kernel == "dropout_backward":
+        return dict(dy=a(3, 5), rate=0.5, seed=7, out=a(3, 5))
     raise AssertionError(kernel)
 
 
@@ -55,8 +79,11 @@ OUTPUTS = {
     "softmax_cross_entropy": ["grad"], "sigmoid_binary_cross_entropy": ["grad"], "mse": ["grad"],
     "softmax": ["out"], "sgd_step": ["p", "buf"], "adam_step": ["p", "m", "v", "vmax"],
     "rmsprop_step": ["p", "sq", "buf", "centered_mean"],
+    "conv2d_forward": ["out", "preact"], "conv2d_backward": ["dw", "db"],
+    "conv2d_backprop": ["out"], "maxpool2d_forward": ["out", "argmax"],
+    "maxpool2d_backward": ["out"], "dropout_forward": ["out"], "dropout_backward": ["out"],
 }
-FLOAT_ARRAYS = {k: [n for n in v if n != "labels"] for k, v in ARRAYS.items()}
+FLOAT_ARRAYS = {k: [n for n in v if n not in ("labels", "argmax")] for k, v in ARRAYS.items()}
 
 
 def check_rejected(kernel, args, exc, match):
@@ -149,6 +176,9 @@ def test_empty(kernel, name):
     ("mse", "grad", "pred"), ("sigmoid_binary_cross_entropy", "grad", "logits"),
     ("sgd_step", "buf", "g"), ("adam_step", "m", "v"), ("adam_step", "vmax", "g"),
     ("rmsprop_step", "centered_mean", "sq"),
+    ("conv2d_forward", "out", "preact"),
+    ("conv2d_backprop", "out", "z"), ("conv2d_backprop", "out", "y"),
+    ("maxpool2d_backward", "out", "z"), ("maxpool2d_backward", "out", "y"),
 ])
 def test_outputs_must_not_alias(kernel, out, inp):
     args = valid(kernel)
@@ -185,7 +215,8 @@ def test_two_outputs_must_not_overlap():
 # ------------------------------------------------------------ names, labels, hyper-parameters
 
 @pytest.mark.parametrize("kernel", ["dense_forward", "activation_forward",
-                                    "activation_backward", "backprop_delta"])
+                                    "activation_backward", "backprop_delta", "conv2d_forward",
+                                    "conv2d_backprop", "maxpool2d_backward"])
 def test_activation_names(kernel):
     args = valid(kernel)
     args["act"] = "swish"
@@ -200,9 +231,10 @@ def test_derivative_input_required(act, missing):
     args = valid("activation_backward")
     args["act"], args[missing] = act, None
     check_rejected("activation_backward", args, ValueError, f"{missing} is required")
-    args = valid("backprop_delta")
-    args["act"], args[missing] = act, None
-    check_rejected("backprop_delta", args, ValueError, f"{missing} is required")
+    for kernel in ("backprop_delta", "conv2d_backprop", "maxpool2d_backward"):
+        args = valid(kernel)
+        args["act"], args[missing] = act, None
+        check_rejected(kernel, args, ValueError, f"{missing} is required")
 
 
 @pytest.mark.parametrize("labels,exc,match", [
@@ -291,9 +323,215 @@ def test_misaligned(kernel, name):
     check_rejected(kernel, args, ValueError, f"{name} must be aligned")
 
 
-@pytest.mark.parametrize("kernel", ["dense_forward", "backprop_delta", "dense_backward"])
+@pytest.mark.parametrize("kernel", ["dense_forward", "backprop_delta", "dense_backward",
+                                    "conv2d_forward", "conv2d_backward", "conv2d_backprop"])
 def test_gemm_dimensions_fit_blas(kernel, monkeypatch):
     from fastnn import _validate
 
     monkeypatch.setattr(_validate, "_BLAS_MAX", 3)
     check_rejected(kernel, valid(kernel), ValueError, "GEMM dimension must be below 2\\*\\*31")
+
+
+# ------------------------------------------------------------ convolution, pooling, dropout
+
+CONV = ["conv2d_forward", "conv2d_backward", "conv2d_backprop"]
+POOL = ["maxpool2d_forward", "maxpool2d_backward"]
+
+
+@pytest.mark.parametrize("kernel", CONV + POOL)
+@pytest.mark.parametrize("stride,exc", [
+    ((0, 1), ValueError), ((1, -2), ValueError), ((1,), ValueError), ((1, 1, 1), ValueError),
+    ((1.0, 1), TypeError), ((True, 1), TypeError), (2, TypeError), ("11", TypeError),
+    (np.array([1, 1]), TypeError),
+])
+def test_bad_stride(kernel, stride, exc):
+    args = valid(kernel)
+    args["stride"] = stride
+    check_rejected(kernel, args, exc, "stride")
+
+
+@pytest.mark.parametrize("kernel", CONV)
+@pytest.mark.parametrize("padding,exc,match", [
+    ((3, 0, 0, 0), ValueError, r"padding \(3, 0, 0, 0\) must be below the kernel extent"),
+    ((0, 3, 0, 0), ValueError, "below the kernel extent"),
+    ((0, 0, 2, 0), ValueError, "kw = 2"),
+    ((0, 0, 0, 2), ValueError, "below the kernel extent"),
+    ((-1, 0, 0, 0), ValueError, "padding must hold ints >= 0"),
+    ((1, 1, 1), ValueError, "padding must have 4 entries"),
+    ((1, 1, 0.0, 0), TypeError, "padding must hold ints"),
+    ("same", TypeError, "padding must be a tuple or list"),
+    (None, TypeError, "padding"),
+])
+def test_bad_padding(kernel, padding, exc, match):
+    args = valid(kernel)
+    args["padding"] = padding
+    check_rejected(kernel, args, exc, match)
+
+
+def test_stride_and_padding_accept_lists_and_numpy_ints():
+    args = valid("conv2d_forward")
+    args.update(stride=[np.int64(1), np.int32(2)], padding=[np.uint8(1), 1, 0, 1])
+    fastnn.ops.conv2d_forward(**args)
+    args = valid("maxpool2d_forward")
+    args.update(pool=[2, 2], stride=[np.int64(2), 2])
+    fastnn.ops.maxpool2d_forward(**args)
+
+
+def test_conv_without_output():
+    """A kernel larger than the padded image, or a pad that still leaves none."""
+    x = np.ones((1, 2, 5, 1), F)
+    w = np.ones((3, 3, 1, 1), F)
+    args = dict(x=x, w=w, b=np.zeros(1, F), act="relu", out=np.ones((1, 1, 3, 1), F))
+    check_rejected("conv2d_forward", args, ValueError,
+                   r"the 2x5 image is smaller than the 3x3 window, so there is no output \(p = 0")
+    check_rejected("conv2d_backward", dict(x=x, dz=np.ones((1, 1, 3, 1), F),
+                                           dw=np.ones((3, 3, 1, 1), F), db=np.ones(1, F)),
+                   ValueError, "no output")
+    # backprop: out's image is the input; too small for the kernel, it cannot match dz
+    check_rejected("conv2d_backprop", dict(dz=np.ones((1, 1, 3, 1), F), w=w, z=None,
+                                           y=np.ones((1, 2, 5, 1), F), act="relu",
+                                           out=np.ones((1, 2, 5, 1), F)),
+                   ValueError, r"out has shape \(1, 2, 5, 1\).* gives a 0x3 output, but dz is 1x3")
+    # one row of padding makes it fit
+    args.update(padding=(1, 0, 0, 0))
+    fastnn.ops.conv2d_forward(**args)
+
+
+def test_conv_backprop_out_must_give_back_dz():
+    args = valid("conv2d_backprop")
+    for name in ("out", "z", "y"):
+        args[name] = np.zeros((3, 8, 5, 2), F)   # p would be 8
+    check_rejected("conv2d_backprop", args, ValueError, "gives a 8x3 output, but dz is 6x3")
+    # several input sizes give the same output at stride 2: out's shape picks one
+    dz = np.ones((1, 2, 2, 1), F)
+    w = np.ones((3, 3, 1, 1), F)
+    for h in (5, 6):
+        out = np.empty((1, h, h, 1), F)
+        fastnn.ops.conv2d_backprop(dz, w, None, np.ones_like(out), "identity", out, (2, 2))
+        assert out[0, -1, -1, 0] == (1 if h == 5 else 0)
+
+
+@pytest.mark.parametrize("kernel", POOL)
+def test_pool_larger_than_input(kernel):
+    args = valid(kernel)
+    args["pool"] = (6, 2)
+    check_rejected(kernel, args, ValueError, r"pool \(6, 2\) is larger than the 5x4 image")
+    args["pool"] = (0, 2)
+    check_rejected(kernel, args, ValueError, "pool must hold ints >= 1")
+    args["pool"] = 2
+    check_rejected(kernel, args, TypeError, "pool must be a tuple or list")
+
+
+def test_pool_backward_out_must_give_back_dy():
+    args = valid("maxpool2d_backward")
+    for name in ("out", "z", "y"):
+        args[name] = np.zeros((3, 6, 4, 2), F)   # p would be 3
+    check_rejected("maxpool2d_backward", args, ValueError, "gives a 3x2 output, but dy is 2x2")
+    args = valid("maxpool2d_backward")
+    args["stride"] = (1, 1)   # p, q would be 4, 3
+    check_rejected("maxpool2d_backward", args, ValueError, "gives a 4x3 output")
+
+
+@pytest.mark.parametrize("kernel,out", [("maxpool2d_forward", True), ("maxpool2d_backward", False)])
+def test_argmax_int32(kernel, out):
+    for bad in (np.int64, np.uint32, np.float32, np.int16):
+        args = valid(kernel)
+        args["argmax"] = args["argmax"].astype(bad)
+        check_rejected(kernel, args, TypeError, "argmax must have dtype int32")
+    args = valid(kernel)
+    args["argmax"] = _misaligned(args["argmax"])
+    check_rejected(kernel, args, ValueError, "argmax must be aligned")
+    if not out:   # an input may be read-only
+        args = valid(kernel)
+        args["argmax"].flags.writeable = False
+        getattr(fastnn.ops, kernel)(**args)
+
+
+@pytest.mark.parametrize("value", [4, -1, 2**31 - 1])
+def test_argmax_values_in_the_window(value):
+    args = valid("maxpool2d_backward")
+    args["argmax"][1, 0, 1, 1] = value
+    check_rejected("maxpool2d_backward", args, ValueError,
+                   r"argmax must hold window indices in \[0, 4\)")
+    args = valid("maxpool2d_backward")
+    args.update(pool=(2, 1), stride=(2, 2))   # windows of 2: index 2 is out of range
+    args["argmax"][...] = 2
+    check_rejected("maxpool2d_backward", args, ValueError, r"in \[0, 2\)")
+
+
+def test_pool_outputs_must_not_overlap():
+    args = valid("maxpool2d_forward")
+    buf = np.zeros(48, np.int32)
+    args["argmax"] = buf[:24].reshape(3, 2, 2, 2)
+    args["out"] = buf[20:44].view(F).reshape(3, 2, 2, 2)
+    check_rejected("maxpool2d_forward", args, ValueError, "overlaps the output")
+    args = valid("maxpool2d_forward")
+    args["out"] = args["x"].reshape(-1)[:24].reshape(3, 2, 2, 2)
+    check_rejected("maxpool2d_forward", args, ValueError, "out overlaps the input x")
+    args = valid("maxpool2d_backward")
+    args["argmax"] = args["out"].reshape(-1)[:24].view(np.int32).reshape(3, 2, 2, 2)
+    args["argmax"][...] = 0
+    check_rejected("maxpool2d_backward", args, ValueError, "out overlaps the input argmax")
+
+
+def test_conv_outputs_must_not_overlap_inputs():
+    args = valid("conv2d_forward")
+    buf = np.zeros(400, F)
+    args["x"] = buf[:180].reshape(3, 6, 5, 2)
+    args["out"] = buf[100:316].reshape(3, 6, 3, 4)
+    check_rejected("conv2d_forward", args, ValueError, "out overlaps the input x")
+    args = valid("conv2d_backward")
+    args["dw"] = args["dz"].reshape(-1)[:48].reshape(3, 2, 2, 4)
+    check_rejected("conv2d_backward", args, ValueError, "dw overlaps the input dz")
+    args = valid("conv2d_backward")
+    args["db"] = args["dw"].reshape(-1)[4:8]
+    check_rejected("conv2d_backward", args, ValueError, "overlaps the output dw")
+    args = valid("conv2d_backprop")
+    args["out"] = args["z"]    # the fused epilogue reads z: not in place
+    check_rejected("conv2d_backprop", args, ValueError, "out overlaps the input z")
+
+
+@pytest.mark.parametrize("kernel", ["dropout_forward", "dropout_backward"])
+@pytest.mark.parametrize("rate,exc,match", [
+    (1.0, ValueError, r"rate must be in \[0, 1\), got 1.0 \(a rate of 1"),
+    (1, ValueError, r"rate must be in \[0, 1\)"), (-0.1, ValueError, "rate must be in"),
+    (float("nan"), ValueError, "rate must be in"), (float("inf"), ValueError, "rate"),
+    ("0.5", TypeError, "rate must be a real number"), (True, TypeError, "rate"),
+    (None, TypeError, "rate"), (complex(0.5, 0), TypeError, "rate"),
+])
+def test_dropout_rate(kernel, rate, exc, match):
+    args = valid(kernel)
+    args["rate"] = rate
+    check_rejected(kernel, args, exc, match)
+
+
+@pytest.mark.parametrize("kernel", ["dropout_forward", "dropout_backward"])
+@pytest.mark.parametrize("seed,exc,match", [
+    (-1, ValueError, "seed must be >= 0"), (2**64, ValueError, r"seed must be below 2\*\*64"),
+    (1.5, TypeError, "seed must be an integer"), (True, TypeError, "seed"),
+    (None, TypeError, "seed"), ("7", TypeError, "seed"),
+])
+def test_dropout_seed(kernel, seed, exc, match):
+    args = valid(kernel)
+    args["seed"] = seed
+    check_rejected(kernel, args, exc, match)
+
+
+@pytest.mark.parametrize("kernel", ["dropout_forward", "dropout_backward"])
+def test_dropout_accepted_values_and_in_place(kernel):
+    first = "x" if kernel == "dropout_forward" else "dy"
+    for rate, seed in ((0.0, 0), (np.float32(0.25), np.uint64(2**64 - 1)), (0.999, 2**64 - 1),
+                       (np.float64(0.5), np.int8(3))):
+        args = valid(kernel)
+        args.update(rate=rate, seed=seed)
+        getattr(fastnn.ops, kernel)(**args)
+    args = valid(kernel)
+    expected = np.empty_like(args["out"])
+    getattr(ref, kernel)(args[first], 0.5, 7, expected)
+    args["out"] = args[first]
+    getattr(fastnn.ops, kernel)(**args)
+    np.testing.assert_array_equal(args[first], expected)
+    buf = np.zeros(20, F)
+    args = {first: buf[:15].reshape(3, 5), "rate": 0.5, "seed": 7,
+            "out": buf[5:20].reshape(3, 5)}
+    check_rejected(kernel, args, ValueError, "partly overlaps")
