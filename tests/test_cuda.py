@@ -175,10 +175,60 @@ def test_registry_loads_cuda_complete():
     import fastnn
 
     info = fastnn.backends()["cuda"]
-    assert info.available and info.fallbacks == ()
+    assert info.available and info.fallbacks == tuple(getattr(C, "PENDING", ()))
     backend = fastnn._backend.load("cuda")
-    for hook in ("empty", "zeros", "from_host", "to_host", "count_correct"):
+    for hook in ("empty", "zeros", "from_host", "to_host", "copy_from_host", "count_correct"):
         assert getattr(backend, hook) is getattr(C, hook)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fallback_kernels_take_device_arrays(dtype):
+    """A kernel the backend lacks (PENDING) runs the reference on host copies of
+    device arrays and writes the device outputs; in place stays in place; NumPy
+    arrays run the reference directly."""
+    import fastnn
+
+    pending = getattr(C, "PENDING", ())
+    if "conv2d_forward" not in pending:
+        pytest.skip("the conv kernels are native on cuda")
+    rng = np.random.default_rng(5)
+    x, w, b = rand(rng, (2, 5, 4, 3), dtype), rand(rng, (3, 2, 3, 4), dtype), rand(rng, 4, dtype)
+    want, pre = np.empty((2, 2, 3, 4), dtype), np.empty((2, 2, 3, 4), dtype)
+    R.conv2d_forward(x, w, b, "gelu", want, pre, (2, 1), (1, 0, 0, 0))
+    with fastnn.use_backend("cuda"):
+        out, dpre = C.empty((2, 2, 3, 4), dtype), C.zeros((2, 2, 3, 4), dtype)
+        dx = dev(x)
+        fastnn.ops.conv2d_forward(dx, dev(w), dev(b), "gelu", out, dpre, (2, 1), (1, 0, 0, 0))
+        close(out, want, dtype, 18)
+        close(dpre, pre, dtype, 18)
+        np.testing.assert_array_equal(C.to_host(dx), x)     # inputs are not written back
+        # in place on the device
+        d = dev(x)
+        fastnn.ops.dropout_forward(d, 0.5, 11, d)
+        expect = np.empty_like(x)
+        R.dropout_forward(x, 0.5, 11, expect)
+        np.testing.assert_array_equal(C.to_host(d), expect)
+        # an int32 output, and a view of a flat device buffer as the output
+        flat = C.zeros(2 * 2 * 2 * 3 + 4, dtype)
+        pooled = flat[2:26].reshape(2, 2, 2, 3)
+        argmax = C.empty((2, 2, 2, 3), np.int32)
+        fastnn.ops.maxpool2d_forward(dev(x), pooled, argmax, (2, 2))
+        ref_out, ref_arg = np.empty((2, 2, 2, 3), dtype), np.empty((2, 2, 2, 3), np.int32)
+        R.maxpool2d_forward(x, ref_out, ref_arg, (2, 2))
+        host = C.to_host(flat)
+        np.testing.assert_array_equal(host[2:26].reshape(2, 2, 2, 3), ref_out)
+        assert not host[:2].any() and not host[26:].any()
+        np.testing.assert_array_equal(C.to_host(argmax), ref_arg)
+        # the gate reads device argmax values back to check them
+        bad = dev(np.full((2, 2, 2, 3), 4, np.int32))
+        with pytest.raises(ValueError, match="argmax must hold window indices"):
+            fastnn.ops.maxpool2d_backward(dev(ref_out), bad, None, dev(x), "relu",
+                                          C.empty(x.shape, dtype), (2, 2))
+        # NumPy arrays: the reference itself
+        host_out = np.empty((2, 2, 3, 4), dtype)
+        fastnn.ops.conv2d_forward(x, w, b, "gelu", host_out, None, (2, 1), (1, 0, 0, 0))
+        np.testing.assert_array_equal(host_out, want)
 
 
 @needs_cuda

@@ -161,6 +161,8 @@ def _spec(draw, kernel):
                          grad=F(B, C, out=True)), {}, ("grad",))
     if kernel == "softmax":
         return Call(kernel, ("z", "out"), dict(z=F(B, O), out=F(B, O, out=True)), {}, ("out",))
+    if kernel in ref.CONV_KERNELS:
+        return _conv_spec(draw, kernel, dt, F)
     n = draw(st.one_of(st.integers(1, 40), st.integers(41, 300)))
     P = lambda **kw: F(n, **kw)  # noqa: E731
     reg = dict(lr=draw(st.sampled_from([0.0, 1e-3, 0.1])),
@@ -195,6 +197,63 @@ def _spec(draw, kernel):
                 dict(reg, rho=draw(st.sampled_from([0.0, 0.99])),
                      eps=draw(st.sampled_from([1e-8, 1e-3])), momentum=momentum),
                 ("p", "sq", "buf", "centered_mean"))
+
+
+def _conv_spec(draw, kernel, dt, F):
+    """A valid call of a convolution, pooling or dropout kernel: small NHWC
+    images, windows of 1 to 3, strides of 1 to 3, pads below the window."""
+    if kernel in ("dropout_forward", "dropout_backward"):
+        ndim = draw(st.integers(1, 4))
+        shape = tuple(_dim(draw) if i == ndim - 1 else draw(st.integers(1, 6))
+                      for i in range(ndim))
+        first = "x" if kernel == "dropout_forward" else "dy"
+        scalars = dict(rate=draw(st.sampled_from([0.0, 0.1, 0.5, 0.9])),
+                       seed=draw(st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 2**64 - 1]))))
+        return Call(kernel, (first, "rate", "seed", "out"),
+                    {first: F(*shape), "out": F(*shape, out=True)}, scalars, ("out",))
+    n, c, o = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    if kernel.startswith("maxpool"):
+        pads = (0, 0, 0, 0)
+    else:
+        pads = tuple(draw(st.integers(0, k - 1)) for k in (kh, kh, kw, kw))
+    h = draw(st.integers(max(1, kh - pads[0] - pads[1]), 9))
+    w = draw(st.integers(max(1, kw - pads[2] - pads[3]), 9))
+    p = (h + pads[0] + pads[1] - kh) // stride[0] + 1
+    q = (w + pads[2] + pads[3] - kw) // stride[1] + 1
+    geometry = dict(stride=stride, padding=pads)
+    if kernel == "conv2d_forward":
+        return Call(kernel, ("x", "w", "b", "act", "out", "preact", "stride", "padding"),
+                    dict(x=F(n, h, w, c), w=F(kh, kw, c, o), b=F(o), out=F(n, p, q, o, out=True),
+                         preact=draw(st.sampled_from([None, F(n, p, q, o, out=True)]))),
+                    dict(geometry, act=_act(draw)), ("out", "preact"))
+    if kernel == "conv2d_backward":
+        return Call(kernel, ("x", "dz", "dw", "db", "stride", "padding"),
+                    dict(x=F(n, h, w, c), dz=F(n, p, q, o), dw=F(kh, kw, c, o, out=True),
+                         db=F(o, out=True)), geometry, ("dw", "db"))
+    act = _act(draw)
+    need_y = act in ref.Y_ACTIVATIONS
+    z = F(n, h, w, c) if (not need_y or draw(st.booleans())) else None
+    y = F(n, h, w, c) if (need_y or draw(st.booleans())) else None
+    if kernel == "conv2d_backprop":
+        return Call(kernel, ("dz", "w", "z", "y", "act", "out", "stride", "padding"),
+                    dict(dz=F(n, p, q, o), w=F(kh, kw, c, o), z=z, y=y,
+                         out=F(n, h, w, c, out=True)), dict(geometry, act=act), ("out",))
+    pool = dict(pool=(kh, kw), stride=draw(st.sampled_from([None, stride])))
+    if pool["stride"] is None:
+        p, q = (h - kh) // kh + 1, (w - kw) // kw + 1
+    if kernel == "maxpool2d_forward":
+        return Call(kernel, ("x", "out", "argmax", "pool", "stride"),
+                    dict(x=F(n, h, w, c), out=F(n, p, q, c, out=True),
+                         argmax=Arr((n, p, q, c), np.dtype(np.int32), out=True)),
+                    pool, ("out", "argmax"))
+    assert kernel == "maxpool2d_backward"
+    # argmax is an input of window indices: filled like labels, in [0, kh*kw)
+    return Call(kernel, ("dy", "argmax", "z", "y", "act", "out", "pool", "stride"),
+                dict(dy=F(n, p, q, c),
+                     argmax=Arr((n, p, q, c), np.dtype(np.int32), kind="labels", classes=kh * kw),
+                     z=z, y=y, out=F(n, h, w, c, out=True)), dict(pool, act=act), ("out",))
 
 
 # ------------------------------------------------------------------ mutations
@@ -264,7 +323,9 @@ def _mutate(draw, call):
     elif what == "none":
         k = draw(st.sampled_from(sorted(a)))
         if a[k] is None:
-            like = next(v for v in a.values() if v is not None)
+            like = next((v for v in a.values() if v is not None), None)
+            if like is None:    # every array already None
+                return
             shape = like.shape if len(like.shape) and k not in ("z", "y") else like.shape
             a[k] = Arr(shape, like.dtype, out=k in call.outputs)
         else:

@@ -279,3 +279,132 @@ def test_losses_non_finite(backend, dtype):
             ref_ret, be_ret, ref_args, be_args = _run(backend, kernel, args, ("grad",))
             assert_close(be_args["grad"], ref_args["grad"], dtype, err_msg=kernel)
             assert_close(be_ret, ref_ret, dtype, err_msg=kernel)
+
+
+# ------------------------------------------------------------ convolution, pooling, dropout
+
+@st.composite
+def conv_case(draw, pooling=False):
+    """A small NHWC geometry (the CUDA simulator runs it too): batch 1-3, images
+    up to 7x7, 1-3 channels in and out, windows 1-3, strides 1-3, pads below
+    the window (none for pooling, whose stride may be None)."""
+    dtype = np.dtype(draw(st.sampled_from(DTYPES)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    n, c, o = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    if pooling:
+        pads = (0, 0, 0, 0)
+        if draw(st.booleans()):
+            stride = None
+    else:
+        pads = tuple(draw(st.integers(0, k - 1)) for k in (kh, kh, kw, kw))
+    h = draw(st.integers(max(1, kh - pads[0] - pads[1]), 7))
+    w = draw(st.integers(max(1, kw - pads[2] - pads[3]), 7))
+    sh, sw = (kh, kw) if stride is None else stride
+    p = (h + pads[0] + pads[1] - kh) // sh + 1
+    q = (w + pads[2] + pads[3] - kw) // sw + 1
+    return rng, dtype, (n, h, w, c, o), (kh, kw), stride, pads, (p, q)
+
+
+def _below(rng, act, shape, dtype, give_both):
+    """``z``, ``y`` of the layer below, or only the one the derivative needs."""
+    z, y = _act_pair(rng, act, shape, dtype)
+    if not give_both:
+        z, y = (None, y) if act in ref.Y_ACTIVATIONS else (z, None)
+    return z, y
+
+
+@given(case=conv_case(), act=acts, keep_preact=st.booleans())
+def test_conv2d_forward(backend, case, act, keep_preact):
+    rng, dtype, (n, h, w, c, o), (kh, kw), stride, pads, (p, q) = case
+    args = dict(x=_normal(rng, (n, h, w, c), dtype), w=_normal(rng, (kh, kw, c, o), dtype),
+                b=_normal(rng, o, dtype), act=act, out=np.empty((n, p, q, o), dtype),
+                preact=np.empty((n, p, q, o), dtype) if keep_preact else None,
+                stride=stride, padding=pads)
+    outputs = ("out", "preact") if keep_preact else ("out",)
+    _check(backend, "conv2d_forward", args, outputs, dtype, reduction=kh * kw * c)
+
+
+@given(case=conv_case())
+def test_conv2d_backward(backend, case):
+    rng, dtype, (n, h, w, c, o), (kh, kw), stride, pads, (p, q) = case
+    args = dict(x=_normal(rng, (n, h, w, c), dtype), dz=_normal(rng, (n, p, q, o), dtype),
+                dw=np.empty((kh, kw, c, o), dtype), db=np.empty(o, dtype),
+                stride=stride, padding=pads)
+    _check(backend, "conv2d_backward", args, ("dw", "db"), dtype, reduction=n * p * q)
+
+
+@given(case=conv_case(), act=acts, give_both=st.booleans())
+def test_conv2d_backprop(backend, case, act, give_both):
+    rng, dtype, (n, h, w, c, o), (kh, kw), stride, pads, (p, q) = case
+    z, y = _below(rng, act, (n, h, w, c), dtype, give_both)
+    args = dict(dz=_normal(rng, (n, p, q, o), dtype), w=_normal(rng, (kh, kw, c, o), dtype),
+                z=z, y=y, act=act, out=np.empty((n, h, w, c), dtype), stride=stride,
+                padding=pads)
+    _check(backend, "conv2d_backprop", args, ("out",), dtype, reduction=kh * kw * o)
+
+
+@given(case=conv_case(pooling=True), ties=st.booleans())
+def test_maxpool2d_forward(backend, case, ties):
+    rng, dtype, (n, h, w, c, _), pool, stride, _, (p, q) = case
+    x = _normal(rng, (n, h, w, c), dtype)
+    if ties:  # few distinct values: ties in most windows
+        x = np.round(x).astype(dtype)
+    args = dict(x=x, out=np.empty((n, p, q, c), dtype), argmax=np.empty((n, p, q, c), np.int32),
+                pool=pool, stride=stride)
+    ref_ret, be_ret, ref_args, be_args = _run(backend, "maxpool2d_forward", args, ("out", "argmax"))
+    assert be_ret is None
+    np.testing.assert_array_equal(be_args["out"], ref_args["out"])
+    np.testing.assert_array_equal(be_args["argmax"], ref_args["argmax"])
+
+
+@given(case=conv_case(pooling=True), act=acts, give_both=st.booleans())
+def test_maxpool2d_backward(backend, case, act, give_both):
+    rng, dtype, (n, h, w, c, _), pool, stride, _, (p, q) = case
+    z, y = _below(rng, act, (n, h, w, c), dtype, give_both)
+    argmax = rng.integers(0, pool[0] * pool[1], (n, p, q, c)).astype(np.int32)
+    args = dict(dy=_normal(rng, (n, p, q, c), dtype), argmax=argmax, z=z, y=y, act=act,
+                out=np.empty((n, h, w, c), dtype), pool=pool, stride=stride)
+    # overlapping windows (stride < pool) add up to pool_h*pool_w terms
+    _check(backend, "maxpool2d_backward", args, ("out",), dtype, reduction=pool[0] * pool[1])
+
+
+@given(data=st.data(), rate=st.sampled_from([0.0, 1e-9, 0.1, 0.5, 0.9]),
+       seed=st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 2**64 - 1])),
+       in_place=st.booleans(), forward=st.booleans())
+def test_dropout(backend, data, rate, seed, in_place, forward):
+    """The same mask and the same rounding on every backend: equal bit for bit."""
+    rng, batch, width, width2, dtype = data.draw(case(backend))
+    kernel = "dropout_forward" if forward else "dropout_backward"
+    x = _normal(rng, (batch, width, width2), dtype)
+    expected = np.empty_like(x)
+    getattr(ref, kernel)(x, rate, seed, expected)
+    got = x.copy() if in_place else np.empty_like(x)
+    with fastnn.use_backend(backend):
+        getattr(fastnn.ops, kernel)(got if in_place else x, rate, seed, got)
+    np.testing.assert_array_equal(got, expected, err_msg=f"{backend}.{kernel}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pool_and_dropout_non_finite(backend, dtype):
+    """NaN wins a pooling window (the first NaN), inf is a maximum like any
+    other; dropped elements are +0.0 even for inf and NaN inputs."""
+    x = np.array([[1, np.nan, 2, np.nan], [np.inf, 3, -np.inf, 0],
+                  [-np.inf, -np.inf, 5, 5], [-np.inf, -np.inf, 5, np.nan]], dtype)[None, :, :, None]
+    out, argmax = np.empty((1, 2, 2, 1), dtype), np.empty((1, 2, 2, 1), np.int32)
+    with fastnn.use_backend(backend):
+        fastnn.ops.maxpool2d_forward(x, out, argmax, (2, 2))
+    assert np.isnan(out[0, 0, 0, 0]) and argmax[0, 0, 0, 0] == 1
+    assert np.isnan(out[0, 0, 1, 0]) and argmax[0, 0, 1, 0] == 1
+    assert out[0, 1, 0, 0] == -np.inf and argmax[0, 1, 0, 0] == 0
+    assert np.isnan(out[0, 1, 1, 0]) and argmax[0, 1, 1, 0] == 3
+    with np.errstate(all="ignore"):
+        z = np.array([np.inf, -np.inf, np.nan, 1.0] * 64, dtype)
+        expected, got = np.empty_like(z), np.empty_like(z)
+        ref.dropout_forward(z, 0.5, 3, expected)
+        with fastnn.use_backend(backend):
+            fastnn.ops.dropout_forward(z, 0.5, 3, got)
+    np.testing.assert_array_equal(got, expected)
+    dropped = expected == 0
+    assert dropped.any() and not np.signbit(got[dropped]).any()
