@@ -1,6 +1,6 @@
 """fastnn: fast kernels for neural-network training on NumPy arrays.
 
-Dense layers, activations, losses and optimizers as Cython/OpenMP, numba and
+Dense and convolutional layers, activations, losses and optimizers as Cython/OpenMP, numba and
 CUDA kernels under one contract, each checked against a NumPy reference.
 
 >>> import fastnn as fn
@@ -21,7 +21,9 @@ from ._backend import (  # noqa: E402
 )
 from ._threads import get_num_threads, num_threads, set_num_threads  # noqa: E402
 from . import datasets, losses, optim  # noqa: E402
-from .layers import Dense  # noqa: E402
+from .layers import (  # noqa: E402
+    Conv2D, Dense, Dropout, Flatten, MaxPool2D, MaxPooling2D,
+)
 from .model import History, Sequential, load_model  # noqa: E402
 from .optim import SGD, Adam, AdamW, RMSprop  # noqa: E402
 
@@ -31,6 +33,7 @@ __all__ = [
     "ops", "backends", "get_backend", "set_backend", "use_backend", "BackendInfo",
     "BackendUnavailable", "set_num_threads", "get_num_threads", "num_threads",
     "__version__",
-    "Sequential", "Dense", "History", "load_model", "SGD", "Adam", "AdamW", "RMSprop",
+    "Sequential", "Dense", "Conv2D", "MaxPool2D", "MaxPooling2D", "Flatten", "Dropout",
+    "History", "load_model", "SGD", "Adam", "AdamW", "RMSprop",
     "losses", "optim", "datasets",
 ]

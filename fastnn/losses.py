@@ -1,12 +1,17 @@
 """Losses for ``Sequential.compile``: by name or as objects.
 
-* ``softmax_cross_entropy`` (aliases ``sparse_categorical_crossentropy``,
-  ``cross_entropy``): last layer ``Dense(k)`` with k >= 2; ``y`` integer
+* ``softmax_cross_entropy`` (alias ``cross_entropy``): last layer ``Dense(k)``
+  with k >= 2 and no activation (its output is the logits); ``y`` integer
   class indices of shape ``(n,)`` in ``[0, k)``; ``predict`` returns the
-  softmax.
-* ``sigmoid_binary_cross_entropy`` (``binary_crossentropy``, ``bce``): last
-  layer ``Dense(1)``; ``y`` in ``[0, 1]`` of shape ``(n,)`` or ``(n, 1)``,
-  any real dtype; ``predict`` returns the sigmoid, ``(n, 1)``.
+  softmax. Keras' ``sparse_categorical_crossentropy`` is the same kernel
+  written after a last ``Dense(k, "softmax")``: the softmax then belongs to
+  the loss and is computed once, fused with it (a last layer without
+  activation is also taken as the logits).
+* ``sigmoid_binary_cross_entropy`` (``bce``, ``binary_cross_entropy``): last
+  layer ``Dense(1)``, no activation; ``y`` in ``[0, 1]`` of shape ``(n,)`` or
+  ``(n, 1)``, any real dtype; ``predict`` returns the sigmoid, ``(n, 1)``.
+  Keras' ``binary_crossentropy`` is the same after a last
+  ``Dense(1, "sigmoid")``, fused in the same way.
 * ``mse`` (``mean_squared_error``): last layer ``Dense(k)``; ``y`` real of
   shape ``(n, k)`` (or ``(n,)`` when k == 1); ``predict`` returns the outputs.
 
@@ -34,6 +39,15 @@ class Loss:
     kernel = None
     #: whether accuracy is tracked
     classification = False
+    #: the name it was asked for by (``save`` stores it)
+    alias = None
+    #: whether the last layer's softmax/sigmoid belongs to the loss (Keras' names:
+    #: ``sparse_categorical_crossentropy``, ``binary_crossentropy``)
+    fuses_output = False
+
+    def __init__(self, alias=None):
+        self.alias = alias or self.name
+        self.fuses_output = self.alias in _FUSING
 
     def __repr__(self):
         return f"{type(self).__name__}()"
@@ -164,6 +178,8 @@ class MeanSquaredError(Loss):
             out[...] = logits
 
 
+#: Keras' names: the output layer's softmax or sigmoid is part of the loss
+_FUSING = ("sparse_categorical_crossentropy", "binary_crossentropy")
 _CLASSES = (SoftmaxCrossEntropy, SigmoidBinaryCrossEntropy, MeanSquaredError)
 _ALIASES = {
     "softmax_cross_entropy": SoftmaxCrossEntropy,
@@ -200,5 +216,6 @@ def get(loss):
     cls = _ALIASES.get(loss.lower())
     if cls is None:
         raise ValueError(f"unknown loss {loss!r}; choose one of softmax_cross_entropy, "
-                         f"sigmoid_binary_cross_entropy, mse")
-    return cls()
+                         f"sigmoid_binary_cross_entropy, mse (or Keras' "
+                         f"sparse_categorical_crossentropy, binary_crossentropy)")
+    return cls(loss.lower())

@@ -1,26 +1,30 @@
-"""``Sequential``: a stack of Dense layers trained on NumPy arrays.
+"""``Sequential``: a list of layers trained on NumPy arrays.
 
-Design (see DESIGN.md, "Rules the code keeps"):
+Design (see DESIGN.md, "The layer protocol" and "Rules the code keeps"):
 
-* All parameters live in one flat buffer (each layer's ``w`` and ``b`` are
-  views into it), all gradients in another of the same layout, and the
-  optimizer's state in flat buffers: the update is one kernel call.
-* The training step calls the current backend's contract kernels directly:
-  ``dense_forward`` per layer, the loss kernel (which writes the gradient of
-  the logits straight into the top delta), then ``dense_backward`` and
-  ``backprop_delta`` per layer, then the optimizer kernel. Everything those
-  kernels touch is checked by ``fastnn._validate`` once, at the start of
-  ``fit``, not per step.
+* All parameters live in one flat buffer (each layer's parameters are views
+  into it), all gradients in another of the same layout, and the optimizer's
+  state in flat buffers: the update is one kernel call.
+* The model runs a list of layers and knows nothing of what each computes: per
+  plan (a batch size; training or inference) every layer hands back its
+  forward and backward functions over the plan's buffers (``fastnn.layers``),
+  which call the current backend's contract kernels directly. The loss kernel
+  writes the gradient of the logits straight into the top delta.
+* Everything those kernels touch is checked by ``fastnn._validate`` once, when
+  a plan is made, not per step: the plan's step is built once more on a
+  "backend" whose kernels are the gates, and run on a first batch.
 * Buffers are sized for the batch once; a short last batch uses views of
   their first rows (still C-contiguous). After the first batch a step
   allocates no arrays.
 * Buffers are made through the backend's array hooks (``empty``, ``zeros``,
   ``from_host``, ``to_host``, ``count_correct``), so a device backend keeps
-  them on the device.
+  them on the device. Plans belong to one backend: a switch (``set_backend``,
+  ``use_backend``) between calls makes new ones.
 """
 
 import json
 import math
+import numbers
 import os
 import sys
 import tempfile
@@ -33,13 +37,14 @@ import numpy as np
 from . import _backend, _validate
 from . import losses as _losses
 from . import optim as _optim
-from .kernels.reference import Z_ACTIVATIONS
-from .layers import Dense
+from .kernels import reference as _reference
+from .layers import LAYER_CLASSES, OUTPUT_ACTIVATIONS, Dense, Layer, Record
 
 __all__ = ["Sequential", "History", "load_model"]
 
 _FORMAT = "fastnn.Sequential"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
+_READS_VERSIONS = (1, 2)
 _DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 _EVAL_BATCH = 1024
 _HOST_SPACE = tuple(_backend._HOST_HOOKS[k] for k in ("empty", "zeros", "from_host", "to_host"))
@@ -48,6 +53,17 @@ _HOST_SPACE = tuple(_backend._HOST_HOOKS[k] for k in ("empty", "zeros", "from_ho
 def _space(be):
     """What identifies where a backend keeps arrays (its array hooks)."""
     return (be.empty, be.zeros, be.from_host, be.to_host)
+
+
+class _Gates:
+    """A "backend" whose kernels are ``fastnn._validate``'s gates: a step built
+    on it checks every kernel call of the real step, with the same arguments."""
+
+    name = "gate"
+
+
+for _kernel in _reference.CONTRACT:
+    setattr(_Gates, _kernel, staticmethod(getattr(_validate, _kernel)))
 
 
 class History:
@@ -73,44 +89,86 @@ class History:
         return f"History(epochs={len(self.epoch)}, keys={list(self.history)})"
 
 
-class _Plan:
-    """Work buffers for one batch size (views of a larger plan's for a short batch)."""
+class _Context:
+    """What a plan's layer functions share: the dropout seeds of a step."""
 
-    def __init__(self, batch, ys, zs, deltas):
+    def __init__(self, seeds):
+        self.seeds = seeds
+        self._cells = {}
+
+    def seed_cell(self, layer):
+        """A one-element list that a layer's forward fills and its backward reads."""
+        return self._cells.setdefault(id(layer), [0])
+
+
+class _Plan:
+    """Buffers and functions for one batch size, training or inference (a
+    short batch gets views of a larger plan's first rows)."""
+
+    def __init__(self, model, be, batch, training, bufs=None):
         self.batch = batch
-        self.ys, self.zs, self.deltas = ys, zs, deltas
-        self.logits = ys[-1]
+        self.training = training
+        self.bufs = model._alloc(be, batch, training) if bufs is None else bufs
+        self.records = model._records(self.bufs, training)
         self.step = None
         self.step_state = None
+        self.forward = None
+        self.checked = False
+        self.loss_checked = False
         self.short = {}
 
-    def view(self, n):
+    def view(self, model, be, n):
         """A plan for ``n <= batch`` rows: views of the first ``n`` rows."""
         plan = self.short.get(n)
         if plan is None:
-            cut = lambda bufs: [None if a is None else a[:n] for a in bufs]  # noqa: E731
-            plan = _Plan(n, cut(self.ys), cut(self.zs), cut(self.deltas))
+            bufs = [{k: a[:n] for k, a in d.items()} for d in self.bufs]
+            plan = _Plan(model, be, n, self.training, bufs)
             self.short[n] = plan
         return plan
 
 
+def _as_layers(layers):
+    if layers is None:
+        return []
+    if not isinstance(layers, (list, tuple)):
+        raise TypeError(f"layers must be a list of layers, got {type(layers).__name__}")
+    return list(layers)
+
+
+def _shape(name, value):
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        value = (value,)
+    if (not isinstance(value, (tuple, list)) or not value
+            or any(isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))
+                   for v in value)):
+        raise TypeError(f"{name} must be a tuple of ints, got {value!r}")
+    if min(value) < 1:
+        raise ValueError(f"{name} must hold sizes >= 1, got {tuple(value)}")
+    return tuple(int(v) for v in value)
+
+
 class Sequential:
-    """A stack of ``Dense`` layers with one flat parameter buffer.
+    """A list of layers with one flat parameter buffer.
 
     Parameters
     ----------
-    layers : list of Dense, optional
-        More can be added with ``add`` until the model is built.
+    layers : list of layers, optional
+        ``Dense``, ``Conv2D``, ``MaxPool2D``, ``Flatten``, ``Dropout``. More
+        can be added with ``add`` until the model is built.
     input_dim : int, optional
-        Width of the input; the model is built (weights initialised) at once.
-        Without it the model is built by the first ``fit``/``predict``.
+        Width of a flat input: shorthand for ``input_shape=(input_dim,)``.
     dtype : {"float32", "float64"}
         Of every parameter and buffer; inputs are converted to it once.
     seed : int, numpy.random.Generator or None
         Seeds one ``numpy.random.Generator`` that initialises the weights (He
-        normal for ReLU-like layers, Glorot uniform otherwise, biases zero)
-        and, unless ``fit(seed=...)`` is given, shuffles the data. The same
-        seed gives the same numbers.
+        normal for ReLU-like layers, Glorot uniform otherwise, biases zero),
+        draws the dropout seeds and, unless ``fit(seed=...)`` is given,
+        shuffles the data. The same seed gives the same numbers.
+    input_shape : tuple of int, optional
+        The shape of one sample (``(28, 28, 1)`` for MNIST images); also
+        accepted on the first layer, as Keras writes it. With an input shape
+        the model is built (weights initialised) at once; without one, by the
+        first ``fit``/``predict``.
 
     Examples
     --------
@@ -125,17 +183,20 @@ class Sequential:
     (2, 3)
     """
 
-    def __init__(self, layers=None, input_dim=None, dtype="float32", seed=None):
-        if layers is None:
-            layers = []
-        if not isinstance(layers, (list, tuple)):
-            raise TypeError(f"layers must be a list of Dense layers, got {type(layers).__name__}")
+    def __init__(self, layers=None, input_dim=None, dtype="float32", seed=None,
+                 input_shape=None):
+        layers = _as_layers(layers)
         for i, layer in enumerate(layers):
             self._check_layer(layer, f"layers[{i}]")
         if len({id(layer) for layer in layers}) != len(layers):
             raise ValueError("the same layer object appears twice in layers")
         if input_dim is not None:
             input_dim = _validate.integer("input_dim", input_dim, low=1)
+            if input_shape is not None:
+                raise ValueError("give input_dim or input_shape, not both")
+            input_shape = (input_dim,)
+        elif input_shape is not None:
+            input_shape = _shape("input_shape", input_shape)
         self.dtype = _dtype(dtype)
         if isinstance(seed, np.random.Generator):
             rng = seed
@@ -146,42 +207,55 @@ class Sequential:
             raise TypeError(f"seed must be None, a non-negative int or a numpy.random.Generator, "
                             f"got {seed!r}")
         self._rng = rng
-        self.layers = list(layers)
-        for layer in self.layers:
-            layer._model = weakref.ref(self)
-        self.input_dim = None
+        self.layers = layers
+        self.input_shape = None
         self.loss = None
         self.optimizer = None
         self.metrics = []
         self._params = None
         self._grads = None
         self._space = None
-        self._views = None       # [(w, b)] into _params
-        self._grad_views = None  # [(dw, db)] into _grads
+        self._param_views = None  # per layer: [views] into _params
+        self._grad_views = None   # per layer: [views] into _grads
         self._plans = {}
-        if input_dim is not None:
+        self._plans_backend = None
+        if input_shape is None and layers and layers[0].input_shape_arg is not None:
+            input_shape = layers[0].input_shape_arg
+        if input_shape is not None:
             if not self.layers:
-                raise ValueError("give the layers with input_dim (or add them and fit)")
-            self._build(input_dim)
+                raise ValueError("give the layers with input_dim/input_shape (or add them and fit)")
+            self._infer(input_shape)  # every layer fits, before anything is owned
+        for layer in self.layers:
+            layer._model = weakref.ref(self)
+        self._name_layers()
+        if input_shape is not None:
+            self._build(input_shape)
 
     # ------------------------------------------------------------ structure
     def _check_layer(self, layer, name):
-        if not isinstance(layer, Dense):
-            raise TypeError(f"{name} must be a fastnn.Dense, got {type(layer).__name__}")
+        if not isinstance(layer, Layer):
+            raise TypeError(f"{name} must be a fastnn layer (Dense, Conv2D, MaxPool2D, Flatten, "
+                            f"Dropout), got {type(layer).__name__}")
         owner = layer._model() if layer._model is not None else None
         if owner is not None and owner is not self:
             raise ValueError(f"{name} already belongs to another model; create a new layer")
 
     def add(self, layer):
-        """Append a layer (before the model is built)."""
+        """Append a layer (before the model is built). After ``compile``, the
+        loss is checked again against the new last layer by ``fit``,
+        ``evaluate`` and ``predict``."""
         self._check_layer(layer, "layer")
         if self.built:
             raise ValueError("the model is built (its weights exist): layers can no longer be "
                              "added")
         if any(layer is other for other in self.layers):
             raise ValueError("this layer is already in the model")
+        if not self.layers and layer.input_shape_arg is not None:
+            self._infer(layer.input_shape_arg, [layer])
         layer._model = weakref.ref(self)
         self.layers.append(layer)
+        self._name_layers()
+        self._plans = {}
 
     @property
     def built(self):
@@ -189,47 +263,96 @@ class Sequential:
         return self._params is not None
 
     @property
+    def input_dim(self):
+        """The width of a flat input (``input_shape == (input_dim,)``), else None."""
+        shape = self.input_shape
+        return shape[0] if shape is not None and len(shape) == 1 else None
+
+    @property
+    def output_shape(self):
+        """The shape of one output (after build)."""
+        return None if not self.built else self.layers[-1].output_shape
+
+    @property
     def param_count(self):
         """Number of parameters (weights and biases)."""
-        if self.input_dim is None:
-            raise ValueError("the model is not built yet (give input_dim or fit)")
-        return sum(layer.param_count(d) for layer, d in zip(self.layers, self._dims()[:-1]))
+        if self.input_shape is None:
+            raise ValueError("the model is not built yet (give input_shape/input_dim, or fit)")
+        return sum(math.prod(s) for layer in self.layers for s in layer.param_shapes())
 
-    def _dims(self):
-        return [self.input_dim] + [layer.units for layer in self.layers]
+    def _infer(self, input_shape, layers=None):
+        """Output shapes layer by layer, without changing anything; a layer that
+        does not fit raises ``ValueError`` naming it."""
+        layers = self.layers if layers is None else layers
+        shapes = [tuple(input_shape)]
+        for i, layer in enumerate(layers):
+            given = layer.input_shape_arg
+            if given is not None and given != shapes[-1]:
+                raise ValueError(f"{layer._label()} was given input_shape={given} but its input "
+                                 f"is {shapes[-1]}")
+            if layer.activation in OUTPUT_ACTIVATIONS and i != len(layers) - 1:
+                raise ValueError(f"{layer._label()}: activation {layer.activation!r} is only "
+                                 f"allowed on the last layer (it belongs to the loss)")
+            shapes.append(tuple(layer.compute_output_shape(shapes[-1])))
+        return shapes
 
-    def _build(self, input_dim):
-        """Allocate the flat parameter buffer and initialise it from the model's rng."""
-        self.input_dim = input_dim
+    def _name_layers(self):
+        """Keras' names for the layers given none: dense, dense_1, conv2d, ..."""
+        taken = {layer.name for layer in self.layers if layer.name is not None}
+        counts = {}
+        for layer in self.layers:
+            if layer.name is None:
+                n = counts.get(layer.kind, 0)
+                name = layer.kind if n == 0 else f"{layer.kind}_{n}"
+                while name in taken:
+                    n += 1
+                    name = f"{layer.kind}_{n}"
+                layer.name = name
+                taken.add(name)
+            counts[layer.kind] = counts.get(layer.kind, 0) + 1
+
+    def _build(self, input_shape):
+        """Build every layer, allocate the flat parameter buffer and initialise
+        it from the model's rng."""
+        self._infer(input_shape)
+        shape = tuple(input_shape)
+        for layer in self.layers:
+            shape = layer.build(shape)
+        self.input_shape = tuple(input_shape)
         params = np.empty(self.param_count, self.dtype)
-        for layer, (w, b) in zip(self.layers, self._slice(params)):
-            layer.init_weights(self._rng, w, b)
+        for layer, views in zip(self.layers, self._slice(params)):
+            layer.init_params(self._rng, views)
         self._params = params
         self._space = _HOST_SPACE
         self._grads = np.zeros_like(params)
         self._make_views()
 
     def _slice(self, flat):
-        """``[(w, b)]`` views of a flat buffer in the model's layout."""
+        """Per layer, the views of a flat buffer in the model's layout."""
         views, offset = [], 0
-        for n_in, layer in zip(self._dims()[:-1], self.layers):
-            n_w = n_in * layer.units
-            w = flat[offset:offset + n_w].reshape(n_in, layer.units)
-            b = flat[offset + n_w:offset + n_w + layer.units]
-            views.append((w, b))
-            offset += n_w + layer.units
+        for layer in self.layers:
+            mine = []
+            for shape in layer.param_shapes():
+                size = math.prod(shape)
+                mine.append(flat[offset:offset + size].reshape(shape))
+                offset += size
+            views.append(mine)
         return views
 
     def _make_views(self):
-        self._views = self._slice(self._params)
+        self._param_views = self._slice(self._params)
         self._grad_views = self._slice(self._grads)
-        for layer, (w, b), n_in in zip(self.layers, self._views, self._dims()):
-            layer.w, layer.b, layer.input_dim = w, b, n_in
+        for layer, views in zip(self.layers, self._param_views):
+            layer.bind_params(views)
         self._plans = {}
 
     def _bind(self, be):
         """Put the buffers where backend ``be`` keeps arrays (a no-op between
-        CPU backends, which share host memory)."""
+        CPU backends, which share host memory), and forget plans made for
+        another backend."""
+        if self._plans_backend is not be:
+            self._plans = {}
+            self._plans_backend = be
         space = _space(be)
         if space == self._space:
             return
@@ -244,20 +367,20 @@ class Sequential:
         self._make_views()
 
     def get_weights(self):
-        """Copies of the parameters as host arrays: ``[w0, b0, w1, b1, ...]``."""
+        """Copies of the parameters as host arrays, layer by layer: ``[w0, b0, w1, b1, ...]``."""
         self._require_built()
         to_host = self._space[3]
-        return [np.array(to_host(a)) for wb in self._views for a in wb]
+        return [np.array(to_host(a)) for views in self._param_views for a in views]
 
     def set_weights(self, weights):
         """Set the parameters from ``[w0, b0, w1, b1, ...]`` (shapes as ``get_weights``;
         real arrays, converted to the model's dtype). Checks all before writing."""
         self._require_built()
-        targets = [a for wb in self._views for a in wb]
+        targets = [a for views in self._param_views for a in views]
         if not isinstance(weights, (list, tuple)) or len(weights) != len(targets):
             raise ValueError(f"weights must be a list of {len(targets)} arrays [w0, b0, ...]")
         host = np.array(self._space[3](self._params))
-        flat_views = [a for wb in self._slice(host) for a in wb]
+        flat_views = [a for views in self._slice(host) for a in views]
         for i, (new, view) in enumerate(zip(weights, flat_views)):
             new = np.asarray(new)
             if new.dtype.kind not in "biuf":
@@ -277,7 +400,12 @@ class Sequential:
 
     def _require_built(self):
         if not self.built:
-            raise ValueError("the model is not built yet: give input_dim, or call fit or predict")
+            raise ValueError("the model is not built yet: give input_shape (or input_dim), or "
+                             "call fit or predict")
+
+    def _require_layers(self):
+        if not self.layers:
+            raise ValueError("the model has no layers: give them to Sequential or add them")
 
     # ------------------------------------------------------------ compile
     def compile(self, loss, optimizer="adam", metrics=None):
@@ -286,8 +414,16 @@ class Sequential:
         Parameters
         ----------
         loss : str or fastnn.losses.Loss
-            ``"softmax_cross_entropy"`` (integer labels, last ``Dense(k>=2)``),
-            ``"sigmoid_binary_cross_entropy"`` (last ``Dense(1)``) or ``"mse"``.
+            ``"softmax_cross_entropy"`` (integer labels, a last layer of k >= 2
+            outputs, the logits), ``"sigmoid_binary_cross_entropy"`` (a last
+            ``Dense(1)``, the logit) or ``"mse"``. Keras' names map onto the
+            same fused kernels: ``"sparse_categorical_crossentropy"`` with a
+            last ``Dense(k, "softmax")`` (the softmax then belongs to the
+            loss: it is computed once, fused with the cross-entropy, and
+            ``predict`` returns it), ``"binary_crossentropy"`` with a last
+            ``Dense(1, "sigmoid")`` (the same for the sigmoid). With the
+            canonical names the last layer has no output activation: a
+            softmax or sigmoid there would be applied twice, and is refused.
         optimizer : str or fastnn optimizer
             ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"`` (defaults) or an
             instance such as ``fn.Adam(lr=1e-3)``; it then belongs to this
@@ -296,10 +432,9 @@ class Sequential:
             ``["accuracy"]`` is accepted (accuracy is always reported for the
             classification losses).
         """
-        if not self.layers:
-            raise ValueError("the model has no layers")
+        self._require_layers()
         loss = _losses.get(loss)
-        loss.check_units(self.layers[-1].units)
+        self._check_loss(loss, self.output_shape)
         optimizer = _optim.get(optimizer)
         if metrics is None:
             metrics = []
@@ -326,80 +461,203 @@ class Sequential:
         self.metrics = ["accuracy"] if loss.classification else []
         self._plans = {}
 
+    def _check_loss(self, loss, output_shape=None):
+        """The loss fits the last layer: its output shape and activation."""
+        top = self.layers[-1]
+        act = top.activation
+        if act == "softmax" and not (isinstance(loss, _losses.SoftmaxCrossEntropy) and
+                                     loss.fuses_output):
+            hint = ("use loss='sparse_categorical_crossentropy' with a softmax last layer, or "
+                    "no activation on the last layer with softmax_cross_entropy"
+                    if isinstance(loss, _losses.SoftmaxCrossEntropy) else
+                    "a softmax last layer goes with loss='sparse_categorical_crossentropy'")
+            raise ValueError(f"{top._label()}: the softmax of the last layer would be applied "
+                             f"twice or to the wrong loss ({loss.name} applies it itself); "
+                             f"{hint}")
+        if act == "sigmoid" and isinstance(loss, _losses.SigmoidBinaryCrossEntropy) and \
+                not loss.fuses_output:
+            raise ValueError(f"{top._label()}: {loss.name} applies the sigmoid itself, so a "
+                             f"sigmoid last layer would apply it twice; use "
+                             f"loss='binary_crossentropy' with a sigmoid last layer, or no "
+                             f"activation on the last layer with {loss.name}")
+        if output_shape is None and isinstance(top, Dense):
+            output_shape = (top.units,)
+        if output_shape is not None:
+            if len(output_shape) != 1:
+                raise ValueError(f"the model's output has shape {output_shape} per sample; "
+                                 f"{loss.name} needs a flat output (batch, units): end with "
+                                 f"Flatten() and Dense(units)")
+            loss.check_units(output_shape[0])
+
+    def _top_act(self, layer):
+        """The activation the last layer's kernels apply: none where the loss
+        applies it (fused)."""
+        act = layer.kernel_activation
+        loss = self.loss
+        if loss is not None and loss.fuses_output and layer.activation in ("softmax", "sigmoid"):
+            return "identity"
+        return act
+
     def _require_compiled(self, what):
         if self.loss is None:
             raise RuntimeError(f"compile the model (loss and optimizer) before {what}")
 
     # ------------------------------------------------------------ inputs
-    def _input(self, x, name="x"):
-        try:
-            arr = np.asarray(x)
-        except Exception as exc:
-            raise TypeError(f"{name} must be array-like, got {type(x).__name__} ({exc})") from None
-        if arr.dtype.kind not in "biuf":
-            raise TypeError(f"{name} must be a real array, got dtype {arr.dtype}")
-        if arr.ndim != 2:
-            raise ValueError(f"{name} must be 2-D (samples, features), got shape {arr.shape}")
-        if arr.shape[0] == 0:
+    def _input(self, x, name="x", shape=None):
+        """``x`` as a C-contiguous array of the model's dtype with samples of
+        ``shape`` (the model's input shape by default; any shape when None and
+        not built)."""
+        if not isinstance(x, np.ndarray):
+            try:
+                x = np.asarray(x)
+            except Exception as exc:
+                raise TypeError(f"{name} must be array-like, got {type(x).__name__} "
+                                f"({exc})") from None
+        if x.dtype.kind not in "biuf":
+            raise TypeError(f"{name} must be a real array, got dtype {x.dtype}")
+        shape = self.input_shape if shape is None else shape
+        if x.ndim < 2:
+            want = "(samples, features)" if shape is None or len(shape) == 1 else \
+                f"(samples, {', '.join(map(str, shape))})"
+            raise ValueError(f"{name} must be {1 + (len(shape) if shape else 1)}-D {want}, got "
+                             f"shape {x.shape}")
+        if x.shape[0] == 0:
             raise ValueError(f"{name} has no samples")
-        if self.input_dim is not None and arr.shape[1] != self.input_dim:
-            raise ValueError(f"{name} must have {self.input_dim} features per sample (the "
-                             f"model's input_dim), got shape {arr.shape}")
-        if arr.shape[1] == 0:
+        if shape is not None and x.shape[1:] != shape:
+            if len(shape) == 1 and x.ndim == 2:
+                raise ValueError(f"{name} must have {shape[0]} features per sample (the "
+                                 f"model's input shape {shape}), got shape {x.shape}")
+            hint = ""
+            if math.prod(x.shape[1:]) == math.prod(shape):
+                hint = (f"; reshape it: {name}.reshape(-1, {', '.join(map(str, shape))})"
+                        + (" (or load_mnist(shape='image'))" if len(shape) == 3 else ""))
+            raise ValueError(f"{name} must have shape (n, {', '.join(map(str, shape))}) (the "
+                             f"model's input shape), got {x.shape}{hint}")
+        if 0 in x.shape:
             raise ValueError(f"{name} has no features")
-        return np.ascontiguousarray(arr, dtype=self.dtype)
+        if x.dtype != self.dtype or not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x, dtype=self.dtype)
+        return x
 
-    def _xy(self, x, y, xname="x", yname="y"):
-        x = self._input(x, xname)
-        y = self.loss.targets(y, x.shape[0], self.layers[-1].units, self.dtype, yname)
+    def _xy(self, x, y, xname="x", yname="y", shape=None):
+        x = self._input(x, xname, shape)
+        y = self.loss.targets(y, x.shape[0], self._units(x.shape[1:]), self.dtype, yname)
         return x, y
 
-    # ------------------------------------------------------------ buffers
-    def _train_plan(self, be, batch):
-        key = ("train", batch)
+    def _units(self, input_shape):
+        """Outputs per sample of the last layer (checking the loss against it)."""
+        shapes = self._infer(input_shape) if not self.built else \
+            [self.layers[-1].output_shape]
+        self._check_loss(self.loss, shapes[-1])
+        return shapes[-1][0]
+
+    # ------------------------------------------------------------ plans
+    def _plan(self, be, batch, training):
+        key = (training, batch)
         plan = self._plans.get(key)
         if plan is None:
-            dt = self.dtype
-            ys = [be.empty((batch, layer.units), dt) for layer in self.layers]
-            zs = [be.empty((batch, layer.units), dt) if layer.activation in Z_ACTIVATIONS
-                  else None for layer in self.layers]
-            deltas = [be.empty((batch, layer.units), dt) for layer in self.layers]
-            plan = _Plan(batch, ys, zs, deltas)
-            self._plans[key] = plan
+            plan = self._plans[key] = _Plan(self, be, batch, training)
         return plan
 
-    def _eval_plan(self, be, batch):
-        key = ("eval", batch)
-        plan = self._plans.get(key)
-        if plan is None:
-            dt = self.dtype
-            ys = [be.empty((batch, layer.units), dt) for layer in self.layers]
-            out = be.empty((batch, self.layers[-1].units), dt)  # loss gradient / predictions
-            plan = _Plan(batch, ys, [None] * len(ys), [out])
-            self._plans[key] = plan
-        return plan
+    def _needs(self):
+        """Per layer: whether a layer at or below it has parameters (so its delta is needed)."""
+        needs, seen = [], False
+        for layer in self.layers:
+            seen = seen or layer.has_params
+            needs.append(seen)
+        return needs
+
+    def _acts(self):
+        acts = [layer.kernel_activation for layer in self.layers]
+        acts[-1] = self._top_act(self.layers[-1])
+        return acts
+
+    def _alloc(self, be, batch, training):
+        bufs = []
+        for layer, act, need in zip(self.layers, self._acts(), self._needs()):
+            specs = layer.buffer_specs(batch, act, training, need)
+            bufs.append({k: be.empty(shape, self.dtype if dt is None else dt)
+                         for k, (shape, dt) in specs.items()})
+        if not training:  # the loss gradient (evaluate) or the probabilities (predict)
+            bufs[-1]["out"] = be.empty((batch,) + self.layers[-1].output_shape, self.dtype)
+        return bufs
+
+    def _records(self, bufs, training):
+        below = _input_record()
+        records = []
+        for layer, b, act in zip(self.layers, bufs, self._acts()):
+            below = layer.record(b, below, act, training)
+            records.append(below)
+        return records
+
+    def _make_forward(self, be, plan, ctx):
+        """The forward functions of ``plan``'s layers, in order."""
+        return [layer.forward_fn(be, b, act, plan.training, ctx)
+                for layer, b, act in zip(self.layers, plan.bufs, self._acts())]
+
+    def _make_step(self, be, plan, opt_step, seeds):
+        """The training step on ``plan``'s buffers: forward, loss, backward and
+        (when ``opt_step`` is given) the update, as closures over the kernels."""
+        ctx = _Context(seeds)
+        fwd = self._make_forward(be, plan, ctx)
+        needs = self._needs()
+        bwd = []   # (layer index, function), top layer first
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            if not needs[i]:
+                break
+            below = plan.records[i - 1] if i > 0 and needs[i - 1] else None
+            g = layer.backward_fn(be, plan.bufs[i], plan.records[i], self._grad_views[i],
+                                  below, ctx)
+            if g is not None:
+                bwd.append((i, g))
+        top = plan.records[-1]
+        top_delta = top.delta
+        top_act = top.act
+        top_z = top.z
+        activation_backward = be.activation_backward
+        loss_kernel = getattr(be, self.loss.kernel)
+        n_layers = len(fwd)
+        ins = [None] * n_layers
+        fwd_in = list(zip(range(n_layers), fwd))
+
+        def step(xb, yb):
+            a = xb
+            for i, f in fwd_in:
+                ins[i] = a
+                a = f(a)
+            loss = loss_kernel(a, yb, top_delta)
+            if top_act != "identity":
+                activation_backward(top_act, top_delta, top_z, a, top_delta)
+            for i, g in bwd:
+                g(ins[i])
+            if opt_step is not None:
+                opt_step()
+            return loss
+
+        return step
+
+    def _seeds(self):
+        """Dropout seeds: one 64-bit draw from the model's generator per layer and step."""
+        return self._rng.bit_generator.random_raw
 
     def _check_plan(self, plan, xb, yb, optimizer=True):
-        """Run the kernel gates once on every buffer the training step touches."""
-        a = xb
-        layers = self.layers
-        for i, layer in enumerate(layers):
-            w, b = self._views[i]
-            dw, db = self._grad_views[i]
-            _validate.dense_forward(a, w, b, layer.activation, plan.ys[i], plan.zs[i])
-            _validate.dense_backward(a, plan.deltas[i], dw, db)
-            if i > 0:
-                below = layers[i - 1].activation
-                _validate.backprop_delta(plan.deltas[i], w, plan.zs[i - 1], plan.ys[i - 1],
-                                         below, plan.deltas[i - 1])
-            a = plan.ys[i]
-        getattr(_validate, self.loss.kernel)(plan.logits, yb, plan.deltas[-1])
-        top = layers[-1].activation
-        if top != "identity":
-            _validate.activation_backward(top, plan.deltas[-1], plan.zs[-1], plan.ys[-1],
-                                          plan.deltas[-1])
+        """Run the kernel gates once on every call the plan's step makes."""
+        if plan.checked:
+            return
+        gate_step = self._make_step(_Gates, plan, None, lambda: 0)
+        gate_step(xb, yb)
         if optimizer:
             self.optimizer._check_flat(self._params, self._grads)
+        plan.checked = True
+
+    def _check_forward(self, plan, xb):
+        if plan.checked:
+            return
+        a = xb
+        for f in self._make_forward(_Gates, plan, _Context(lambda: 0)):
+            a = f(a)
+        plan.checked = True
 
     def _step_for(self, be, plan):
         """The plan's training step, made once per plan and optimizer state (a
@@ -407,65 +665,48 @@ class Sequential:
         state = self.optimizer._states[0]
         if plan.step is None or plan.step_state is not state:
             plan.step = self._make_step(be, plan, self.optimizer._make_flat_step(
-                be, self._params, self._grads))
+                be, self._params, self._grads), self._seeds())
             plan.step_state = state
         return plan.step
 
-    def _make_step(self, be, plan, opt_step):
-        """The training step on ``plan``'s buffers: a closure over the kernels."""
-        fwd = [(w, b, layer.activation, y, z)
-               for (w, b), layer, y, z in zip(self._views, self.layers, plan.ys, plan.zs)]
-        bwd = []
-        for i in range(len(self.layers) - 1, 0, -1):
-            dw, db = self._grad_views[i]
-            bwd.append((plan.ys[i - 1], plan.deltas[i], dw, db, self._views[i][0],
-                        plan.zs[i - 1], self.layers[i - 1].activation, plan.deltas[i - 1]))
-        dw0, db0 = self._grad_views[0]
-        delta0 = plan.deltas[0]
-        top_delta = plan.deltas[-1]
-        top_act = self.layers[-1].activation
-        top_z, logits = plan.zs[-1], plan.logits
-        dense_forward, dense_backward = be.dense_forward, be.dense_backward
-        backprop_delta, activation_backward = be.backprop_delta, be.activation_backward
-        loss_kernel = getattr(be, self.loss.kernel)
+    def _forward_for(self, be, plan):
+        if plan.forward is None:
+            fwd = self._make_forward(be, plan, _Context(None))
 
-        def step(xb, yb):
-            a = xb
-            for w, b, act, y, z in fwd:
-                dense_forward(a, w, b, act, y, z)
-                a = y
-            loss = loss_kernel(logits, yb, top_delta)
-            if top_act != "identity":
-                activation_backward(top_act, top_delta, top_z, logits, top_delta)
-            for x_in, delta, dw, db, w, z, act, delta_below in bwd:
-                dense_backward(x_in, delta, dw, db)
-                backprop_delta(delta, w, z, x_in, act, delta_below)
-            dense_backward(xb, delta0, dw0, db0)
-            if opt_step is not None:
-                opt_step()
-            return loss
-
-        return step
+            def forward(x):
+                for f in fwd:
+                    x = f(x)
+                return x
+            plan.forward = forward
+        return plan.forward
 
     def _loss_and_grad(self, x, y):
         """Forward and backward on one batch (all of ``x``) with the model's own
         buffers and kernels, without an update: returns the loss and leaves the
-        gradient in the flat gradient buffer (for tests and tools)."""
+        gradient in the flat gradient buffer (for tests and tools). Dropout
+        draws its seeds from the model's generator as ``fit`` does."""
         self._require_compiled("computing gradients")
-        x, y = self._xy(x, y)
+        self._require_layers()
+        x, y = self._xy(x, y, shape=None if self.built else self._free_shape(x))
         be = _backend.current()
         if not self.built:
-            self._build(x.shape[1])
+            self._build(x.shape[1:])
         self._bind(be)
-        plan = self._train_plan(be, x.shape[0])
+        plan = self._plan(be, x.shape[0], True)
         xd, yd = be.from_host(x), be.from_host(y)
         self._check_plan(plan, xd, yd, optimizer=False)
-        step = self._make_step(be, plan, None)
+        step = self._make_step(be, plan, None, self._seeds())
         return step(xd, yd)
+
+    @staticmethod
+    def _free_shape(x):
+        """The sample shape of an input given to a model that is not built."""
+        shape = np.shape(x)
+        return tuple(shape[1:]) if len(shape) >= 2 else None
 
     @property
     def params(self):
-        """The flat parameter buffer (every layer's ``w`` and ``b`` are views into it)."""
+        """The flat parameter buffer (every layer's parameters are views into it)."""
         return self._params
 
     @property
@@ -480,7 +721,7 @@ class Sequential:
 
         Parameters
         ----------
-        x : array-like (n, input_dim)
+        x : array-like (n, *input_shape)
             Any real dtype, converted once to the model's dtype.
         y : array-like
             Integer labels ``(n,)`` (softmax cross-entropy), targets in [0, 1]
@@ -511,9 +752,11 @@ class Sequential:
         RuntimeError
             Before ``compile``.
         TypeError, ValueError
-            For a bad argument; the model is then left exactly as it was.
+            For a bad argument (each named), checked before anything changes:
+            the model is then left exactly as it was.
         """
         self._require_compiled("fit")
+        self._require_layers()
         epochs = _validate.integer("epochs", epochs, low=1)
         batch_size = _validate.integer("batch_size", batch_size, low=1)
         validation_split = _validate.real("validation_split", validation_split, low=0, high=1)
@@ -521,13 +764,15 @@ class Sequential:
         if seed is not None:
             seed = _validate.integer("seed", seed, low=0)
         verbose = _verbosity(verbose)
-        x, y = self._xy(x, y)
+        shape = None if self.built else self._free_shape(x)
+        x, y = self._xy(x, y, shape=shape)
+        shape = x.shape[1:]
         val = None
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise TypeError("validation_data must be a pair (x_val, y_val)")
             val = self._xy(*validation_data, xname="validation_data[0]",
-                           yname="validation_data[1]")
+                           yname="validation_data[1]", shape=shape)
         elif validation_split > 0:
             n_val = int(math.floor(x.shape[0] * validation_split))
             if n_val < 1 or n_val >= x.shape[0]:
@@ -536,17 +781,18 @@ class Sequential:
                                  f"training: both need at least one")
             val = (x[-n_val:], y[-n_val:])
             x, y = x[:-n_val], y[:-n_val]
+        self._require_params()
         be = _backend.current()
         # every check has passed: from here on the model changes
         if not self.built:
-            self._build(x.shape[1])
+            self._build(shape)
         self._bind(be)
         opt = self.optimizer
         if not opt._states:
             opt._init_flat(be, self._params.shape[0], self.dtype)
         n = x.shape[0]
         batch = min(batch_size, n)
-        plan = self._train_plan(be, batch)
+        plan = self._plan(be, batch, True)
         self._check_plan(plan, x[:batch], y[:batch])
         full_step = self._step_for(be, plan)
         rng = np.random.default_rng(seed) if seed is not None else self._rng
@@ -581,13 +827,14 @@ class Sequential:
                         step, p = full_step, plan
                     else:
                         stop = n
-                        p = plan.view(n - start)
+                        p = plan.view(self, be, n - start)
+                        self._check_plan(p, x[start:stop], y[start:stop])
                         step = self._step_for(be, p)
                     yb = yd[start:stop]
                     nb = stop - start
                     total_loss += step(xd[start:stop], yb) * nb
                     if classification:
-                        correct += count_correct(p.logits, yb)
+                        correct += count_correct(p.records[-1].y, yb)
                     if bar is not None:
                         bar.update(nb)
                         now = time.perf_counter()
@@ -618,6 +865,11 @@ class Sequential:
                 if bar is not None:
                     bar.close()
         return history
+
+    def _require_params(self):
+        if not any(layer.has_params for layer in self.layers):
+            raise ValueError("the model has no layer with parameters (Dense or Conv2D): there "
+                             "is nothing to train")
 
     # ------------------------------------------------------------ evaluate / predict
     def evaluate(self, x, y, batch_size=None, verbose=0):
@@ -650,48 +902,49 @@ class Sequential:
             print(" - ".join(f"{k}: {v:.4f}" for k, v in result.items()))
         return result
 
+    def _eval_plan(self, be, plan, x, start, stop):
+        """The inference plan for rows ``start:stop`` of ``x`` (``plan``, or a view
+        of it for a short last batch), checked on its first use."""
+        if stop - start != plan.batch:
+            plan = plan.view(self, be, stop - start)
+        if not plan.checked:
+            self._check_forward(plan, x[start:stop])
+        return plan
+
     def _evaluate(self, be, x, y, batch_size):
         n = x.shape[0]
-        plan = self._eval_plan(be, min(batch_size, n))
+        full = self._plan(be, min(batch_size, n), False)
         loss_kernel = getattr(be, self.loss.kernel)
-        self._check_forward(plan, x[:plan.batch])
-        getattr(_validate, self.loss.kernel)(plan.logits, y[:plan.batch], plan.deltas[0])
+        loss_gate = getattr(_validate, self.loss.kernel)
         xd, yd = be.from_host(x), be.from_host(y)
         total, correct = 0.0, 0
-        for start in range(0, n, plan.batch):
-            stop = min(start + plan.batch, n)
-            p = plan if stop - start == plan.batch else plan.view(stop - start)
-            self._forward(be, p, xd[start:stop])
+        classification = self.loss.classification
+        for start in range(0, n, full.batch):
+            stop = min(start + full.batch, n)
+            plan = self._eval_plan(be, full, x, start, stop)
+            grad = plan.bufs[-1]["out"]
+            if not plan.loss_checked:
+                loss_gate(plan.records[-1].y, y[start:stop], grad)
+                plan.loss_checked = True
+            logits = self._forward_for(be, plan)(xd[start:stop])
             yb = yd[start:stop]
-            total += loss_kernel(p.logits, yb, p.deltas[0]) * (stop - start)
-            if self.loss.classification:
-                correct += be.count_correct(p.logits, yb)
+            total += loss_kernel(logits, yb, grad) * (stop - start)
+            if classification:
+                correct += be.count_correct(logits, yb)
         result = {"loss": total / n}
-        if self.loss.classification:
+        if classification:
             result["accuracy"] = correct / n
         return result
-
-    def _check_forward(self, plan, xb):
-        a = xb
-        for (w, b), layer, out in zip(self._views, self.layers, plan.ys):
-            _validate.dense_forward(a, w, b, layer.activation, out)
-            a = out
-
-    def _forward(self, be, plan, xb):
-        a = xb
-        for (w, b), layer, y in zip(self._views, self.layers, plan.ys):
-            be.dense_forward(a, w, b, layer.activation, y)
-            a = y
-        return a
 
     def predict(self, x, batch_size=None):
         """Outputs for ``x``: probabilities for the classification losses
         (softmax rows, or the sigmoid as ``(n, 1)``), the last layer's values
-        otherwise (also before ``compile``).
+        otherwise (also before ``compile``; a last ``Dense(k, "softmax")``
+        gives the softmax).
 
         Parameters
         ----------
-        x : array-like (n, input_dim)
+        x : array-like (n, *input_shape)
         batch_size : int, optional
             Rows per forward pass (default 1024).
 
@@ -699,50 +952,75 @@ class Sequential:
         -------
         ndarray (n, units) of the model's dtype
         """
-        batch_size = _EVAL_BATCH if batch_size is None else \
-            _validate.integer("batch_size", batch_size, low=1)
-        x = self._input(x)
+        if batch_size is not None:
+            batch_size = _validate.integer("batch_size", batch_size, low=1)
+        else:
+            batch_size = _EVAL_BATCH
+        self._require_layers()
+        x = self._input(x, shape=None if self.built else self._free_shape(x))
+        if self.loss is not None:
+            self._check_loss(self.loss, self.layers[-1].output_shape if self.built else
+                             self._infer(x.shape[1:])[-1])
         be = _backend.current()
         if not self.built:
-            self._build(x.shape[1])
+            self._build(x.shape[1:])
         self._bind(be)
         n = x.shape[0]
-        plan = self._eval_plan(be, min(batch_size, n))
-        out = np.empty((n, self.layers[-1].units), self.dtype)
-        self._check_forward(plan, x[:plan.batch])
+        full = self._plan(be, min(batch_size, n), False)
+        loss = self.loss
+        top = self.layers[-1]
+        softmax = loss is None and top.activation == "softmax"
+        host = self._space == _HOST_SPACE
+        out = np.empty((n,) + top.output_shape, self.dtype)
         xd = be.from_host(x)
-        for start in range(0, n, plan.batch):
-            stop = min(start + plan.batch, n)
-            p = plan if stop - start == plan.batch else plan.view(stop - start)
-            logits = self._forward(be, p, xd[start:stop])
-            if self.loss is None:
-                res = logits
+        for start in range(0, n, full.batch):
+            stop = min(start + full.batch, n)
+            plan = self._eval_plan(be, full, x, start, stop)
+            logits = self._forward_for(be, plan)(xd[start:stop])
+            dest = out[start:stop] if host else plan.bufs[-1]["out"]
+            if loss is not None:
+                loss.output(be, logits, dest)
+            elif softmax:
+                be.softmax(logits, dest)
+            elif host:
+                dest[...] = logits
             else:
-                res = p.deltas[0]
-                self.loss.output(be, logits, res)
-            out[start:stop] = be.to_host(res)
+                dest = logits
+            if not host:
+                out[start:stop] = be.to_host(dest)
         return out
 
     # ------------------------------------------------------------ summary
     def summary(self, print_fn=print):
-        """Print (and return) a table of the layers, shapes and parameter counts."""
-        rows = [("layer", "output", "activation", "params", "init")]
-        dims = self._dims() if self.input_dim is not None else [None] * (len(self.layers) + 1)
-        for i, (layer, n_in) in enumerate(zip(self.layers, dims[:-1])):
-            count = f"{layer.param_count(n_in):,}" if n_in is not None else "?"
-            rows.append((layer.name or f"dense_{i} (Dense)", f"(batch, {layer.units})",
-                         layer.activation, count, layer.initializer))
-        widths = [max(len(r[c]) for r in rows) for c in range(5)]
+        """Print (and return) a table of the layers, output shapes and
+        parameter counts, as Keras does."""
+        shapes = None
+        if self.input_shape is not None:
+            shapes = [layer.output_shape for layer in self.layers]
+        else:
+            self._name_layers()
+        rows = [("Layer (type)", "Output Shape", "Param #", "Activation")]
+        total = 0
+        for i, layer in enumerate(self.layers):
+            if shapes is not None:
+                count = sum(math.prod(s) for s in layer.param_shapes())
+                total += count
+                shape = "(None, " + ", ".join(map(str, shapes[i])) + ")"
+                count = f"{count:,}"
+            else:
+                shape, count = "?", "?"
+            rows.append((layer._label(), shape, count, layer.activation))
+        widths = [max(len(r[c]) for r in rows) for c in range(4)]
         line = lambda r: "  ".join(s.ljust(w) for s, w in zip(r, widths)).rstrip()  # noqa: E731
-        rule = "-" * len(line(rows[0]))
-        text = [f"Sequential: input_dim={self.input_dim}, dtype={self.dtype.name}", rule,
+        rule = "=" * len(line(rows[0]))
+        shape = None if self.input_shape is None else self.input_shape
+        text = [f"Sequential: input_shape={shape}, dtype={self.dtype.name}", rule,
                 line(rows[0]), rule] + [line(r) for r in rows[1:]] + [rule]
-        if self.input_dim is not None:
-            n = self.param_count
-            text.append(f"parameters: {n:,} ({n * self.dtype.itemsize / 1e6:.2f} MB, one flat "
-                        f"buffer)")
+        if shapes is not None:
+            text.append(f"Total params: {total:,} ({total * self.dtype.itemsize / 1e6:.2f} MB, "
+                        f"one flat buffer)")
         if self.loss is not None:
-            text.append(f"loss: {self.loss.name}; optimizer: {self.optimizer!r}")
+            text.append(f"loss: {self.loss.alias}; optimizer: {self.optimizer!r}")
         out = "\n".join(text)
         if print_fn is not None:
             print_fn(out)
@@ -753,7 +1031,8 @@ class Sequential:
         """The architecture, compile settings and generator state as JSON-able data."""
         config = {
             "format": _FORMAT, "version": _FORMAT_VERSION,
-            "dtype": self.dtype.name, "input_dim": self.input_dim,
+            "dtype": self.dtype.name,
+            "input_shape": None if self.input_shape is None else list(self.input_shape),
             "layers": [layer.get_config() for layer in self.layers],
             "rng": _rng_state(self._rng),
             "compile": None,
@@ -761,7 +1040,7 @@ class Sequential:
         if self.loss is not None:
             opt = self.optimizer
             config["compile"] = {
-                "loss": self.loss.name, "metrics": list(self.metrics),
+                "loss": self.loss.alias, "metrics": list(self.metrics),
                 "optimizer": {"class_name": type(opt).__name__, "config": opt.get_config()},
                 "optimizer_step": opt.iterations,
                 "optimizer_state": sorted(opt._state_arrays()),
@@ -774,7 +1053,8 @@ class Sequential:
 
         The file is written to a temporary file in the same folder and then
         renamed over ``path``, so a failed save leaves an existing file intact.
-        ``path`` is used as given (no suffix is added).
+        ``path`` is used as given (no suffix is added). The file gets the mode
+        a new file gets under the process' umask (0644 under the usual 022).
         """
         self._require_built()
         path = os.fspath(path)
@@ -788,6 +1068,7 @@ class Sequential:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
                                    suffix=".tmp")
         try:
+            os.fchmod(fd, 0o666 & ~_umask())
             with os.fdopen(fd, "wb") as f:
                 _write_npz(f, arrays)
                 f.flush()
@@ -801,6 +1082,16 @@ class Sequential:
             raise
 
 
+def _input_record():
+    return Record("identity", None, None, None)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_npz(fileobj, arrays):
     """The writer ``save`` uses (a seam for tests that make writing fail)."""
     np.savez(fileobj, **arrays)
@@ -808,6 +1099,9 @@ def _write_npz(fileobj, arrays):
 
 def load_model(path):
     """Read a model written by ``Sequential.save`` (with ``allow_pickle=False``).
+
+    Format versions 1 (Dense layers and ``input_dim``) and 2 (any layers and
+    ``input_shape``) are read.
 
     Returns
     -------
@@ -820,7 +1114,9 @@ def load_model(path):
     FileNotFoundError
         No such file.
     ValueError
-        A corrupt, truncated or foreign file (the message says what is wrong).
+        A corrupt, truncated, edited or foreign file (the message says what is
+        wrong); sizes are checked against the stored arrays before anything
+        is allocated.
     """
     path = os.fspath(path)
     try:
@@ -835,8 +1131,18 @@ def load_model(path):
         raise ValueError(f"{path} is not a readable fastnn model file ({exc})") from None
     try:
         return _from_arrays(arrays)
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError,
+            json.JSONDecodeError) as exc:
         raise ValueError(f"{path} is not a valid fastnn model file: {exc}") from None
+
+
+def _field(mapping, key, kind, what):
+    if not isinstance(mapping, dict) or key not in mapping:
+        raise ValueError(f"{what} has no {key!r}")
+    value = mapping[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ValueError(f"{what}[{key!r}] has the wrong type ({type(value).__name__})")
+    return value
 
 
 def _from_arrays(arrays):
@@ -848,29 +1154,62 @@ def _from_arrays(arrays):
     config = json.loads(str(cfg_arr[()]))
     if not isinstance(config, dict) or config.get("format") != _FORMAT:
         raise ValueError("no fastnn.Sequential configuration inside")
-    if config.get("version") != _FORMAT_VERSION:
-        raise ValueError(f"format version {config.get('version')!r} is not supported "
-                         f"(this fastnn reads version {_FORMAT_VERSION})")
+    version = config.get("version")
+    if version not in _READS_VERSIONS:
+        raise ValueError(f"format version {version!r} is not supported (this fastnn reads "
+                         f"versions {', '.join(map(str, _READS_VERSIONS))})")
+    dtype = _field(config, "dtype", str, "config")
+    if version == 1:
+        dim = config.get("input_dim")
+        input_shape = None if dim is None else [dim]
+    else:
+        input_shape = config.get("input_shape")
+    if input_shape is not None:
+        if not isinstance(input_shape, list) or not input_shape or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in input_shape):
+            raise ValueError(f"input shape {input_shape!r} is not a list of sizes >= 1")
+    layer_cfgs = _field(config, "layers", list, "config")
     layers = []
-    for lc in config["layers"]:
-        if lc.get("class_name") != "Dense":
-            raise ValueError(f"unknown layer {lc.get('class_name')!r}")
-        layers.append(Dense.from_config(lc))
-    model = Sequential(layers, input_dim=config["input_dim"], dtype=config["dtype"])
+    for i, lc in enumerate(layer_cfgs):
+        name = _field(lc, "class_name", str, f"layers[{i}]")
+        cls = LAYER_CLASSES.get(name)
+        if cls is None or (version == 1 and cls is not Dense):
+            raise ValueError(f"unknown layer {name!r}")
+        try:
+            layers.append(cls.from_config(lc))
+        except TypeError as exc:
+            raise ValueError(f"layers[{i}] ({name}): {exc}") from None
     params = arrays["params"]
-    if params.dtype != model.dtype or params.shape != model._params.shape:
-        raise ValueError(f"'params' has shape {params.shape} and dtype {params.dtype}; the "
-                         f"architecture needs {model._params.shape} {model.dtype}")
-    model._params[...] = params
-    model._rng = _rng_from_state(config["rng"])
+    model = Sequential(layers, dtype=dtype)
+    if input_shape is None:
+        if params.size:
+            raise ValueError("a model without an input shape has no parameters to store")
+    else:
+        model._infer(tuple(input_shape))   # every layer fits; allocates nothing
+        shape = tuple(input_shape)
+        for layer in layers:               # shapes only: param_shapes needs them
+            shape = layer.build(shape)
+        count = sum(math.prod(s) for layer in layers for s in layer.param_shapes())
+        if params.dtype != model.dtype or params.shape != (count,):
+            raise ValueError(f"'params' has shape {params.shape} and dtype {params.dtype}; the "
+                             f"architecture needs ({count},) {model.dtype}")
+        model._build(tuple(input_shape))
+        model._params[...] = params
+    model._rng = _rng_from_state(_field(config, "rng", dict, "config"))
     comp = config.get("compile")
     if comp is not None:
-        opt_cfg = comp["optimizer"]
-        opt = _optim.from_config(opt_cfg["class_name"], opt_cfg["config"])
-        model.compile(comp["loss"], opt, comp.get("metrics") or None)
+        opt_cfg = _field(comp, "optimizer", dict, "compile")
+        opt = _optim.from_config(_field(opt_cfg, "class_name", str, "optimizer"),
+                                 _field(opt_cfg, "config", dict, "optimizer"))
+        metrics = comp.get("metrics") or None
+        model.compile(_field(comp, "loss", str, "compile"), opt, metrics)
         names = comp.get("optimizer_state", [])
-        step = _validate.integer("optimizer_step", comp["optimizer_step"], low=0)
+        if not isinstance(names, list) or not all(isinstance(k, str) for k in names):
+            raise ValueError("'optimizer_state' is not a list of names")
+        step = _validate.integer("optimizer_step", comp.get("optimizer_step"), low=0)
         if names or step:
+            if not model.built:
+                raise ValueError("optimizer state without parameters")
             if sorted(names) != sorted(opt.state_names()):
                 raise ValueError(f"optimizer state {names} does not match "
                                  f"{type(opt).__name__}'s {list(opt.state_names())}")
@@ -900,7 +1239,7 @@ def _json_default(o):
 
 
 def _rng_from_state(state):
-    name = state["bit_generator"]
+    name = _field(state, "bit_generator", str, "rng")
     bitgen_cls = getattr(np.random, name, None)
     if bitgen_cls is None or not isinstance(bitgen_cls, type) or \
             not issubclass(bitgen_cls, np.random.BitGenerator):

@@ -306,9 +306,9 @@ def test_preactivation_kept_only_where_needed():
     model = fn.Sequential([fn.Dense(4, a) for a in ref.ACTIVATIONS] + [fn.Dense(2)],
                           input_dim=3, seed=0)
     model.compile("softmax_cross_entropy", "adam")
-    plan = model._train_plan(_backend.current(), 8)
-    for layer, z in zip(model.layers, plan.zs):
-        assert (z is not None) == (layer.activation in ref.Z_ACTIVATIONS)
+    plan = model._plan(_backend.current(), 8, True)
+    for layer, bufs in zip(model.layers, plan.bufs):
+        assert ("z" in bufs) == (layer.activation in ref.Z_ACTIVATIONS)
 
 
 def test_history_validation_and_progress(capsys):
@@ -361,7 +361,7 @@ def test_lazy_build_and_add():
     with pytest.raises(ValueError, match="built"):
         model.add(fn.Dense(2))
     text = model.summary(print_fn=None)
-    assert "dense_0" in text and f"{model.param_count:,}" in text
+    assert "dense_1 (Dense)" in text and f"{model.param_count:,}" in text
 
 
 def test_accepts_any_real_input_and_integer_labels():
