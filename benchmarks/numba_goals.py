@@ -263,7 +263,7 @@ FIGHT = textwrap.dedent("""
     blas = [p.get("num_threads") for p in threadpool_info() if p.get("user_api") == "blas"]
     print(json.dumps({"best": {k: min(v) for k, v in rounds.items()},
                       "median": {k: statistics.median(v) for k, v in rounds.items()},
-                      "layer": nb.threading_layer(), "numba_threads": nb._num_threads,
+                      "layer": nb.threading_layer(), "numba_threads": nb.info()["numba_threads"],
                       "blas_threads": blas, "parallel": parallel, "n": n,
                       "GOMP_SPINCOUNT": __import__("os").environ.get("GOMP_SPINCOUNT")}))
 """)
@@ -403,10 +403,10 @@ def thresholds():
     print(f"serial vs parallel ({threads} threads), float32; the ratio is serial/parallel")
     rng = np.random.default_rng(5)
     cases = {
-        "cheap (relu forward)": (lambda n: (nb._act_kernels("relu").fwd,
+        "cheap (relu forward)": (lambda n: (nb.elementwise._act_kernels("relu").fwd,
                                             (rng.standard_normal(n).astype(F32),
                                              np.empty(n, F32)))),
-        "exp (sigmoid forward)": (lambda n: (nb._act_kernels("sigmoid").fwd,
+        "exp (sigmoid forward)": (lambda n: (nb.elementwise._act_kernels("sigmoid").fwd,
                                              (rng.standard_normal(n).astype(F32),
                                               np.empty(n, F32)))),
     }
@@ -423,7 +423,7 @@ def thresholds():
     for n in (32768, 131072, 262144, 524288, 1 << 20, 1 << 21, 1 << 22, 1 << 23):
         p, g, m, v = (rng.standard_normal(n).astype(F32) for _ in range(4))
         v = np.abs(v)
-        k = nb._specialised(("adam", False, False, False, False), nb._adam_kernel,
+        k = nb._runtime._specialised(("adam", False, False, False, False), nb.optim._adam_kernel,
                             False, False, False, False)
         args = (p, g, m, v, v, F32(1), F32(0), F32(0), F32(0.9), F32(0.1), F32(0.999),
                 F32(0.001), F32(0.5), F32(1e-8), F32(1e-3))

@@ -266,7 +266,7 @@ def test_read_only_install_as_nobody(install, where):
 def test_no_writable_cache_folder_anywhere(install):
     """``HOME=/nonexistent`` and no ``XDG_CACHE_HOME``: there is nowhere to
     cache; ``import fastnn`` and the cython backend still work, and the numba
-    backend either works uncached or says why it is unavailable (kernels/numba_cpu.py
+    backend either works uncached or says why it is unavailable (kernels/numba_cpu/
     compiles uncached there and says so in its reason)."""
     before = _tree(install["site"])
     proc = _as_nobody([install["py"], "-I", "-c", USE], env=_env(HOME="/nonexistent"),

@@ -190,7 +190,7 @@ def _pool_threads():
               for p in threadpool_info() if p["user_api"] == "blas"}
     nb = sys.modules.get("fastnn.kernels.numba_cpu")
     if nb is not None:
-        counts["numba_cpu"] = nb._num_threads
+        counts["numba_cpu"] = nb.info()["numba_threads"]
     cy = sys.modules.get("fastnn.kernels.cython_cpu")
     if cy is not None and hasattr(cy, "get_num_threads"):
         counts["cython_cpu"] = cy.get_num_threads()
@@ -228,7 +228,7 @@ def test_set_num_threads_reaches_a_backend_loaded_later():
         import sys, fastnn
         fastnn.set_num_threads(1)
         from fastnn.kernels import numba_cpu
-        assert numba_cpu._num_threads == 1, numba_cpu._num_threads
+        assert numba_cpu.info()["numba_threads"] == 1, numba_cpu.info()
         from fastnn.kernels import cython_cpu
         if hasattr(cython_cpu, "get_num_threads"):
             assert cython_cpu.get_num_threads() == 1
