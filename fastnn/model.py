@@ -576,7 +576,8 @@ class Sequential:
         bufs = []
         for layer, act, need in zip(self.layers, self._acts(), self._needs()):
             specs = layer.buffer_specs(batch, act, training, need)
-            bufs.append({k: be.empty(shape, self.dtype if dt is None else dt)
+            # index buffers (argmax) start at zero: the gates check their values
+            bufs.append({k: be.empty(shape, self.dtype) if dt is None else be.zeros(shape, dt)
                          for k, (shape, dt) in specs.items()})
         if not training:  # the loss gradient (evaluate) or the probabilities (predict)
             bufs[-1]["out"] = be.empty((batch,) + self.layers[-1].output_shape, self.dtype)
