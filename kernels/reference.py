@@ -804,16 +804,32 @@ def _pool_stride(pool, stride):
     return tuple(pool) if stride is None else tuple(stride)
 
 
+def _bits(a):
+    """``a`` viewed as signed integers of its width (no copy)."""
+    return a.view(np.int32 if a.dtype.itemsize == 4 else np.int64)
+
+
+def _select(dst, src, mask, tmp):
+    """``dst = src where mask else dst``, branch-free: ``dst += mask*(src - dst)``
+    on integer arrays (bit patterns for floats, so exact for every value, inf and
+    NaN included). ``tmp`` is integer scratch like ``dst``. NumPy's masked
+    ``copyto(where=)`` on a random mask is several times slower."""
+    np.subtract(src, dst, out=tmp)
+    np.multiply(tmp, mask, out=tmp)
+    np.add(dst, tmp, out=dst)
+
+
 def maxpool2d_forward(x, out, argmax, pool=(2, 2), stride=None):
     """Max pooling without padding, NHWC:
 
     ``out[n,p,q,c] = max_{i<ph, j<pw} x[n, p*sh+i, q*sw+j, c]``,
-    ``argmax[n,p,q,c] = i*pw + j`` of the chosen element: the first in
-    row-major window order on ties; a NaN counts as the maximum (the first NaN
-    of a window is chosen, so ``out`` is NaN there, as in PyTorch).
+    ``argmax[n,p,q,c] = i*pw + j`` of the chosen element, and ``out`` is that
+    element exactly: the first in row-major window order on ties; a NaN counts
+    as the maximum (the first NaN of a window is chosen, so ``out`` is NaN
+    there, as in PyTorch).
 
     Computed as ``ph*pw`` passes over the output, one per window offset, each
-    reading a strided slice of ``x``.
+    reading a strided slice of ``x`` and taking it where it wins.
 
     Parameters
     ----------
@@ -834,6 +850,7 @@ def maxpool2d_forward(x, out, argmax, pool=(2, 2), stride=None):
     np.copyto(out, x[:, _row_slice(0, p, sh), _row_slice(0, q, sw)])
     argmax.fill(0)
     take, number = np.empty(out.shape, bool), np.empty(out.shape, bool)
+    tmp, tmp_arg = np.empty(out.shape, _bits(out).dtype), np.empty(out.shape, np.int32)
     for k in range(1, ph * pw):
         i, j = divmod(k, pw)
         s = x[:, _row_slice(i, p, sh), _row_slice(j, q, sw)]
@@ -843,8 +860,8 @@ def maxpool2d_forward(x, out, argmax, pool=(2, 2), stride=None):
         np.logical_not(take, out=take)
         np.equal(out, out, out=number)
         take &= number
-        np.copyto(out, s, where=take)
-        np.copyto(argmax, k, where=take)
+        _select(argmax, k, take, tmp_arg)
+        _select(_bits(out), _bits(s), take, tmp)
 
 
 def maxpool2d_backward(dy, argmax, z, y, act, out, pool=(2, 2), stride=None):
@@ -856,8 +873,10 @@ def maxpool2d_backward(dy, argmax, z, y, act, out, pool=(2, 2), stride=None):
     zero elsewhere (overlapping windows, ``stride < pool``, sum; positions no
     window chose get 0).
 
-    Computed as ``ph*pw`` masked additions of ``dy`` into strided slices of
-    ``out``, one per window offset (no scatter).
+    Computed as ``ph*pw`` additions into strided slices of ``out``, one per
+    window offset, of ``dy`` where ``argmax`` names that offset and ``+0.0``
+    elsewhere (no scatter; adding ``+0.0`` to a sum that starts at ``+0.0``
+    changes nothing, also for inf and NaN ``dy`` elsewhere).
 
     Parameters
     ----------
@@ -879,11 +898,14 @@ def maxpool2d_backward(dy, argmax, z, y, act, out, pool=(2, 2), stride=None):
     p, q = dy.shape[1:3]
     out.fill(0)
     chosen = np.empty(dy.shape, bool)
+    part = np.empty_like(dy)
+    dy_bits, part_bits = _bits(dy), _bits(part)
     for k in range(ph * pw):
         i, j = divmod(k, pw)
         s = out[:, _row_slice(i, p, sh), _row_slice(j, q, sw)]
         np.equal(argmax, k, out=chosen)
-        np.add(s, dy, out=s, where=chosen)
+        np.multiply(dy_bits, chosen, out=part_bits)     # dy where chosen, +0.0 elsewhere
+        s += part
     activation_backward(act, out, z, y, out)
 
 
