@@ -990,8 +990,8 @@ def dropout_forward(x, rate, seed, out):
         k = _dropout_keep(start, stop, seed, threshold, ramp, z, t, keep)
         o = of[start:stop]
         np.multiply(xf[start:stop], scale, out=o)
-        np.logical_not(k, out=k)
-        np.copyto(o, 0, where=k)
+        ob = _bits(o)
+        np.multiply(ob, k, out=ob)      # dropped: the bits of +0.0, whatever o held
 
 
 def dropout_backward(dy, rate, seed, out):

@@ -453,6 +453,11 @@ def test_maxpool_ties_choose_the_first():
     x = np.array([[0.0, -0.0], [-1, -1]], F64).reshape(1, 2, 2, 1)
     ref.maxpool2d_forward(x, out, arg)
     assert arg.item() == 0 and not np.signbit(out.item())   # -0.0 == 0.0: a tie
+    for dtype in DTYPES:   # out is the chosen element itself, its sign too
+        x = np.array([[-1, -0.0], [0.0, -0.0]], dtype).reshape(1, 2, 2, 1)
+        o, a = np.empty((1, 1, 1, 1), dtype), np.empty((1, 1, 1, 1), np.int32)
+        ref.maxpool2d_forward(x, o, a)
+        assert a.item() == 1 and np.signbit(o.item())
 
 
 def test_maxpool_nan_propagates_and_is_chosen():
