@@ -61,6 +61,13 @@ SOFTMAX_SHAPES = ((128, 10), (1024, 1000))
 BCE_SHAPES = ((128, 1), (1024, 1), (1024, 1000))
 MSE_SHAPES = ((128, 10), (1024, 1000))
 OPTIMIZER_SIZES = (1_000_000, 10_000_000)
+#: (batch, height, width, c_in, c_out, k) of the convolutions (k x k, stride 1, "valid"):
+#: the two layers of Keras' MNIST convnet at batch 128.
+CONV_SHAPES = ((128, 28, 28, 1, 32, 3), (128, 13, 13, 32, 64, 3))
+#: (batch, height, width, channels) of 2x2 max pooling: the convnet's two pools.
+POOL_SHAPES = ((128, 26, 26, 32), (128, 11, 11, 64))
+#: (rows, cols) of dropout (rate 0.5): the convnet's flattened features, and 1 M elements.
+DROPOUT_SHAPES = ((128, 1600), (1024, 1024))
 #: The MNIST MLP of the training benchmarks.
 TRAIN_LAYERS = (784, 256, 128, 10)
 TRAIN_BATCHES = (32, 128)
@@ -331,6 +338,52 @@ def _optimizer(kernel, n, dtype):
     return Case(kernel, variant, _count(n), dtype, make, "floor", (n,))
 
 
+def _conv(kernel, variant, dims, dtype):
+    """The convolution, pooling and dropout kernels (``dims`` as in CONV_SHAPES,
+    POOL_SHAPES, DROPOUT_SHAPES)."""
+    def make(rng):
+        if kernel.startswith("dropout"):
+            return _rand(rng, dims, dtype), 0.5, 12345, np.empty(dims, dtype)
+        if kernel.startswith("maxpool"):
+            n, h, w, c = dims
+            x = _rand(rng, dims, dtype)
+            out = np.empty((n, h // 2, w // 2, c), dtype)
+            argmax = np.empty(out.shape, np.int32)
+            reference.maxpool2d_forward(x, out, argmax, (2, 2), None)
+            if kernel == "maxpool2d_forward":
+                return x, out, argmax, (2, 2), None
+            y = np.maximum(x, 0)
+            return _rand(rng, out.shape, dtype), argmax, None, y, variant, np.empty_like(x), \
+                (2, 2), None
+        n, h, w, c, o, k = dims
+        x = _rand(rng, (n, h, w, c), dtype)
+        wt = _rand(rng, (k, k, c, o), dtype, 1 / math.sqrt(k * k * c))
+        dz = _rand(rng, (n, h - k + 1, w - k + 1, o), dtype)
+        one, zero = (1, 1), (0, 0, 0, 0)
+        if kernel == "conv2d_forward":
+            return x, wt, _rand(rng, o, dtype, 0.1), variant, np.empty_like(dz), None, one, zero
+        if kernel == "conv2d_backward":
+            return x, dz, np.empty_like(wt), np.empty(o, dtype), one, zero
+        return dz, wt, None, np.maximum(x, 0), variant, np.empty_like(x), one, zero
+    return Case(kernel, variant, "x".join(map(str, dims)), dtype, make, None, dims)
+
+
+def _conv_cases(dtype):
+    cases = []
+    for dims in CONV_SHAPES:
+        cases += [_conv("conv2d_forward", "relu", dims, dtype),
+                  _conv("conv2d_backward", "", dims, dtype)]
+        if dims[3] > 1:   # a first layer has no delta below it
+            cases.append(_conv("conv2d_backprop", "relu", dims, dtype))
+    for dims in POOL_SHAPES:
+        cases += [_conv("maxpool2d_forward", "", dims, dtype),
+                  _conv("maxpool2d_backward", "relu", dims, dtype)]
+    for dims in DROPOUT_SHAPES:
+        cases += [_conv("dropout_forward", "", dims, dtype),
+                  _conv("dropout_backward", "", dims, dtype)]
+    return cases
+
+
 def all_cases(dtypes=DTYPES):
     """Every contract kernel at the sizes users meet (the pytest suites' set).
 
@@ -359,6 +412,7 @@ def all_cases(dtypes=DTYPES):
         for kernel in ("sgd_step", "adam_step", "rmsprop_step"):
             for n in OPTIMIZER_SIZES:
                 cases.append(_optimizer(kernel, n, dtype))
+        cases += _conv_cases(dtype)
     return cases
 
 
@@ -394,6 +448,8 @@ def find_case(kernel, variant, shape, dtype):
             return _activation(kernel, variant, dims, dtype)
         if kernel.endswith("_step"):
             return _optimizer(kernel, dims[0], dtype)
+        if kernel in reference.CONV_KERNELS:
+            return _conv(kernel, variant, dims, dtype)
         return _loss(kernel, dims, dtype)
     for c in all_cases((dtype,)):
         if (c.kernel, c.variant, c.shape) == (kernel, variant, shape):
