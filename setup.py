@@ -10,7 +10,8 @@ cancels) and OpenMP when the compiler has it; without OpenMP the extensions stil
 and a warning says so. ``FASTNN_NO_OPENMP=1`` forces a serial build.
 The ``kernels/`` folder is installed as the subpackage ``fastnn.kernels``.
 
-Per-CPU variants (x86-64 only): every ``_cy_*`` module is built three times,
+Per-CPU variants (x86-64 only): every ``_cy_*`` kernel module is built three times
+(``BASELINE_ONLY`` lists the modules built once),
 for baseline x86-64 (``fastnn.kernels._cy_dense``), for x86-64-v3 (AVX2, FMA:
 ``_cy_dense_v3``, ``-march=x86-64-v3`` or MSVC ``/arch:AVX2``) and for
 x86-64-v4 (AVX-512: ``_cy_dense_v4``, ``-march=x86-64-v4`` or
@@ -156,6 +157,26 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
+#: Modules built once, without per-CPU variants: ``_cy_gate`` (the compiled gate of
+#: ``fastnn.ops``) does no vector arithmetic worth an ``-march`` build, and one module
+#: name lets ``fastnn.ops`` import it whatever variant the kernels load.
+BASELINE_ONLY = ("_cy_gate",)
+#: Modules that read NumPy's array struct, compiled against NumPy's headers.
+NUMPY_HEADERS = ("_cy_gate",)
+
+
+def _stem(pyx):
+    return os.path.splitext(os.path.basename(pyx))[0]
+
+
+def _extension(pyx, module):
+    if _stem(pyx) in NUMPY_HEADERS:
+        import numpy
+
+        return Extension(module, [pyx], include_dirs=[numpy.get_include()])
+    return Extension(module, [pyx])
+
+
 def extensions():
     from Cython.Build import cythonize
 
@@ -168,9 +189,10 @@ def extensions():
     name = lambda pyx, suffix="": (  # noqa: E731
         f"fastnn.kernels.{os.path.splitext(os.path.basename(pyx))[0]}{suffix}")
     # include_path: the shared kernels/_cy_math.pxd is cimported by its bare name
-    exts = cythonize([Extension(name(pyx), [pyx]) for pyx in sources], language_level=3,
+    exts = cythonize([_extension(pyx, name(pyx)) for pyx in sources], language_level=3,
                      include_path=["kernels"], compiler_directives=directives, nthreads=threads)
     if _want_variants():
+        sources = [pyx for pyx in sources if _stem(pyx) not in BASELINE_ONLY]
         for suffix in CPU_VARIANTS:
             # the same .pyx under another module name: Cython writes the module name
             # into the C code, so each variant is translated into its own build folder

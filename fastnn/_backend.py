@@ -101,8 +101,20 @@ class Backend:
         for hook in _HOST_HOOKS:
             setattr(self, hook, getattr(module, hook, _HOST_HOOKS[hook]))
 
+    def __setattr__(self, name, value):
+        # fastnn.ops keeps each backend's kernels resolved (fastnn.kernels._cy_gate):
+        # a kernel set here later (a spy in a test, a patch) replaces that table
+        object.__setattr__(self, name, value)
+        self.__dict__.pop("_ops_table", None)
+        for hook in _CHANGED:
+            hook()
+
     def __repr__(self):
         return f"<fastnn backend {self.name!r}>"
+
+
+#: Called without arguments whenever an attribute of a Backend is set.
+_CHANGED = []
 
 
 def _count_correct(logits, labels):

@@ -18,24 +18,16 @@ Example
 3.0
 """
 
-import functools
-
-from . import _backend, _validate
+from . import _gate
 from .kernels import reference
 
 __all__ = list(reference.CONTRACT)
 
 
 def _op(name):
-    check = getattr(_validate, name)
-
-    @functools.wraps(getattr(reference, name))
-    def op(*args, **kwargs):
-        check(*args, **kwargs)
-        return getattr(_backend.current(), name)(*args, **kwargs)
-
-    op.__module__ = __name__
-    return op
+    # the checks compiled (fastnn._gate), the backend's kernels resolved once per
+    # backend and looked up per call by the context's backend name
+    return _gate.function(name, __name__)
 
 
 dense_forward = _op("dense_forward")

@@ -228,3 +228,87 @@ def test_info_command():
     for name in ("numpy", "cython", "numba", "cuda"):
         assert f"  {name}" in out
     assert "thread pools" in out and "blas" in out
+
+
+# ------------------------------------------------------------------ fastnn.ops dispatch
+
+def _spy(name, seen):
+    """A partial backend whose activation_forward records (backend, thread)."""
+    def activation_forward(act, z, out):
+        seen.append((name, threading.current_thread().name))
+        ref.activation_forward(act, z, out)
+    return _backend.Backend(name, types.SimpleNamespace(activation_forward=activation_forward))
+
+
+def test_ops_follow_the_backend_between_calls(monkeypatch):
+    """fastnn.ops resolves each backend's kernels once, but a call after
+    set_backend runs on the new backend."""
+    seen = []
+    monkeypatch.setitem(_backend._loaded, "numba", _spy("numba", seen))
+    monkeypatch.setitem(_backend._loaded, "cuda", _spy("cuda", seen))
+    z = np.linspace(-1, 1, 6).reshape(2, 3)
+    out = np.empty_like(z)
+    me = threading.current_thread().name
+    fastnn.set_backend("numpy")
+    fastnn.ops.activation_forward("relu", z, out)
+    assert seen == []
+    fastnn.set_backend("numba")
+    fastnn.ops.activation_forward("relu", z, out)
+    fastnn.set_backend("cuda")
+    fastnn.ops.activation_forward("relu", z, out)
+    fastnn.ops.activation_forward("relu", z, out)
+    fastnn.set_backend("numpy")
+    fastnn.ops.activation_forward("relu", z, out)
+    with fastnn.use_backend("numba"):
+        fastnn.ops.activation_forward("relu", z, out)
+    fastnn.ops.activation_forward("relu", z, out)
+    assert seen == [("numba", me), ("cuda", me), ("cuda", me), ("numba", me)]
+    np.testing.assert_array_equal(out, np.maximum(z, 0))
+
+
+def test_ops_dispatch_per_thread(monkeypatch):
+    """Two threads in use_backend of two backends, calling in turn: each call
+    runs on its own thread's backend; the main thread keeps the default."""
+    seen = []
+    monkeypatch.setitem(_backend._loaded, "numba", _spy("numba", seen))
+    monkeypatch.setitem(_backend._loaded, "cuda", _spy("cuda", seen))
+    fastnn.set_backend("numpy")
+    turn = threading.Barrier(2, timeout=30)
+    errors = []
+
+    def worker():
+        name = threading.current_thread().name
+        z = np.ones((4, 5))
+        out = np.empty_like(z)
+        try:
+            with fastnn.use_backend(name):
+                for _ in range(40):
+                    turn.wait()             # the two threads alternate call by call
+                    fastnn.ops.activation_forward("relu", z, out)
+        except Exception as exc:            # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, name=n) for n in ("numba", "cuda")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert len(seen) == 80 and all(backend == thread for backend, thread in seen)
+    assert {b for b, _ in seen} == {"numba", "cuda"}
+    z = np.ones(3)
+    fastnn.ops.activation_forward("relu", z, np.empty_like(z))
+    assert len(seen) == 80 and fastnn.get_backend() == "numpy"
+
+
+def test_ops_see_a_kernel_replaced_on_a_backend(monkeypatch):
+    be = _backend.load("numpy")
+    calls = []
+    z = np.ones((2, 3))
+    with fastnn.use_backend("numpy"):
+        fastnn.ops.softmax(z, np.empty_like(z))
+        monkeypatch.setattr(be, "softmax", lambda z, out: calls.append(z.shape))
+        fastnn.ops.softmax(z, np.empty_like(z))
+        monkeypatch.undo()
+        fastnn.ops.softmax(z, np.empty_like(z))
+    assert calls == [(2, 3)]
