@@ -34,7 +34,7 @@ import zipfile
 
 import numpy as np
 
-from . import _backend, _validate
+from . import _backend, _batches, _validate
 from . import losses as _losses
 from . import optim as _optim
 from .kernels import reference as _reference
@@ -116,6 +116,7 @@ class _Plan:
         self.checked = False
         self.loss_checked = False
         self.short = {}
+        self._inputs = None
 
     def view(self, model, be, n):
         """A plan for ``n <= batch`` rows: views of the first ``n`` rows."""
@@ -123,8 +124,14 @@ class _Plan:
         if plan is None:
             bufs = [{k: a[:n] for k, a in d.items()} for d in self.bufs]
             plan = _Plan(model, be, n, self.training, bufs)
+            if self._inputs is not None:
+                plan._inputs = tuple(None if a is None else a[:n] for a in self._inputs)
             self.short[n] = plan
         return plan
+
+    def inputs(self):
+        """``(x, y, y host stage)`` buffers batches are gathered into."""
+        return self._inputs
 
 
 def _as_layers(layers):
@@ -178,7 +185,7 @@ class Sequential:
     >>> x = np.random.default_rng(0).random((30, 4)); y = np.arange(30) % 3
     >>> h = model.fit(x, y, epochs=2, batch_size=8, verbose=0)
     >>> sorted(h.history)
-    ['accuracy', 'loss', 'samples_per_s', 'val_accuracy', 'val_loss']
+    ['accuracy', 'loss', 'samples_per_s', 'step_samples_per_s', 'val_accuracy', 'val_loss']
     >>> model.predict(x[:2]).shape
     (2, 3)
     """
@@ -504,7 +511,8 @@ class Sequential:
 
     # ------------------------------------------------------------ inputs
     def _input(self, x, name="x", shape=None):
-        """``x`` as a C-contiguous array of the model's dtype with samples of
+        """``x`` checked: a C-contiguous real array (the caller's own when it is
+        one: any real dtype, a memmap too; batches convert it) with samples of
         ``shape`` (the model's input shape by default; any shape when None and
         not built)."""
         if not isinstance(x, np.ndarray):
@@ -535,8 +543,8 @@ class Sequential:
                              f"model's input shape), got {x.shape}{hint}")
         if 0 in x.shape:
             raise ValueError(f"{name} has no features")
-        if x.dtype != self.dtype or not x.flags.c_contiguous:
-            x = np.ascontiguousarray(x, dtype=self.dtype)
+        if not x.flags.c_contiguous:  # batches are gathered from C-ordered rows
+            x = np.ascontiguousarray(x)
         return x
 
     def _xy(self, x, y, xname="x", yname="y", shape=None):
@@ -689,6 +697,7 @@ class Sequential:
         self._require_compiled("computing gradients")
         self._require_layers()
         x, y = self._xy(x, y, shape=None if self.built else self._free_shape(x))
+        x = np.ascontiguousarray(x, dtype=self.dtype)
         be = _backend.current()
         if not self.built:
             self._build(x.shape[1:])
@@ -717,13 +726,16 @@ class Sequential:
 
     # ------------------------------------------------------------ fit
     def fit(self, x, y, epochs=1, batch_size=32, validation_data=None, validation_split=0.0,
-            shuffle=True, seed=None, verbose=1):
+            shuffle=True, seed=None, verbose=1, callbacks=None, check_finite=True):
         """Train with mini-batches.
 
         Parameters
         ----------
         x : array-like (n, *input_shape)
-            Any real dtype, converted once to the model's dtype.
+            Any real dtype; a NumPy array (a ``np.memmap`` too) is never
+            copied or written: each batch is gathered from it (and converted
+            to the model's dtype) in one pass, so memory does not grow with
+            the data and data larger than memory trains from a memmap.
         y : array-like
             Integer labels ``(n,)`` (softmax cross-entropy), targets in [0, 1]
             ``(n,)`` or ``(n, 1)`` (sigmoid BCE), or ``(n, units)`` (MSE).
@@ -732,21 +744,38 @@ class Sequential:
             Buffers are sized for ``min(batch_size, n)``; the last batch of an
             epoch may be shorter.
         validation_data : (x_val, y_val), optional
-            Evaluated after each epoch (``val_loss``, ``val_accuracy``).
+            Evaluated after each epoch (``val_loss``, ``val_accuracy``), batch
+            by batch, without a copy.
         validation_split : float in [0, 1)
             Without ``validation_data``: hold out this fraction of the samples,
             taken from the end of ``x`` before any shuffling.
-        shuffle : bool
-            Shuffle the training samples before each epoch.
+        shuffle : bool or "batch"
+            ``True``: a new permutation of the rows every epoch (random reads).
+            ``"batch"``: shuffle the order of blocks of 8 batches of
+            contiguous rows, then the rows within each block, for sequential
+            reads from a memmap on a disk (see ``fastnn._batches``).
+            ``False``: in order.
         seed : int, optional
             Seed of the shuffling for this call; by default the model's
             generator (``Sequential(seed=...)``) is used.
         verbose : {0, 1, 2}
             0 silent, 1 a tqdm progress bar per epoch, 2 one line per epoch.
+        callbacks : list of fastnn.callbacks.Callback, optional
+            Called at the start and end of training and of every epoch, and
+            after every batch for those that define ``on_batch_end`` (the
+            others cost the step nothing). A callback may set
+            ``model.stop_training = True``.
+        check_finite : bool
+            Refuse an ``x`` or ``y`` holding NaN or inf (a ValueError naming
+            the first such row) before training: one pass over the data. A
+            single inf would otherwise turn every parameter into NaN.
 
         Returns
         -------
         History
+            ``samples_per_s``: the wall-clock rate of each epoch, data
+            movement included; ``step_samples_per_s``: the rate of the
+            training steps alone (without gathering batches and bookkeeping).
 
         Raises
         ------
@@ -761,10 +790,12 @@ class Sequential:
         epochs = _validate.integer("epochs", epochs, low=1)
         batch_size = _validate.integer("batch_size", batch_size, low=1)
         validation_split = _validate.real("validation_split", validation_split, low=0, high=1)
-        shuffle = _validate.boolean("shuffle", shuffle)
+        shuffle = _batches.check_shuffle(shuffle)
         if seed is not None:
             seed = _validate.integer("seed", seed, low=0)
         verbose = _verbosity(verbose)
+        check_finite = _validate.boolean("check_finite", check_finite)
+        callbacks = _callback_list(callbacks)
         shape = None if self.built else self._free_shape(x)
         x, y = self._xy(x, y, shape=shape)
         shape = x.shape[1:]
@@ -782,6 +813,12 @@ class Sequential:
                                  f"training: both need at least one")
             val = (x[-n_val:], y[-n_val:])
             x, y = x[:-n_val], y[:-n_val]
+        if check_finite:
+            _check_finite(x, "x")
+            _check_finite(y, "y")
+            if validation_data is not None:
+                _check_finite(val[0], "validation_data[0]")
+                _check_finite(val[1], "validation_data[1]")
         self._require_params()
         be = _backend.current()
         # every check has passed: from here on the model changes
@@ -793,62 +830,80 @@ class Sequential:
             opt._init_flat(be, self._params.shape[0], self.dtype)
         n = x.shape[0]
         batch = min(batch_size, n)
+        host = self._space == _HOST_SPACE
+        source = _batches.Source(be, x, y, self.dtype, host)
         plan = self._plan(be, batch, True)
-        self._check_plan(plan, x[:batch], y[:batch])
+        self._plan_inputs(be, plan, x, y)
+        self._check_plan(plan, *source.batch(plan, None, 0, batch))
         full_step = self._step_for(be, plan)
         rng = np.random.default_rng(seed) if seed is not None else self._rng
         classification = self.loss.classification
         count_correct = be.count_correct
         keys = (["loss", "accuracy", "val_loss", "val_accuracy"] if classification
-                else ["loss", "val_loss"]) + ["samples_per_s"]
+                else ["loss", "val_loss"]) + ["samples_per_s", "step_samples_per_s"]
         history = History(keys, {"epochs": epochs, "batch_size": batch, "samples": n,
-                                 "backend": be.name})
-        if shuffle:
-            xs, ys = np.empty_like(x), np.empty_like(y)
-        else:
-            xd, yd = be.from_host(x), be.from_host(y)
+                                 "backend": be.name, "shuffle": shuffle})
+        self.history = history
+        self.stop_training = False
+        batch_cbs = [cb for cb in callbacks if _overrides(cb, "on_batch_end")]
+        for cb in callbacks:
+            cb.set_model(self)
+        for cb in callbacks:
+            cb.on_train_begin({})
         bar_cls = _tqdm() if verbose == 1 else None
+        perf_counter = time.perf_counter
+        starts = range(0, n, batch)
         for epoch in range(epochs):
-            if shuffle:
-                order = rng.permutation(n)
-                np.take(x, order, axis=0, out=xs)
-                np.take(y, order, axis=0, out=ys)
-                xd, yd = be.from_host(xs), be.from_host(ys)
+            for cb in callbacks:
+                cb.on_epoch_begin(epoch, {})
             bar = None
             if bar_cls is not None:
                 bar = bar_cls(total=n, desc=f"epoch {epoch + 1}/{epochs}", unit=" samples",
                               leave=True, dynamic_ncols=True, mininterval=0.2)
-            total_loss, correct = 0.0, 0
-            t0 = time.perf_counter()
+            total_loss, correct, step_time, seen = 0.0, 0, 0.0, 0
+            t0 = perf_counter()
             last_post = t0
             try:
-                for start in range(0, n, batch):
+                order = _batches.epoch_order(rng, n, shuffle, batch)
+                for i, start in enumerate(starts):
                     stop = start + batch
                     if stop <= n:
                         step, p = full_step, plan
                     else:
                         stop = n
                         p = plan.view(self, be, n - start)
-                        self._check_plan(p, x[start:stop], y[start:stop])
+                        if not p.checked:
+                            self._check_plan(p, *source.batch(p, order, start, stop))
                         step = self._step_for(be, p)
-                    yb = yd[start:stop]
+                    xb, yb = source.batch(p, order, start, stop)
                     nb = stop - start
-                    total_loss += step(xd[start:stop], yb) * nb
+                    t = perf_counter()
+                    loss = step(xb, yb)
+                    step_time += perf_counter() - t
+                    total_loss += loss * nb
+                    seen = stop
                     if classification:
                         correct += count_correct(p.records[-1].y, yb)
                     if bar is not None:
                         bar.update(nb)
-                        now = time.perf_counter()
+                        now = perf_counter()
                         if now - last_post > 0.5:
                             last_post = now
                             post = {"loss": f"{total_loss / stop:.4f}"}
                             if classification:
                                 post["accuracy"] = f"{correct / stop:.4f}"
                             bar.set_postfix(post, refresh=False)
-                seconds = time.perf_counter() - t0
-                record = {"loss": total_loss / n, "samples_per_s": n / seconds}
+                    if batch_cbs:
+                        logs = {"batch": i, "size": nb, "loss": loss}
+                        for cb in batch_cbs:
+                            cb.on_batch_end(i, logs)
+                        if self.stop_training:
+                            break
+                seconds = perf_counter() - t0
+                record = {"loss": total_loss / seen, "samples_per_s": seen / seconds,
+                          "step_samples_per_s": seen / step_time if step_time else math.inf}
                 if classification:
-                    record["accuracy"] = correct / n
+                    record["accuracy"] = correct / seen
                 if val is not None:
                     ev = self._evaluate(be, *val, _EVAL_BATCH)
                     record.update({"val_" + k: v for k, v in ev.items()})
@@ -856,6 +911,8 @@ class Sequential:
                     if k in record:
                         history.history[k].append(record[k])
                 history.epoch.append(epoch)
+                for cb in callbacks:
+                    cb.on_epoch_end(epoch, record)
                 if bar is not None:
                     bar.set_postfix_str(_format_record(record, seconds, with_speed=True),
                                         refresh=False)
@@ -865,7 +922,31 @@ class Sequential:
             finally:
                 if bar is not None:
                     bar.close()
+            if self.stop_training:
+                break
+        for cb in callbacks:
+            cb.on_train_end({k: v[-1] for k, v in history.history.items() if v})
         return history
+
+    def _plan_inputs(self, be, plan, x, y):
+        """Give ``plan`` (and its later short views) buffers that batches are
+        gathered into: ``x`` rows in the model's dtype, targets as ``y``'s, and a
+        host stage for the targets where the backend keeps arrays elsewhere."""
+        if plan._inputs is not None and plan._inputs[0].shape[1:] == x.shape[1:] and (
+                y is None or (plan._inputs[1].shape[1:] == y.shape[1:]
+                              and plan._inputs[1].dtype == y.dtype)):
+            return
+        b = plan.batch
+        xin = be.empty((b,) + x.shape[1:], self.dtype)
+        yin = ystage = None
+        if y is not None:
+            if self._space == _HOST_SPACE:
+                yin = np.empty((b,) + y.shape[1:], y.dtype)
+            else:
+                yin = be.empty((b,) + y.shape[1:], y.dtype)
+                ystage = np.empty((b,) + y.shape[1:], y.dtype)
+        plan._inputs = (xin, yin, ystage)
+        plan.short = {}
 
     def _require_params(self):
         if not any(layer.has_params for layer in self.layers):
@@ -874,7 +955,8 @@ class Sequential:
 
     # ------------------------------------------------------------ evaluate / predict
     def evaluate(self, x, y, batch_size=None, verbose=0):
-        """Mean loss (and accuracy) over ``(x, y)``.
+        """Mean loss (and accuracy) over ``(x, y)``, batch by batch (no copy of
+        ``x``; a memmap is read a batch at a time).
 
         Parameters
         ----------
@@ -903,32 +985,33 @@ class Sequential:
             print(" - ".join(f"{k}: {v:.4f}" for k, v in result.items()))
         return result
 
-    def _eval_plan(self, be, plan, x, start, stop):
-        """The inference plan for rows ``start:stop`` of ``x`` (``plan``, or a view
-        of it for a short last batch), checked on its first use."""
+    def _eval_plan(self, be, plan, source, start, stop):
+        """The inference plan for rows ``start:stop`` (``plan``, or a view of it
+        for a short last batch), checked on its first use."""
         if stop - start != plan.batch:
             plan = plan.view(self, be, stop - start)
         if not plan.checked:
-            self._check_forward(plan, x[start:stop])
+            self._check_forward(plan, source.batch(plan, None, start, stop)[0])
         return plan
 
     def _evaluate(self, be, x, y, batch_size):
         n = x.shape[0]
         full = self._plan(be, min(batch_size, n), False)
+        self._plan_inputs(be, full, x, y)
+        source = _batches.Source(be, x, y, self.dtype, self._space == _HOST_SPACE)
         loss_kernel = getattr(be, self.loss.kernel)
         loss_gate = getattr(_validate, self.loss.kernel)
-        xd, yd = be.from_host(x), be.from_host(y)
         total, correct = 0.0, 0
         classification = self.loss.classification
         for start in range(0, n, full.batch):
             stop = min(start + full.batch, n)
-            plan = self._eval_plan(be, full, x, start, stop)
+            plan = self._eval_plan(be, full, source, start, stop)
+            xb, yb = source.batch(plan, None, start, stop)
             grad = plan.bufs[-1]["out"]
             if not plan.loss_checked:
                 loss_gate(plan.records[-1].y, y[start:stop], grad)
                 plan.loss_checked = True
-            logits = self._forward_for(be, plan)(xd[start:stop])
-            yb = yd[start:stop]
+            logits = self._forward_for(be, plan)(xb)
             total += loss_kernel(logits, yb, grad) * (stop - start)
             if classification:
                 correct += be.count_correct(logits, yb)
@@ -941,7 +1024,7 @@ class Sequential:
         """Outputs for ``x``: probabilities for the classification losses
         (softmax rows, or the sigmoid as ``(n, 1)``), the last layer's values
         otherwise (also before ``compile``; a last ``Dense(k, "softmax")``
-        gives the softmax).
+        gives the softmax). ``x`` is read batch by batch, never copied whole.
 
         Parameters
         ----------
@@ -968,16 +1051,18 @@ class Sequential:
         self._bind(be)
         n = x.shape[0]
         full = self._plan(be, min(batch_size, n), False)
+        host = self._space == _HOST_SPACE
+        if not (host and x.dtype == self.dtype and x.flags.c_contiguous):
+            self._plan_inputs(be, full, x, None)
+        source = _batches.Source(be, x, None, self.dtype, host)
         loss = self.loss
         top = self.layers[-1]
         softmax = loss is None and top.activation == "softmax"
-        host = self._space == _HOST_SPACE
         out = np.empty((n,) + top.output_shape, self.dtype)
-        xd = be.from_host(x)
         for start in range(0, n, full.batch):
             stop = min(start + full.batch, n)
-            plan = self._eval_plan(be, full, x, start, stop)
-            logits = self._forward_for(be, plan)(xd[start:stop])
+            plan = self._eval_plan(be, full, source, start, stop)
+            logits = self._forward_for(be, plan)(source.batch(plan, None, start, stop)[0])
             dest = out[start:stop] if host else plan.bufs[-1]["out"]
             if loss is not None:
                 loss.output(be, logits, dest)
@@ -1081,6 +1166,48 @@ class Sequential:
             except OSError:
                 pass
             raise
+
+
+def _callback_list(callbacks):
+    if callbacks is None:
+        return []
+    if not isinstance(callbacks, (list, tuple)):
+        raise TypeError(f"callbacks must be a list of fastnn.callbacks.Callback, got "
+                        f"{type(callbacks).__name__}")
+    from .callbacks import Callback
+
+    for i, cb in enumerate(callbacks):
+        if not isinstance(cb, Callback):
+            raise TypeError(f"callbacks[{i}] must be a fastnn.callbacks.Callback, got "
+                            f"{type(cb).__name__}")
+    return list(callbacks)
+
+
+def _overrides(obj, method):
+    """Whether ``obj``'s class defines ``method`` itself (not the base's no-op)."""
+    from .callbacks import Callback
+
+    return getattr(type(obj), method) is not getattr(Callback, method)
+
+
+#: rows per chunk of the finite check (a few MB at a time, whatever the dtype)
+_FINITE_CHUNK_BYTES = 1 << 22
+
+
+def _check_finite(a, name):
+    """ValueError naming the first row of ``a`` that holds a NaN or an inf (one
+    pass, in chunks; integer data is always finite)."""
+    if a.dtype.kind not in "fc":
+        return
+    rows = max(1, _FINITE_CHUNK_BYTES // max(1, a[:1].nbytes))
+    flat = a.reshape(a.shape[0], -1)
+    for start in range(0, a.shape[0], rows):
+        chunk = flat[start:start + rows]
+        ok = np.isfinite(chunk).all(axis=1) if chunk.ndim == 2 else np.isfinite(chunk)
+        if not ok.all():
+            row = start + int(np.argmin(ok))
+            raise ValueError(f"{name} holds NaN or inf, first in row {row}; fix the data (or "
+                             f"fit(check_finite=False) to train on it anyway)")
 
 
 def _input_record():
