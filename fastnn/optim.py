@@ -25,12 +25,18 @@ AdamW instead multiplies ``p`` by ``1 - lr*weight_decay``) and ``t`` the
   centered, ``sqrt(sq - cm^2) + eps`` with ``cm = rho*cm + (1-rho)*g'``;
   ``buf = momentum*buf + g'/den; p -= lr*buf`` or ``p -= lr*g'/den``.
 
+``lr`` is a float or a ``fastnn.schedules`` schedule: the rate of update
+``t`` is then ``schedule(t - 1)``, computed per step from the step count
+(nothing is rebuilt). ``optimizer.lr`` reads the rate the next update uses
+and may be set between steps to a float or a schedule.
+
 The kernels are those of the backend in effect (``fastnn.get_backend()``).
 """
 
 import numpy as np
 
 from . import _backend, _validate
+from . import schedules as _schedules
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "get"]
 
@@ -46,15 +52,25 @@ class Optimizer:
         self._shapes = None   # (shape, dtype) per parameter array (the list API)
         self._t = 0
         self._owner = None    # weakref to the model that owns the state
+        self._lr = 0.0        # the constant rate, or None under a schedule
+        self._schedule = None
 
     # ---- what subclasses define
     def state_names(self):
         """Names of the state buffers this configuration uses, in kernel order."""
         raise NotImplementedError
 
-    def get_config(self):
-        """The hyper-parameters, JSON-able (``type(self)(**config)`` rebuilds it)."""
+    def _config(self):
+        """The hyper-parameters, ``lr`` as given (a float or a schedule)."""
         raise NotImplementedError
+
+    def get_config(self):
+        """The hyper-parameters, JSON-able (``from_config`` rebuilds the optimizer;
+        a schedule is stored as ``{"class_name": ..., "config": ...}``)."""
+        config = self._config()
+        if self._schedule is not None:
+            config["lr"] = _schedules.serialize(self._schedule)
+        return config
 
     def _args(self, p, g, s, t):
         """The kernel's positional arguments."""
@@ -69,8 +85,49 @@ class Optimizer:
         """Steps taken so far (``t`` of the last step)."""
         return self._t
 
+    @property
+    def lr(self):
+        """The learning rate the next update uses: the float given, or the
+        schedule's value ``schedule(iterations)``. Set it between steps to a
+        float >= 0 or a ``fastnn.schedules.LearningRateSchedule`` (a float
+        replaces a schedule); the next step uses it, nothing is rebuilt."""
+        if self._schedule is None:
+            return self._lr
+        return self._rate(self._t + 1)
+
+    @lr.setter
+    def lr(self, value):
+        value = _schedules.get(value)
+        if isinstance(value, _schedules.LearningRateSchedule):
+            self._lr, self._schedule = None, value
+        else:
+            self._lr, self._schedule = value, None
+
+    @property
+    def lr_schedule(self):
+        """The schedule given for ``lr``, or None for a constant rate."""
+        return self._schedule
+
+    def _lr_given(self):
+        return self._lr if self._schedule is None else self._schedule
+
+    def _rate(self, t):
+        """The rate of update ``t`` (1-based): ``lr``, or ``schedule(t - 1)``."""
+        schedule = self._schedule
+        if schedule is None:
+            return self._lr
+        try:
+            v = float(schedule(t - 1))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"the learning-rate schedule {schedule!r} failed at step "
+                             f"{t - 1}: {exc}") from None
+        if not 0.0 <= v < float("inf"):
+            raise ValueError(f"the learning-rate schedule {schedule!r} gave lr={v} at step "
+                             f"{t - 1}; a rate must be finite and >= 0")
+        return v
+
     def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        args = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
         return f"{type(self).__name__}({args})"
 
     def reset(self):
@@ -197,7 +254,7 @@ class SGD(Optimizer):
 
     Parameters
     ----------
-    lr : float, default 1e-3
+    lr : float or fastnn.schedules.LearningRateSchedule, default 1e-3
     momentum : float, default 0
     nesterov : bool, default False (needs momentum > 0)
     weight_decay : float, default 0 (L2, added to the gradient)
@@ -207,7 +264,7 @@ class SGD(Optimizer):
     kernel = "sgd_step"
 
     def __init__(self, lr=1e-3, momentum=0.0, nesterov=False, weight_decay=0.0, l1=0.0):
-        lr = _real("lr", lr, low=0)
+        lr = _schedules.get(lr)
         momentum = _real("momentum", momentum, low=0, high=None)
         nesterov = _validate.boolean("nesterov", nesterov)
         if nesterov and momentum == 0:
@@ -221,12 +278,12 @@ class SGD(Optimizer):
     def state_names(self):
         return ("buf",) if self.momentum > 0 else ()
 
-    def get_config(self):
-        return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov,
+    def _config(self):
+        return {"lr": self._lr_given(), "momentum": self.momentum, "nesterov": self.nesterov,
                 "weight_decay": self.weight_decay, "l1": self.l1}
 
     def _args(self, p, g, s, t):
-        return (p, g, s.get("buf"), self.lr, self.momentum, self.nesterov,
+        return (p, g, s.get("buf"), self._rate(t), self.momentum, self.nesterov,
                 self.weight_decay, self.l1)
 
 
@@ -240,7 +297,7 @@ class Adam(Optimizer):
 
     Parameters
     ----------
-    lr : float, default 1e-3
+    lr : float or fastnn.schedules.LearningRateSchedule, default 1e-3
     betas : (float, float), default (0.9, 0.999), each in [0, 1)
     eps : float, default 1e-8
     weight_decay : float, default 0
@@ -253,7 +310,7 @@ class Adam(Optimizer):
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, l1=0.0,
                  amsgrad=False):
-        lr = _real("lr", lr, low=0)
+        lr = _schedules.get(lr)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         beta1 = _real("betas[0]", betas[0], low=0, high=1)
@@ -269,13 +326,13 @@ class Adam(Optimizer):
     def state_names(self):
         return ("m", "v", "vmax") if self.amsgrad else ("m", "v")
 
-    def get_config(self):
-        return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps,
+    def _config(self):
+        return {"lr": self._lr_given(), "betas": list(self.betas), "eps": self.eps,
                 "weight_decay": self.weight_decay, "l1": self.l1, "amsgrad": self.amsgrad}
 
     def _args(self, p, g, s, t):
         beta1, beta2 = self.betas
-        return (p, g, s["m"], s["v"], t, self.lr, beta1, beta2, self.eps, self.weight_decay,
+        return (p, g, s["m"], s["v"], t, self._rate(t), beta1, beta2, self.eps, self.weight_decay,
                 self._decoupled, self.l1, s.get("vmax"))
 
 
@@ -286,7 +343,7 @@ class AdamW(Adam):
 
     Parameters
     ----------
-    lr : float, default 1e-3
+    lr : float or fastnn.schedules.LearningRateSchedule, default 1e-3
     betas : (float, float), default (0.9, 0.999)
     eps : float, default 1e-8
     weight_decay : float, default 1e-2
@@ -311,7 +368,7 @@ class RMSprop(Optimizer):
 
     Parameters
     ----------
-    lr : float, default 1e-2
+    lr : float or fastnn.schedules.LearningRateSchedule, default 1e-2
     rho : float, default 0.99, in [0, 1)
     eps : float, default 1e-8
     momentum : float, default 0
@@ -324,7 +381,7 @@ class RMSprop(Optimizer):
 
     def __init__(self, lr=1e-2, rho=0.99, eps=1e-8, momentum=0.0, centered=False,
                  weight_decay=0.0, l1=0.0):
-        lr = _real("lr", lr, low=0)
+        lr = _schedules.get(lr)
         rho = _real("rho", rho, low=0, high=1)
         eps = _real("eps", eps, low=0, low_open=True)
         momentum = _real("momentum", momentum, low=0, high=None)
@@ -343,12 +400,13 @@ class RMSprop(Optimizer):
             names.append("centered_mean")
         return tuple(names)
 
-    def get_config(self):
-        return {"lr": self.lr, "rho": self.rho, "eps": self.eps, "momentum": self.momentum,
+    def _config(self):
+        return {"lr": self._lr_given(), "rho": self.rho, "eps": self.eps,
+                "momentum": self.momentum,
                 "centered": self.centered, "weight_decay": self.weight_decay, "l1": self.l1}
 
     def _args(self, p, g, s, t):
-        return (p, g, s["sq"], s.get("buf"), self.lr, self.rho, self.eps, self.momentum,
+        return (p, g, s["sq"], s.get("buf"), self._rate(t), self.rho, self.eps, self.momentum,
                 s.get("centered_mean"), self.weight_decay, self.l1)
 
 
@@ -385,6 +443,8 @@ def from_config(class_name, config):
     if cls is None:
         raise ValueError(f"unknown optimizer class {class_name!r}")
     config = dict(config)
+    if isinstance(config.get("lr"), dict):
+        config["lr"] = _schedules.deserialize(config["lr"])
     if "betas" in config:
         config["betas"] = tuple(config["betas"])
     return cls(**config)

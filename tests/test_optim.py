@@ -151,7 +151,10 @@ def test_bad_arguments_write_nothing():
         opt.step([ok, readonly], [np.ones(3), np.ones(3)])
     np.testing.assert_array_equal(ok, 1.0)  # the first array was not updated either
     opt = fn.Adam()
-    opt.lr = -1.0
+    with pytest.raises(ValueError, match="lr"):
+        opt.lr = -1.0   # the setter checks at once
+    assert opt.lr == 1e-3
+    opt._lr = -1.0      # past the setter, the kernel's gate still refuses it
     p = np.ones(3)
     with pytest.raises(ValueError, match="lr"):
         opt.step([p], [np.ones(3)])
