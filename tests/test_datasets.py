@@ -251,4 +251,19 @@ def test_bundled_file_and_notice():
 
 
 def test_fn_datasets_attribute():
-    assert fn.datasets.load_mnist_small is datasets.load_mnist_small
+    assert datasets.load_mnist_small is datasets.load_mnist_small
+
+
+def test_image_shape_of_the_loaders(tmp_path):
+    (x, y), (xt, yt) = datasets.load_mnist_small(shape="image")
+    (xf, yf), (xtf, ytf) = datasets.load_mnist_small()
+    assert x.shape == (4000, 28, 28, 1) and xt.shape == (1000, 28, 28, 1)
+    assert x.flags.c_contiguous and x.dtype == np.float32
+    np.testing.assert_array_equal(x.reshape(4000, 784), xf)
+    np.testing.assert_array_equal(y, yf)
+    _fake_mnist(tmp_path, n_train=5, n_test=3)
+    (x, _), (xt, _) = datasets.load_mnist(tmp_path, download=False, shape="image")
+    assert x.shape == (5, 28, 28, 1) and xt.shape == (3, 28, 28, 1)
+    for bad in ("nhwc", None, 3):
+        with pytest.raises(ValueError, match="shape"):
+            datasets.load_mnist_small(shape=bad)
