@@ -399,16 +399,17 @@ def _padding(value, kh, kw):
     return pads
 
 
-def _output_size(what, h, w, kh, kw, stride, pads=(0, 0, 0, 0)):
-    """``(p, q)`` of a convolution or pool; ``ValueError`` when either is below 1."""
+def _output_size(image, kernel, h, w, kh, kw, stride, pads=(0, 0, 0, 0)):
+    """``(p, q)`` of a convolution or pool; ``ValueError`` naming the arrays
+    ``image`` and ``kernel`` when either is below 1."""
     top, bottom, left, right = pads
     p = (h + top + bottom - kh) // stride[0] + 1
     q = (w + left + right - kw) // stride[1] + 1
     if p < 1 or q < 1:
         padded = f" padded to {h + top + bottom}x{w + left + right}" if any(pads) else ""
-        raise ValueError(f"{what}: the {h}x{w} image{padded} is smaller than the {kh}x{kw} "
-                         f"window, so there is no output (p = {p}, q = {q}; padding {pads}, "
-                         f"stride {stride})")
+        raise ValueError(f"the {h}x{w} image of {image}{padded} is smaller than the {kh}x{kw} "
+                         f"window of {kernel}, so there is no output (p = {p}, q = {q}; "
+                         f"padding {pads}, stride {stride})")
     return p, q
 
 
@@ -452,7 +453,7 @@ def conv2d_forward(x, w, b, act, out, preact=None, stride=(1, 1), padding=(0, 0,
     c.float_array("b", b, (o,))
     stride = _stride("stride", stride)
     pads = _padding(padding, kh, kw)
-    p, q = _output_size("conv2d_forward", h, wd, kh, kw, stride, pads)
+    p, q = _output_size("x", "w", h, wd, kh, kw, stride, pads)
     _conv_gemm_dims(n, p, q, kh, kw, ch, o)
     c.float_array("out", out, (n, p, q, o), out=True)
     if preact is not None:
@@ -467,7 +468,7 @@ def conv2d_backward(x, dz, dw, db, stride=(1, 1), padding=(0, 0, 0, 0)):
     c.float_array("db", db, (o,), out=True)
     stride = _stride("stride", stride)
     pads = _padding(padding, kh, kw)
-    p, q = _output_size("conv2d_backward", h, wd, kh, kw, stride, pads)
+    p, q = _output_size("x", "dw", h, wd, kh, kw, stride, pads)
     _conv_gemm_dims(n, p, q, kh, kw, ch, o)
     c.float_array("dz", dz, (n, p, q, o))
     c.no_overlap()
@@ -509,7 +510,7 @@ def maxpool2d_forward(x, out, argmax, pool=(2, 2), stride=None):
     n, h, wd, ch = c.float_array("x", x, (None,) * 4)
     pool, stride = _pool(pool, stride)
     _pool_fits(pool, h, wd, "x")
-    p, q = _output_size("maxpool2d_forward", h, wd, pool[0], pool[1], stride)
+    p, q = _output_size("x", "pool", h, wd, pool[0], pool[1], stride)
     c.float_array("out", out, (n, p, q, ch), out=True)
     _int32_array(c, "argmax", argmax, (n, p, q, ch), out=True)
     c.no_overlap()
@@ -522,7 +523,7 @@ def maxpool2d_backward(dy, argmax, z, y, act, out, pool=(2, 2), stride=None):
     pool, stride = _pool(pool, stride)
     _, h, wd, _ = c.float_array("out", out, (n, None, None, ch), out=True)
     _pool_fits(pool, h, wd, "out (the pool's input)")
-    pp, qq = _output_size("maxpool2d_backward", h, wd, pool[0], pool[1], stride)
+    pp, qq = _output_size("out", "pool", h, wd, pool[0], pool[1], stride)
     if (pp, qq) != (p, q):
         raise ValueError(f"out has shape {(n, h, wd, ch)}: a {h}x{wd} input with pool {pool} "
                          f"and stride {stride} gives a {pp}x{qq} output, but dy is {p}x{q}")
@@ -564,3 +565,64 @@ def dropout_forward(x, rate, seed, out):
 
 def dropout_backward(dy, rate, seed, out):
     _dropout("dy", dy, rate, seed, out)
+
+
+# ------------------------------------------------------------ data movement (issue 17)
+
+def _rows_contiguous(a):
+    """Whether every row of the ndarray ``a`` (all axes after the first) is one
+    C-contiguous block; the first axis may have any stride."""
+    expected = a.itemsize
+    for dim, stride in zip(reversed(a.shape[1:]), reversed(a.strides[1:])):
+        if dim > 1 and stride != expected:
+            return False
+        expected *= dim
+    return True
+
+
+def _index_range(index, n):
+    """Every value of the integer array ``index`` in ``[0, n)``: one pass (the
+    maximum of the values read as unsigned, where a negative one is huge); the
+    message's minimum and maximum are computed only on failure."""
+    host = index if isinstance(index, np.ndarray) else _to_host(index)
+    unsigned = host.view(host.dtype.str.replace("i", "u"))
+    if int(unsigned.max()) < n:
+        return
+    lo, hi = int(host.min()), int(host.max())
+    raise ValueError(f"index must hold row numbers of src in [0, {n}), got values in "
+                     f"[{lo}, {hi}]" + (" (negative indices do not count from the end)"
+                                        if lo < 0 else ""))
+
+
+def gather_rows(src, index, out):
+    c = Call()
+    s = array_info("src", src)
+    if s.dtype.kind not in "biuf":
+        raise TypeError(f"src must have a real dtype (bool, integer or floating), got {s.dtype}")
+    if not s.shape or 0 in s.shape:
+        raise ValueError(f"src must be at least 1-D and not empty, got shape {s.shape}")
+    if isinstance(src, np.ndarray):
+        if not _rows_contiguous(src):
+            raise ValueError("src's rows (all axes after the first) must each be one "
+                             "C-contiguous block (the rows themselves may lie at any stride); "
+                             "numpy.ascontiguousarray(src) makes a copy")
+    elif not s.c_contiguous:
+        raise ValueError("src must be C-contiguous (a device array)")
+    i = array_info("index", index)
+    if i.dtype.kind not in "iu":
+        raise TypeError(f"index must have an integer dtype, got {i.dtype}")
+    if len(i.shape) != 1:
+        raise ValueError(f"index must be 1-D, got shape {i.shape}")
+    if i.shape[0] == 0:
+        raise ValueError("index must not be empty (at least one row to gather)")
+    c.float_array("out", out, (i.shape[0],) + tuple(s.shape[1:]), out=True)
+    o = c.outputs["out"]
+    for name, a, info in (("src", src, s), ("index", index, i)):
+        if isinstance(a, np.ndarray) and isinstance(out, np.ndarray):
+            shared = np.may_share_memory(out, a)
+        else:
+            shared = _overlap(o, info)
+        if shared:
+            raise ValueError(f"out overlaps {name}: gather_rows writes out while it reads "
+                             f"{name}, so they must not share memory")
+    _index_range(index, s.shape[0])

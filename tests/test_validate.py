@@ -383,10 +383,11 @@ def test_conv_without_output():
     w = np.ones((3, 3, 1, 1), F)
     args = dict(x=x, w=w, b=np.zeros(1, F), act="relu", out=np.ones((1, 1, 3, 1), F))
     check_rejected("conv2d_forward", args, ValueError,
-                   r"the 2x5 image is smaller than the 3x3 window, so there is no output \(p = 0")
+                   r"the 2x5 image of x is smaller than the 3x3 window of w, so there is no "
+                   r"output \(p = 0")
     check_rejected("conv2d_backward", dict(x=x, dz=np.ones((1, 1, 3, 1), F),
                                            dw=np.ones((3, 3, 1, 1), F), db=np.ones(1, F)),
-                   ValueError, "no output")
+                   ValueError, "window of dw, so there is no output")
     # backprop: out's image is the input; too small for the kernel, it cannot match dz
     check_rejected("conv2d_backprop", dict(dz=np.ones((1, 1, 3, 1), F), w=w, z=None,
                                            y=np.ones((1, 2, 5, 1), F), act="relu",
