@@ -96,7 +96,8 @@ def test_module_entry_point():
     ("cnn", ["--filters", "8"], "Conv2D(8, 3, relu)-Flatten-Dense(10) CNN"),
     ("convnet", ["--filters", "4,8", "--dropout", "0.25"],
      "convnet Conv2D(4)-MaxPool-Conv2D(8)-MaxPool-Flatten-Dropout(0.25)-Dense(10)"),
-    ("convnet", ["--filters", "4,8", "--binary"], "Dense(1)"),
+    ("convnet", ["--filters", "8,16", "--binary", "--dropout", "0", "--lr", "0.003"],
+     "Dense(1)"),
 ])
 def test_train_convnets_tiny(capsys, model, extra, expect):
     """The seed's network and Keras' convnet from the command line (one short
