@@ -1167,6 +1167,24 @@ class Sequential:
                 pass
             raise
 
+    def export_onnx(self, path, opset=17):
+        """Write the model as an ONNX file that computes ``predict`` (probabilities
+        for the classification losses), for ONNX Runtime and other runtimes.
+
+        Needs the ``onnx`` package (``pip install "fastnn[onnx]"``). The folder
+        of ``path`` is checked first (it must exist and be writable), the file
+        is written atomically, and the graph is checked with
+        ``onnx.checker``. See ``fastnn.onnx_export`` for the operators used.
+
+        Returns
+        -------
+        str
+            ``path``.
+        """
+        from . import onnx_export
+
+        return onnx_export.export_onnx(self, path, opset)
+
 
 def _callback_list(callbacks):
     if callbacks is None:
