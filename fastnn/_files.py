@@ -15,7 +15,7 @@ file intact and no temporary file behind.
 import os
 import tempfile
 
-__all__ = ["check_writable", "write_atomic"]
+__all__ = ["check_writable", "check_folder", "write_atomic"]
 
 
 def check_writable(path, name="path"):
@@ -41,18 +41,22 @@ def check_writable(path, name="path"):
         raise ValueError(f"{name} is empty")
     if os.path.isdir(path):
         raise ValueError(f"{name} {path!r} is a folder; give a file name")
-    folder = os.path.dirname(os.path.abspath(path))
+    check_folder(os.path.dirname(os.path.abspath(path)), f"{name} {path!r}")
+    return path
+
+
+def check_folder(folder, what):
+    """ValueError (starting with ``what``) unless a file can be created in ``folder``."""
     if not os.path.isdir(folder):
-        what = "is not a folder" if os.path.exists(folder) else "does not exist"
-        raise ValueError(f"{name} {path!r}: the folder {folder} {what}")
+        state = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise ValueError(f"{what}: the folder {folder} {state}")
     try:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".fastnn-probe-")
     except OSError as exc:
-        raise ValueError(f"{name} {path!r}: cannot write in the folder {folder} "
+        raise ValueError(f"{what}: cannot write in the folder {folder} "
                          f"({exc.strerror or exc})") from None
     os.close(fd)
     os.unlink(probe)
-    return path
 
 
 def _umask():
