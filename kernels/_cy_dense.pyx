@@ -21,8 +21,11 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t, uintptr_t
 
+from _cy_blas cimport (
+    blas_t, dgemm32_t, dgemm64_t, gemm_with, get_threads_t, set_threads_t, sgemm32_t, sgemm64_t,
+)
 from _cy_math cimport (
-    FASTNN_OPENMP, act_backward, act_code, act_forward_range, act_is_transcendental, n_chunks,
+    FASTNN_OPENMP, act_backward, act_code, act_is_transcendental, bias_act_rows, n_chunks,
 )
 
 #: True when this extension was compiled with OpenMP.
@@ -55,41 +58,40 @@ cdef inline Py_ssize_t _act_chunks(int act, Py_ssize_t n) noexcept nogil:
                     _num_threads)
 
 
-# Fortran ``?gemm_``, with 32-bit (LP64: SciPy's) or 64-bit integers (ILP64:
-# NumPy's bundled OpenBLAS)
-ctypedef void (*sgemm32_t)(const char*, const char*, const int*, const int*, const int*,
-                           const float*, const float*, const int*, const float*, const int*,
-                           const float*, float*, const int*) noexcept nogil
-ctypedef void (*dgemm32_t)(const char*, const char*, const int*, const int*, const int*,
-                           const double*, const double*, const int*, const double*,
-                           const int*, const double*, double*, const int*) noexcept nogil
-ctypedef void (*sgemm64_t)(const char*, const char*, const int64_t*, const int64_t*,
-                           const int64_t*, const float*, const float*, const int64_t*,
-                           const float*, const int64_t*, const float*, float*,
-                           const int64_t*) noexcept nogil
-ctypedef void (*dgemm64_t)(const char*, const char*, const int64_t*, const int64_t*,
-                           const int64_t*, const double*, const double*, const int64_t*,
-                           const double*, const int64_t*, const double*, double*,
-                           const int64_t*) noexcept nogil
-
-cdef sgemm32_t _sgemm32 = NULL
-cdef dgemm32_t _dgemm32 = NULL
-cdef sgemm64_t _sgemm64 = NULL
-cdef dgemm64_t _dgemm64 = NULL
+# The BLAS entry points (``_cy_blas.pxd``): one table, read by ``_cy_conv`` too
+# through ``_blas_table()``
+cdef blas_t _blas
 
 
-def _set_blas(uintptr_t sgemm_addr, uintptr_t dgemm_addr, bint ilp64):
+def _set_blas(uintptr_t sgemm_addr, uintptr_t dgemm_addr, bint ilp64,
+              uintptr_t set_threads_addr=0, uintptr_t get_threads_addr=0):
     """Call the Fortran ``sgemm``/``dgemm`` at these addresses (both non-zero),
-    with 64-bit integers when ``ilp64``."""
-    global _sgemm32, _dgemm32, _sgemm64, _dgemm64
+    with 64-bit integers when ``ilp64``; ``set_threads_addr``/``get_threads_addr``:
+    that library's ``openblas_set_num_threads``/``openblas_get_num_threads``
+    (both, or 0 when unknown), which the convolutions use to run their GEMMs on
+    one BLAS thread each inside their own parallel region."""
     if sgemm_addr == 0 or dgemm_addr == 0:
         raise ValueError("_set_blas: both addresses are needed")
     if ilp64:
-        _sgemm64, _dgemm64 = <sgemm64_t>sgemm_addr, <dgemm64_t>dgemm_addr
-        _sgemm32, _dgemm32 = NULL, NULL
+        _blas.sgemm64, _blas.dgemm64 = <sgemm64_t>sgemm_addr, <dgemm64_t>dgemm_addr
+        _blas.sgemm32, _blas.dgemm32 = NULL, NULL
     else:
-        _sgemm32, _dgemm32 = <sgemm32_t>sgemm_addr, <dgemm32_t>dgemm_addr
-        _sgemm64, _dgemm64 = NULL, NULL
+        _blas.sgemm32, _blas.dgemm32 = <sgemm32_t>sgemm_addr, <dgemm32_t>dgemm_addr
+        _blas.sgemm64, _blas.dgemm64 = NULL, NULL
+    if set_threads_addr != 0 and get_threads_addr != 0:
+        _blas.set_threads = <set_threads_t>set_threads_addr
+        _blas.get_threads = <get_threads_t>get_threads_addr
+    else:
+        _blas.set_threads, _blas.get_threads = NULL, NULL
+
+
+def _blas_table(bint load=False):
+    """The address of this module's ``blas_t`` (``_cy_blas.pxd``), for the
+    other extensions of the same variant; with ``load``, SciPy's BLAS is set
+    first when none was."""
+    if load:
+        _ensure_blas()
+    return <uintptr_t>&_blas
 
 
 def _scipy_blas_addresses():
@@ -107,45 +109,21 @@ def _scipy_blas_addresses():
 
 
 cdef inline int _ensure_blas() except -1:
-    if _sgemm32 == NULL and _sgemm64 == NULL:
+    if _blas.sgemm32 == NULL and _blas.sgemm64 == NULL:
         _set_blas(*_scipy_blas_addresses(), False)
     return 0
 
 
 def _blas_is_scipy():
     """True when the GEMMs go to an LP64 BLAS (SciPy's ``cython_blas``)."""
-    return _sgemm64 == NULL
+    return _blas.sgemm64 == NULL
 
 
 cdef inline void gemm(char ta, char tb, int m, int n, int k,
                       const floating* a, int lda, const floating* b, int ldb,
                       floating* c, int ldc) noexcept nogil:
     """Column-major ``C = op(A) @ op(B)`` (alpha 1, beta 0) by BLAS."""
-    cdef floating alpha = 1, beta = 0
-    cdef int64_t m8 = m, n8 = n, k8 = k, lda8 = lda, ldb8 = ldb, ldc8 = ldc
-    if floating is float:
-        if _sgemm64 != NULL:
-            _sgemm64(&ta, &tb, &m8, &n8, &k8, &alpha, a, &lda8, b, &ldb8, &beta, c, &ldc8)
-        else:
-            _sgemm32(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc)
-    else:
-        if _dgemm64 != NULL:
-            _dgemm64(&ta, &tb, &m8, &n8, &k8, &alpha, a, &lda8, b, &ldb8, &beta, c, &ldc8)
-        else:
-            _dgemm32(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc)
-
-
-cdef void bias_act_rows(int act, floating* z, const floating* b, floating* out,
-                        Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t n) noexcept nogil:
-    """Rows ``r0 <= r < r1`` of width ``n``: ``z[r] += b``, ``out[r] = act(z[r])``
-    (``out`` may be ``z``); the row stays in L1 between the two loops."""
-    cdef Py_ssize_t r, j
-    cdef floating* zr
-    for r in range(r0, r1):
-        zr = z + r * n
-        for j in range(n):
-            zr[j] = zr[j] + b[j]
-        act_forward_range(act, zr, out + r * n, 0, n)
+    gemm_with(&_blas, ta, tb, m, n, k, a, lda, b, ldb, 0, c, ldc)
 
 
 cdef void _dense_forward(int act,

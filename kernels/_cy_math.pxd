@@ -319,6 +319,20 @@ cdef inline void act_forward_range(int act, const floating* z, floating* out,
             out[i] = s + vlog1p_unit(t)
 
 
+cdef inline void bias_act_rows(int act, floating* z, const floating* b, floating* out,
+                               Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t n) noexcept nogil:
+    """The epilogue after a GEMM, rows ``r0 <= r < r1`` of width ``n``:
+    ``z[r] += b``, ``out[r] = act(z[r])`` (``out`` may be ``z``); the row stays
+    in L1 between the two loops."""
+    cdef Py_ssize_t r, j
+    cdef floating* zr
+    for r in range(r0, r1):
+        zr = z + r * n
+        for j in range(n):
+            zr[j] = zr[j] + b[j]
+        act_forward_range(act, zr, out + r * n, 0, n)
+
+
 cdef inline void act_backward_range(int act, const floating* dy, const floating* z,
                                     const floating* y, floating* out,
                                     Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:

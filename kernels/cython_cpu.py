@@ -9,7 +9,12 @@ activations:
   (GEMM by BLAS plus fused epilogues; which BLAS: below);
 * ``_cy_loss``: ``softmax_cross_entropy``, ``sigmoid_binary_cross_entropy``,
   ``mse``, ``softmax``;
-* ``_cy_optim``: ``sgd_step``, ``adam_step``, ``rmsprop_step``.
+* ``_cy_optim``: ``sgd_step``, ``adam_step``, ``rmsprop_step``;
+* ``_cy_conv``: ``conv2d_forward``, ``conv2d_backward``, ``conv2d_backprop``,
+  ``maxpool2d_forward``, ``maxpool2d_backward``, ``dropout_forward``,
+  ``dropout_backward`` (chunked im2col GEMMs on the same BLAS, read through
+  ``_cy_dense``'s table; a workspace per calling thread);
+* ``_cy_data``: ``gather_rows`` (row copies and dtype conversion, for ``fit``).
 
 The shared inline math (vectorizable exp/tanh/sigmoid, the activations over
 raw-pointer ranges) lives in ``_cy_math.pxd``. Importing this module fails (and
@@ -42,11 +47,9 @@ import importlib
 import os
 import sys
 
-from .reference import CONV_KERNELS
-
 #: The per-CPU variants, best last; "baseline" is the plain module name.
 VARIANTS = ("baseline", "v3", "v4")
-_NAMES = ("_cy_elementwise", "_cy_dense", "_cy_loss", "_cy_optim")
+_NAMES = ("_cy_elementwise", "_cy_dense", "_cy_loss", "_cy_optim", "_cy_conv", "_cy_data")
 #: /proc/cpuinfo flags that ``-march=x86-64-v3`` / ``-march=x86-64-v4`` code may use.
 _LINUX_FLAGS = {
     "v3": ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"),
@@ -145,7 +148,8 @@ def _load(variant):
 
 
 CPU_VARIANT, _FORCED = _choose()
-_cy_elementwise, _cy_dense, _cy_loss, _cy_optim = _load(CPU_VARIANT)
+_cy_elementwise, _cy_dense, _cy_loss, _cy_optim, _cy_conv, _cy_data = _load(CPU_VARIANT)
+_cy_conv._use_blas_table(_cy_dense._blas_table())
 
 dense_forward = _cy_dense.dense_forward
 backprop_delta = _cy_dense.backprop_delta
@@ -159,27 +163,40 @@ softmax = _cy_loss.softmax
 sgd_step = _cy_optim.sgd_step
 adam_step = _cy_optim.adam_step
 rmsprop_step = _cy_optim.rmsprop_step
+conv2d_forward = _cy_conv.conv2d_forward
+conv2d_backward = _cy_conv.conv2d_backward
+conv2d_backprop = _cy_conv.conv2d_backprop
+maxpool2d_forward = _cy_conv.maxpool2d_forward
+maxpool2d_backward = _cy_conv.maxpool2d_backward
+dropout_forward = _cy_conv.dropout_forward
+dropout_backward = _cy_conv.dropout_backward
+gather_rows = _cy_data.gather_rows
 
 __all__ = [
     "dense_forward", "activation_forward", "activation_backward", "backprop_delta",
     "dense_backward", "softmax_cross_entropy", "sigmoid_binary_cross_entropy", "mse",
-    "sgd_step", "adam_step", "rmsprop_step", "softmax",
+    "sgd_step", "adam_step", "rmsprop_step", "softmax", "conv2d_forward", "conv2d_backward",
+    "conv2d_backprop", "maxpool2d_forward", "maxpool2d_backward", "dropout_forward",
+    "dropout_backward", "gather_rows",
 ]
 
 #: Meant to implement the whole contract (the contract test holds it to that).
 COMPLETE = True
-#: Not implemented yet: the registry runs the reference. Issue 16 removes this line.
-PENDING = CONV_KERNELS
 
-_EXTENSIONS = (_cy_elementwise, _cy_dense, _cy_loss, _cy_optim)
+_EXTENSIONS = (_cy_elementwise, _cy_dense, _cy_loss, _cy_optim, _cy_conv, _cy_data)
 #: True when every extension was compiled with OpenMP.
 OPENMP = all(ext.OPENMP for ext in _EXTENSIONS)
+#: C entry points of the kernels (``_cy_call.pxd``): what ``fastnn.ops`` calls after
+#: its compiled gate has checked a call, without the kernels' Python wrappers.
+ENTRIES = {name: entry for ext in _EXTENSIONS
+           for name, entry in getattr(ext, "ENTRIES", {}).items()}
 _num_threads = 1
 
 
 def _numpy_blas_addresses():
     """Addresses of ``sgemm``/``dgemm`` (ILP64 Fortran interface) in the OpenBLAS
-    NumPy loaded, or None with the reason.
+    NumPy loaded and of its ``openblas_set_num_threads``/``_get_num_threads``
+    (0 when absent), or None with the reason.
 
     NumPy's wheels bundle scipy-openblas64 with the symbols renamed
     ``scipy_?gemm_64_`` in ``numpy.libs`` (Linux, Windows) or ``numpy/.dylibs``
@@ -211,7 +228,44 @@ def _numpy_blas_addresses():
         s, d = lib.scipy_sgemm_64_, lib.scipy_dgemm_64_
     except (OSError, AttributeError) as exc:
         return None, f"NumPy's OpenBLAS has no usable scipy_?gemm_64_: {exc}"
-    return (ctypes.cast(s, ctypes.c_void_p).value, ctypes.cast(d, ctypes.c_void_p).value), ""
+    address = lambda f: ctypes.cast(f, ctypes.c_void_p).value  # noqa: E731
+    return (address(s), address(d)) + _thread_functions(
+        lib, "scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"), ""
+
+
+def _thread_functions(lib, set_name, get_name):
+    """Addresses of an OpenBLAS' ``openblas_set_num_threads``/``_get_num_threads``
+    (the convolutions run one GEMM per thread of theirs: ``_cy_conv``), or
+    ``(0, 0)`` when the library has none."""
+    import ctypes
+
+    try:
+        return (ctypes.cast(getattr(lib, set_name), ctypes.c_void_p).value,
+                ctypes.cast(getattr(lib, get_name), ctypes.c_void_p).value)
+    except AttributeError:
+        return (0, 0)
+
+
+def _scipy_blas_thread_functions():
+    """The thread-count functions of the OpenBLAS SciPy bundles (``scipy.libs``),
+    or ``(0, 0)``."""
+    import ctypes
+    import glob
+
+    import scipy
+
+    root = os.path.dirname(os.path.abspath(scipy.__file__))
+    paths = []
+    for folder in (os.path.join(os.path.dirname(root), "scipy.libs"), os.path.join(root, ".dylibs")):
+        for ext in ("so", "dylib", "dll"):
+            paths += glob.glob(os.path.join(folder, f"libscipy_openblas*.{ext}"))
+    if len(paths) != 1:
+        return (0, 0)
+    try:
+        lib = ctypes.CDLL(paths[0])
+    except OSError:
+        return (0, 0)
+    return _thread_functions(lib, "scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads")
 
 
 def _gemm_agrees():
@@ -250,16 +304,18 @@ def use_blas(name):
         raise ValueError(f"name must be 'numpy' or 'scipy', got {name!r}")
     previous = _BLAS
     if name == "scipy":
-        _cy_dense._set_blas(*_cy_dense._scipy_blas_addresses(), False)
+        _cy_dense._set_blas(*_cy_dense._scipy_blas_addresses(), False,
+                            *_scipy_blas_thread_functions())
         _BLAS, _BLAS_NOTE = "scipy", ""
         _size_scipy_blas()
         return previous
     addresses, why = _numpy_blas_addresses()
     if addresses is None:
         raise RuntimeError(f"NumPy's BLAS cannot be used: {why}")
-    _cy_dense._set_blas(*addresses, True)
+    _cy_dense._set_blas(addresses[0], addresses[1], True, *addresses[2:])
     if not _gemm_agrees():
-        _cy_dense._set_blas(*_cy_dense._scipy_blas_addresses(), False)
+        _cy_dense._set_blas(*_cy_dense._scipy_blas_addresses(), False,
+                            *_scipy_blas_thread_functions())
         _BLAS = "scipy"
         raise RuntimeError("NumPy's BLAS cannot be used: its GEMM disagreed with np.matmul")
     _BLAS, _BLAS_NOTE = "numpy", ""
