@@ -35,6 +35,7 @@ import zipfile
 import numpy as np
 
 from . import _backend, _batches, _validate
+from . import distributed as _distributed   # light: mpi4py only once distributed training is asked for
 from . import losses as _losses
 from . import optim as _optim
 from .kernels import reference as _reference
@@ -604,9 +605,15 @@ class Sequential:
         return [layer.forward_fn(be, b, act, plan.training, ctx)
                 for layer, b, act in zip(self.layers, plan.bufs, self._acts())]
 
-    def _make_step(self, be, plan, opt_step, seeds):
+    def _make_step(self, be, plan, opt_step, seeds, sync=None):
         """The training step on ``plan``'s buffers: forward, loss, backward and
-        (when ``opt_step`` is given) the update, as closures over the kernels."""
+        (when ``opt_step`` is given) the update, as closures over the kernels.
+
+        ``sync`` (``fastnn.distributed``) makes the step of one rank instead:
+        the top delta scaled by ``sync.scale`` (this rank's rows over the
+        global batch's), ``sync.layer_done[i]()`` after layer ``i``'s
+        backward (starts the sum of its gradients), ``sync.finish()`` before
+        the update. A separate closure: the single-process step is unchanged."""
         ctx = _Context(seeds)
         fwd = self._make_forward(be, plan, ctx)
         needs = self._needs()
@@ -644,7 +651,29 @@ class Sequential:
                 opt_step()
             return loss
 
-        return step
+        if sync is None:
+            return step
+        scale, finish, multiply = sync.scale, sync.finish, np.multiply
+        bwd_sync = [(i, g, sync.layer_done.get(i)) for i, g in bwd]
+
+        def synced_step(xb, yb):
+            a = xb
+            for i, f in fwd_in:
+                ins[i] = a
+                a = f(a)
+            loss = loss_kernel(a, yb, top_delta)
+            if top_act != "identity":
+                activation_backward(top_act, top_delta, top_z, a, top_delta)
+            multiply(top_delta, scale, out=top_delta)
+            for i, g, done in bwd_sync:
+                g(ins[i])
+                if done is not None:
+                    done()
+            finish()
+            opt_step()
+            return loss
+
+        return synced_step
 
     def _seeds(self):
         """Dropout seeds: one 64-bit draw from the model's generator per layer and step."""
@@ -726,7 +755,7 @@ class Sequential:
 
     # ------------------------------------------------------------ fit
     def fit(self, x, y, epochs=1, batch_size=32, validation_data=None, validation_split=0.0,
-            shuffle=True, seed=None, verbose=1, callbacks=None, check_finite=True):
+            shuffle=True, seed=None, verbose=1, callbacks=None, check_finite=True, comm=None):
         """Train with mini-batches.
 
         Parameters
@@ -769,6 +798,13 @@ class Sequential:
             Refuse an ``x`` or ``y`` holding NaN or inf (a ValueError naming
             the first such row) before training: one pass over the data. A
             single inf would otherwise turn every parameter into NaN.
+        comm : mpi4py communicator, optional
+            Train data-parallel over its ranks (``fastnn.distributed``); by
+            default over ``fastnn.distributed.init()``'s, if it was called.
+            Every rank gives the same arguments and data of the same shape
+            (checked first); ``batch_size`` is then the global batch, rank
+            ``r`` of ``N`` computing rows ``[r*B//N, (r+1)*B//N)`` of each.
+            Only rank 0 prints. ``MPI.COMM_SELF`` trains on this rank alone.
 
         Returns
         -------
@@ -821,6 +857,11 @@ class Sequential:
                 _check_finite(val[1], "validation_data[1]")
         self._require_params()
         be = _backend.current()
+        dist = _distributed._resolve(comm)
+        if dist is not None:
+            self._check_distributed(dist, be, x, y, val, shape, epochs, batch_size, shuffle,
+                                    seed, callbacks)
+            verbose = verbose if dist.rank == 0 else 0
         # every check has passed: from here on the model changes
         if not self.built:
             self._build(shape)
@@ -828,21 +869,27 @@ class Sequential:
         opt = self.optimizer
         if not opt._states:
             opt._init_flat(be, self._params.shape[0], self.dtype)
+        if dist is not None:
+            dist.broadcast_model(self)
+        self._save_rank = 0 if dist is None else dist.rank
         n = x.shape[0]
         batch = min(batch_size, n)
         host = self._space == _HOST_SPACE
         source = _batches.Source(be, x, y, self.dtype, host)
-        plan = self._plan(be, batch, True)
+        plan = self._plan(be, batch if dist is None else dist.plan_rows(batch), True)
         self._plan_inputs(be, plan, x, y)
-        self._check_plan(plan, *source.batch(plan, None, 0, batch))
+        self._check_plan(plan, *source.batch(plan, None, 0, plan.batch))
         full_step = self._step_for(be, plan)
+        # distributed: this rank's parts of the batches, run by trainer.epoch
+        trainer = None if dist is None else dist.trainer(self, be, source, plan, batch, n)
         rng = np.random.default_rng(seed) if seed is not None else self._rng
         classification = self.loss.classification
         count_correct = be.count_correct
         keys = (["loss", "accuracy", "val_loss", "val_accuracy"] if classification
                 else ["loss", "val_loss"]) + ["samples_per_s", "step_samples_per_s"]
         history = History(keys, {"epochs": epochs, "batch_size": batch, "samples": n,
-                                 "backend": be.name, "shuffle": shuffle})
+                                 "backend": be.name, "shuffle": shuffle,
+                                 "ranks": 1 if dist is None else dist.size})
         self.history = history
         self.stop_training = False
         batch_cbs = [cb for cb in callbacks if _overrides(cb, "on_batch_end")]
@@ -852,7 +899,7 @@ class Sequential:
             cb.on_train_begin({})
         bar_cls = _tqdm() if verbose == 1 else None
         perf_counter = time.perf_counter
-        starts = range(0, n, batch)
+        starts = range(0, n, batch) if trainer is None else ()
         for epoch in range(epochs):
             for cb in callbacks:
                 cb.on_epoch_begin(epoch, {})
@@ -865,6 +912,9 @@ class Sequential:
             last_post = t0
             try:
                 order = _batches.epoch_order(rng, n, shuffle, batch)
+                if trainer is not None:   # sums over the ranks
+                    total_loss, correct, step_time, seen = trainer.epoch(
+                        order, bar, batch_cbs, classification)
                 for i, start in enumerate(starts):
                     stop = start + batch
                     if stop <= n:
@@ -905,7 +955,7 @@ class Sequential:
                 if classification:
                     record["accuracy"] = correct / seen
                 if val is not None:
-                    ev = self._evaluate(be, *val, _EVAL_BATCH)
+                    ev = self._evaluate(be, *val, _EVAL_BATCH, dist)
                     record.update({"val_" + k: v for k, v in ev.items()})
                 for k in keys:
                     if k in record:
@@ -922,11 +972,40 @@ class Sequential:
             finally:
                 if bar is not None:
                     bar.close()
+            if dist is not None:   # every rank stops together
+                self.stop_training = dist.any(self.stop_training)
             if self.stop_training:
                 break
         for cb in callbacks:
             cb.on_train_end({k: v[-1] for k, v in history.history.items() if v})
         return history
+
+    def _check_distributed(self, dist, be, x, y, val, shape, epochs, batch_size, shuffle, seed,
+                           callbacks):
+        """Before a distributed ``fit`` changes anything: a CPU backend, and the
+        same data shapes and arguments on every rank (one allgather; a
+        difference raises the same ValueError on every rank)."""
+        if _space(be) != _HOST_SPACE:
+            raise ValueError(f"distributed training runs on the CPU backends (numpy, cython, "
+                             f"numba): MPI sums host buffers; backend {be.name!r} keeps them "
+                             f"elsewhere")
+
+        def data(a):
+            return None if a is None else f"shape {a.shape} {a.dtype}"
+
+        layers = [{k: v for k, v in layer.get_config().items() if k != "name"}
+                  for layer in self.layers]
+        dist.check_same({
+            "x": data(x), "y": data(y),
+            "validation x": data(None if val is None else val[0]),
+            "validation y": data(None if val is None else val[1]),
+            "the model": repr((self.dtype.name, tuple(shape), layers)),
+            "the loss": self.loss.alias, "the optimizer": repr(self.optimizer),
+            "epochs": epochs, "batch_size": batch_size, "shuffle": shuffle, "seed": seed,
+            "the number of callbacks with on_batch_end":
+                sum(1 for cb in callbacks if _overrides(cb, "on_batch_end")),
+            "the gradient reduction (distributed.init(reduce=...))": dist.reduce,
+        })
 
     def _plan_inputs(self, be, plan, x, y):
         """Give ``plan`` (and its later short views) buffers that batches are
@@ -954,7 +1033,7 @@ class Sequential:
                              "is nothing to train")
 
     # ------------------------------------------------------------ evaluate / predict
-    def evaluate(self, x, y, batch_size=None, verbose=0):
+    def evaluate(self, x, y, batch_size=None, verbose=0, comm=None):
         """Mean loss (and accuracy) over ``(x, y)``, batch by batch (no copy of
         ``x``; a memmap is read a batch at a time).
 
@@ -965,7 +1044,11 @@ class Sequential:
         batch_size : int, optional
             Rows per forward pass (default 1024).
         verbose : {0, 1, 2}
-            Non-zero prints the result.
+            Non-zero prints the result (on rank 0 only when distributed).
+        comm : mpi4py communicator, optional
+            Split the rows over its ranks and sum the losses (every rank must
+            call ``evaluate``); by default ``fastnn.distributed.init()``'s, if
+            it was called. ``MPI.COMM_SELF`` evaluates on this rank alone.
 
         Returns
         -------
@@ -979,8 +1062,12 @@ class Sequential:
         self._require_built()
         x, y = self._xy(x, y)
         be = _backend.current()
+        dist = _distributed._resolve(comm)
+        if dist is not None:
+            dist.check_same({"x": f"shape {x.shape} {x.dtype}", "y": f"shape {y.shape} {y.dtype}"})
+            verbose = verbose if dist.rank == 0 else 0
         self._bind(be)
-        result = self._evaluate(be, x, y, batch_size)
+        result = self._evaluate(be, x, y, batch_size, dist)
         if verbose:
             print(" - ".join(f"{k}: {v:.4f}" for k, v in result.items()))
         return result
@@ -994,7 +1081,21 @@ class Sequential:
             self._check_forward(plan, source.batch(plan, None, start, stop)[0])
         return plan
 
-    def _evaluate(self, be, x, y, batch_size):
+    def _evaluate(self, be, x, y, batch_size, dist=None):
+        """``{"loss", "accuracy"}`` over ``(x, y)``; with ``dist`` (a
+        ``fastnn.distributed`` communicator) over this rank's part of the rows,
+        summed over the ranks."""
+        if dist is not None:
+            return dist.evaluate(self, be, x, y, batch_size)
+        n = x.shape[0]
+        total, correct = self._eval_sums(be, x, y, batch_size)
+        result = {"loss": total / n}
+        if self.loss.classification:
+            result["accuracy"] = correct / n
+        return result
+
+    def _eval_sums(self, be, x, y, batch_size):
+        """The sum of the per-row losses and the correct count over ``(x, y)``."""
         n = x.shape[0]
         full = self._plan(be, min(batch_size, n), False)
         self._plan_inputs(be, full, x, y)
@@ -1015,10 +1116,7 @@ class Sequential:
             total += loss_kernel(logits, yb, grad) * (stop - start)
             if classification:
                 correct += be.count_correct(logits, yb)
-        result = {"loss": total / n}
-        if classification:
-            result["accuracy"] = correct / n
-        return result
+        return total, correct
 
     def predict(self, x, batch_size=None):
         """Outputs for ``x``: probabilities for the classification losses
@@ -1141,8 +1239,12 @@ class Sequential:
         renamed over ``path``, so a failed save leaves an existing file intact.
         ``path`` is used as given (no suffix is added). The file gets the mode
         a new file gets under the process' umask (0644 under the usual 022).
+        In data-parallel training (``fastnn.distributed``) only rank 0 writes:
+        the other ranks return at once (their models are the same).
         """
         self._require_built()
+        if _distributed.skip_save(self):
+            return
         path = os.fspath(path)
         to_host = self._space[3]
         arrays = {"config": np.array(json.dumps(self.get_config())),
