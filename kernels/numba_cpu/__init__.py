@@ -19,7 +19,11 @@ How it is built (DESIGN.md, "Rules the code keeps"):
   factories; a specialisation is compiled on its first use, for the dtype it is
   called with (float32 or float64), and cached on disk (``cache=True``). Every
   call passes arrays of one layout and scalars of the array dtype, so each
-  kernel compiles once per dtype.
+  kernel compiles once per dtype. Each specialised loop and its parallel
+  driver carries a name of its own (``fwd__leaky_relu``, ``par__adam__amsgrad``):
+  numba names compiled symbols after the function's qualified name, and
+  processes sharing one cache folder otherwise ran one variant's loop for
+  another's (``_runtime._named``).
 * ``exp``, ``tanh`` and ``log1p`` are our own, branch-free so that LLVM
   vectorizes the loops around them (numba's ``math.exp`` is a scalar libm
   call and loses to NumPy's SIMD): ``exp`` is a polynomial with exponent bit
@@ -55,29 +59,37 @@ Modules, by kind of kernel as the Cython files are:
   serial/parallel launch and the specialisation table, backend hooks;
 * ``_math``: exp, tanh, log1p, sign, maximum, the activations (scalar);
 * ``elementwise``: the loops of each activation, ``activation_forward`` and
-  ``activation_backward``;
+  ``activation_backward``, ``dropout_forward`` and ``dropout_backward``;
 * ``dense``: ``dense_forward``, ``backprop_delta``, ``dense_backward``;
 * ``loss``: the three losses and ``softmax``;
-* ``optim``: ``sgd_step``, ``adam_step``, ``rmsprop_step``.
+* ``optim``: ``sgd_step``, ``adam_step``, ``rmsprop_step``;
+* ``conv``: ``conv2d_forward``, ``conv2d_backward``, ``conv2d_backprop``,
+  ``maxpool2d_forward``, ``maxpool2d_backward`` (im2col GEMMs with their
+  epilogues, direct loops for kernels with few taps, pooling in one pass);
+* ``data``: ``gather_rows`` (row copies and dtype conversion, for ``fit``).
 """
 
 from ._runtime import (  # first: sets the cache folder before numba loads
     PARALLEL_MIN, available, cache_dir, info, set_num_threads, threading_layer)
 from ._math import ACTIVATIONS
-from .elementwise import activation_backward, activation_forward
+from .elementwise import (activation_backward, activation_forward, dropout_backward,
+                          dropout_forward)
 from .dense import backprop_delta, dense_backward, dense_forward
 from .loss import mse, sigmoid_binary_cross_entropy, softmax, softmax_cross_entropy
 from .optim import adam_step, rmsprop_step, sgd_step
-from ..reference import CONV_KERNELS
+from .data import gather_rows
+from .conv import (conv2d_backprop, conv2d_backward, conv2d_forward, maxpool2d_backward,
+                   maxpool2d_forward)
 
 __all__ = [
     "dense_forward", "activation_forward", "activation_backward", "backprop_delta",
     "dense_backward", "softmax_cross_entropy", "sigmoid_binary_cross_entropy", "mse",
     "sgd_step", "adam_step", "rmsprop_step", "softmax",
+    "conv2d_forward", "conv2d_backward", "conv2d_backprop", "maxpool2d_forward",
+    "maxpool2d_backward", "dropout_forward", "dropout_backward", "gather_rows",
     "available", "info", "set_num_threads",
 ]
 
-#: This backend implements the whole contract itself (no reference fallbacks)...
+#: This backend implements the whole contract itself (no reference fallbacks).
 COMPLETE = True
-#: ... except these new rows, which run the reference until issue 16 implements them.
-PENDING = CONV_KERNELS
+PENDING = ()

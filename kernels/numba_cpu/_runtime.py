@@ -132,13 +132,37 @@ PARALLEL_MIN = {"cheap": 1 << 20, "exp": 1 << 20, "optimizer": 1 << 20}
 _ALIGN = 64   # chunk boundaries at multiples of 64 elements (whole cache lines)
 
 
+# A compiled function's symbol is named after its module, qualified name,
+# argument types and a counter that starts at 1 in every process; numba links
+# the functions a kernel calls into it as weak symbols, and a process that loads
+# two cached kernels defining one symbol runs the first definition it loaded
+# in both. So two closures of one factory compiled in two fresh processes
+# (relu's loop in one, leaky_relu's in the other) got one symbol, and the
+# process that loaded both from a shared cache ran relu's loop for leaky_relu.
+# Every loop body and parallel driver is therefore named after what it
+# computes (``fwd__leaky_relu``, ``adam__decoupled__wd``, ``par__fwd__relu``):
+# one name, one computation, in every process (tests/test_numba_cache.py).
+
+def _named(fn, *tags):
+    """``fn`` renamed ``name__tag1__tag2...`` (``__name__`` and
+    ``__qualname__``, which numba's symbols and cache files are named after):
+    the tags name everything the closure is specialised on."""
+    fn.__name__ = fn.__qualname__ = "__".join((fn.__name__,) + tags)
+    return fn
+
+
 class _Kernel:
     """A loop body over ``[lo, hi)`` compiled twice: ``run(lo, hi, *args)``
-    (serial) and ``par(threads, n, align, *args)`` (static chunks in prange)."""
+    (serial) and ``par(threads, n, align, *args)`` (static chunks in prange).
+    ``body`` is a module-level function or a closure renamed by ``_named``
+    (see above)."""
 
     __slots__ = ("run", "par", "align", "reduces")
 
     def __init__(self, body, align=_ALIGN, reduces=False):
+        if "<locals>" in body.__qualname__:
+            raise ValueError(f"{body.__qualname__}: a closure compiled with cache=True needs "
+                             f"a name of its own (_named)")
         _scalar(body)  # callable from the parallel driver
         self.run = njit(**_JIT)(body)
         self.par = (_parallel_sum if reduces else _parallel)(body)
@@ -163,7 +187,7 @@ def _parallel(body):
             if lo < hi:
                 body(lo, hi, *args)
 
-    return njit(parallel=True, **_JIT)(par)
+    return njit(parallel=True, **_JIT)(_named(par, body.__name__))
 
 
 def _parallel_sum(body):
@@ -180,7 +204,7 @@ def _parallel_sum(body):
             total += parts[c]
         return total
 
-    return njit(parallel=True, **_JIT)(par)
+    return njit(parallel=True, **_JIT)(_named(par, "sum", body.__name__))
 
 
 _num_threads = 1

@@ -3,13 +3,20 @@ RMSprop, each variant one loop that reads and writes every array once."""
 
 import math
 
-from ._runtime import PARALLEL_MIN, _Kernel, _launch, _specialised
+from ._runtime import PARALLEL_MIN, _Kernel, _launch, _named, _specialised
 from ._math import _maximum, _sign
 
 # One loop per optimizer variant: the flags are constants of the closure, so
 # each variant compiles without the branches it does not take. Scalars are
 # cast to the array dtype as NumPy casts Python floats (``p *= beta1``), and
 # the operations follow the reference's order: the results are identical.
+# Each loop is named after its variant (``adam__decoupled__wd``: see _named).
+
+
+def _tags(**flags):
+    """The names of the flags that are set: a variant's part of a loop's name."""
+    return tuple(name for name, on in flags.items() if on)
+
 
 def _sgd_kernel(has_wd, has_l1, has_momentum, nesterov):
     def sgd(lo, hi, p, g, buf, lr, momentum, wd, l1):
@@ -29,7 +36,8 @@ def _sgd_kernel(has_wd, has_l1, has_momentum, nesterov):
                 d = gi
             p[i] = pi - lr * d
 
-    return _Kernel(sgd)
+    return _Kernel(_named(sgd, *_tags(wd=has_wd, l1=has_l1, momentum=has_momentum,
+                                      nesterov=nesterov)))
 
 
 def sgd_step(p, g, buf, lr, momentum, nesterov, weight_decay, l1):
@@ -81,7 +89,8 @@ def _adam_kernel(decoupled, has_wd, has_l1, amsgrad):
                 vmax[i] = vi
             p[i] = pi - mi / (math.sqrt(vi) / bc2_sqrt + eps) * step_size
 
-    return _Kernel(adam)
+    return _Kernel(_named(adam, *_tags(decoupled=decoupled, wd=has_wd, l1=has_l1,
+                                       amsgrad=amsgrad)))
 
 
 def adam_step(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, l1, vmax):
@@ -142,7 +151,8 @@ def _rmsprop_kernel(has_wd, has_l1, centered, has_momentum):
             else:
                 p[i] = pi - r * lr
 
-    return _Kernel(rmsprop)
+    return _Kernel(_named(rmsprop, *_tags(wd=has_wd, l1=has_l1, centered=centered,
+                                          momentum=has_momentum)))
 
 
 def rmsprop_step(p, g, sq, buf, lr, rho, eps, momentum, centered_mean, weight_decay, l1):

@@ -1,0 +1,225 @@
+"""numba's disk cache shared by processes (issue 13, item 1).
+
+Processes that share one ``NUMBA_CACHE_DIR`` each compile some kernels and
+cache them; a later process loads several of them from the cache. numba names
+a compiled function's symbol after its module, qualified name, argument types
+and a per-process counter: two different loop bodies with the same qualified
+name (closures made by one factory) compiled in two fresh processes got the
+same symbol, and a process that loaded both ran whichever was loaded first
+(leaky_relu ran relu's loop, AdamW ran Adam's). So every specialised loop and
+parallel driver has a name of its own (``kernels/numba_cpu/_runtime.py``).
+
+The test does what found it: one fresh cache folder; one process per case,
+one after the other (concurrent writers of one index file would drop each
+other's entries), each running its kernels on the parallel path; then one
+process that loads every case from the cache and compares each with the
+reference.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("numba")
+
+from fastnn.kernels import reference as ref  # noqa: E402
+
+#: Runs the cases named in argv[1:] on the parallel path (float32) and prints
+#: ``{case: [[what, normwise relative difference from the reference], ...]}``.
+WORKER = textwrap.dedent(r"""
+    import json, sys, zlib
+    import numpy as np
+    import fastnn
+    from fastnn.kernels import numba_cpu as nb, reference as ref
+
+    F = np.float32
+    MIN = nb.PARALLEL_MIN
+    N = max(MIN.values())             # the smallest size on the parallel path
+    assert nb.info()["numba_threads"] > 1
+
+    def rel(a, b):                    # normwise: max |a - b| / max |b|
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+    def both(kernel, arrays, scalars, outputs):
+        mine = {k: v.copy() for k, v in arrays.items()}
+        theirs = {k: v.copy() for k, v in arrays.items()}
+        r1 = getattr(nb, kernel)(**mine, **scalars)
+        r0 = getattr(ref, kernel)(**theirs, **scalars)
+        out = [[f"{kernel}.{k}", rel(mine[k], theirs[k])] for k in outputs]
+        if r0 is not None:
+            out.append([f"{kernel}.loss", rel(r1, r0)])
+        return out
+
+    def act(name, rng):
+        z = (rng.standard_normal(N) * 3).astype(F)
+        y = np.empty_like(z)
+        ref.activation_forward(name, z, y)
+        dy = rng.standard_normal(N).astype(F)
+        return (both("activation_forward", dict(z=z, out=np.empty_like(z)), dict(act=name),
+                     ["out"])
+                + both("activation_backward", dict(dy=dy, z=z, y=y, out=np.empty_like(z)),
+                       dict(act=name), ["out"]))
+
+    def dense(name, rng):
+        cols = 16
+        rows = max(MIN.values()) // cols
+        x = rng.standard_normal((rows, 4)).astype(F)
+        w = rng.standard_normal((4, cols)).astype(F)
+        b = rng.standard_normal(cols).astype(F)
+        z = x @ w + b
+        y = np.empty_like(z)
+        ref.activation_forward(name, z, y)
+        dy = rng.standard_normal((rows, cols)).astype(F)
+        w2 = rng.standard_normal((cols, cols)).astype(F)
+        return (both("dense_forward", dict(x=x, w=w, b=b, out=np.empty_like(z),
+                                           preact=np.empty_like(z)), dict(act=name),
+                     ["out", "preact"])
+                + both("dense_forward", dict(x=x, w=w, b=b, out=np.empty_like(z)),
+                       dict(act=name, preact=None), ["out"])
+                + both("backprop_delta", dict(dy=dy, w=w2, z=z, y=y, out=np.empty_like(z)),
+                       dict(act=name), ["out"]))
+
+    def optimizer(kind, variant, rng):
+        p, g = (rng.standard_normal(N).astype(F) for _ in range(2))
+        state = lambda: np.abs(rng.standard_normal(N)).astype(F)
+        if kind == "sgd":
+            momentum = 0.0 if variant == "plain" else 0.9
+            return both("sgd_step", dict(p=p, g=g, buf=state()),
+                        dict(lr=0.1, momentum=momentum, nesterov=variant == "nesterov",
+                             weight_decay=0.0, l1=0.0), ["p", "buf"])
+        if kind == "adam":
+            arrays = dict(p=p, g=g, m=state(), v=state())
+            if variant == "amsgrad":
+                arrays["vmax"] = state()
+            return both("adam_step", arrays,
+                        dict(step=3, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                             weight_decay=0.1 if variant == "adamw" else 0.0,
+                             decoupled=variant == "adamw", l1=0.0,
+                             **({} if variant == "amsgrad" else {"vmax": None})),
+                        list(arrays)[:1] + list(arrays)[2:])
+        arrays = dict(p=p, g=g, sq=state() + 1, buf=state())
+        if variant == "centered":
+            arrays["centered_mean"] = rng.standard_normal(N).astype(F) * 0.1
+        return both("rmsprop_step", arrays,
+                    dict(lr=1e-2, rho=0.99, eps=1e-8,
+                         momentum=0.9 if variant == "momentum" else 0.0,
+                         weight_decay=0.0, l1=0.0,
+                         **({} if variant == "centered" else {"centered_mean": None})),
+                    [k for k in arrays if k != "g"])
+
+    def loss(name, rng):
+        classes = 16
+        rows = max(MIN.values()) // classes
+        z = (rng.standard_normal((rows, classes)) * 3).astype(F)
+        if name == "softmax":
+            return both("softmax", dict(z=z, out=np.empty_like(z)), {}, ["out"])
+        if name == "dense_backward":
+            x = rng.standard_normal((64, 4)).astype(F)
+            dz = rng.standard_normal((64, max(MIN.values()) // 64)).astype(F)
+            return both("dense_backward", dict(x=x, dz=dz, dw=np.empty((4, dz.shape[1]), F),
+                                               db=np.empty(dz.shape[1], F)), {}, ["dw", "db"])
+        if name == "softmax_cross_entropy":
+            labels = rng.integers(0, classes, rows)
+            return both(name, dict(logits=z, labels=labels, grad=np.empty_like(z)), {},
+                        ["grad"])
+        t = rng.uniform(0, 1, z.shape).astype(F)
+        if name == "mse":
+            return both(name, dict(pred=z, target=t, grad=np.empty_like(z)), {}, ["grad"])
+        return both(name, dict(logits=z, targets=t, grad=np.empty_like(z)), {}, ["grad"])
+
+    report = {}
+    for case in sys.argv[1:]:
+        family, name = case.split(":")
+        rng = np.random.default_rng(zlib.crc32(case.encode()))
+        if family == "act":
+            report[case] = act(name, rng)
+        elif family == "dense":
+            report[case] = dense(name, rng)
+        elif family == "loss":
+            report[case] = loss(name, rng)
+        else:
+            report[case] = optimizer(family, name, rng)
+    print("REPORT" + json.dumps(report))
+""")
+
+KERNEL_ACTIVATIONS = [a for a in ref.ACTIVATIONS if a != "identity"]   # identity: a copy
+OPTIMIZERS = ["sgd:plain", "sgd:momentum", "sgd:nesterov", "adam:adam", "adam:adamw",
+              "adam:amsgrad", "rmsprop:plain", "rmsprop:centered", "rmsprop:momentum"]
+LOSSES = ["loss:softmax_cross_entropy", "loss:sigmoid_binary_cross_entropy", "loss:mse",
+          "loss:softmax", "loss:dense_backward"]
+
+
+def _run(cases, cache, prefix=()):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
+    env.pop("FASTNN_NUM_THREADS", None)
+    proc = subprocess.run([*prefix, sys.executable, "-c", WORKER, *cases], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT")][-1]
+    return json.loads(line[len("REPORT"):])
+
+
+def _shared_cache(cases, tmp_path, prefix=()):
+    """Each case compiled and cached in a process of its own, one after the
+    other, then all of them loaded from the cache in one process (so every
+    pair of cases meets there): the differences from the reference that are
+    too large, by case."""
+    cache = tmp_path / "numba-cache"
+    for case in cases:
+        _run([case], cache, prefix)
+    assert any(f.endswith(".nbi") for _, _, files in os.walk(cache) for f in files)
+    report = _run(cases, cache, prefix)
+    # float32: the optimizers equal the reference, the rest differ by rounding
+    # (1e-7); the wrong variant differs by 1e-3 (AdamW's decay) or more
+    return {case: [(what, diff) for what, diff in results if diff > 1e-4]
+            for case, results in report.items() if any(diff > 1e-4 for _, diff in results)}
+
+
+def _parallel_path():
+    from fastnn.kernels import numba_cpu as nb
+
+    if nb.info()["numba_threads"] < 2:
+        pytest.skip("one core: no parallel path")
+
+
+def test_shared_cache_relu_leaky_relu_adam_adamw(tmp_path):
+    """The issue's two reproductions: relu and leaky_relu, Adam and AdamW."""
+    _parallel_path()
+    wrong = _shared_cache(["act:relu", "act:leaky_relu", "adam:adam", "adam:adamw"], tmp_path)
+    assert not wrong, wrong
+
+
+def _no_aslr():
+    """``setarch <arch> -R`` (address-space randomisation off) where it works,
+    else nothing."""
+    setarch = shutil.which("setarch")
+    if setarch is None:
+        return ()
+    prefix = (setarch, os.uname().machine, "-R")
+    ok = subprocess.run([*prefix, sys.executable, "-c", "pass"], capture_output=True)
+    return prefix if ok.returncode == 0 else ()
+
+
+@pytest.mark.slow
+def test_shared_cache_every_specialised_kernel(tmp_path):
+    """Every activation (elementwise forward and backward, the dense epilogues
+    and backprop_delta), every optimizer variant, the losses, softmax and
+    dense_backward: each cached by its own process, all loaded by one.
+
+    The processes run with address-space randomisation off where ``setarch``
+    allows: numba names each prange loop after its object's address
+    (``__numba_parfor_gufunc_0x...``), which randomisation alone keeps apart
+    between processes; without it only our names do. (Before the fix 9 of
+    these 28 cases were wrong, among them tanh', leaky_relu, SGD with
+    momentum, AdamW, centered RMSprop; 4 min on 2 loaded cores.)"""
+    _parallel_path()
+    cases = ([f"act:{a}" for a in KERNEL_ACTIVATIONS] + [f"dense:{a}" for a in KERNEL_ACTIVATIONS]
+             + OPTIMIZERS + LOSSES)
+    wrong = _shared_cache(cases, tmp_path, _no_aslr())
+    assert not wrong, wrong
