@@ -16,6 +16,9 @@ signature, then lines for the rules between them::
     NAME float DIMS [out] [optional | if_z | if_y | if:PARAM>0] [unit]
     NAME int32 DIMS [out] [below:A*B]     an int32 array (maxpool's argmax)
     NAME index DIMS below:A               any integer array, values in [0, A)
+    NAME any A * [rows]                   a bool, integer or float array; ``rows``:
+                                          each row one contiguous block, the rows at
+                                          any stride (instead of C-contiguous)
     NAME act | bool | uint64              an activation name, a bool, a uint64 (seed)
     NAME real >=0 | >0 | [0,1)            a finite real in that range
     NAME int >=1
@@ -30,9 +33,11 @@ signature, then lines for the rules between them::
 
 DIMS are shape symbols (upper case), bound by the first array that has them
 and checked against the rest, or ``...``: any rank, the shape of the first
-such array of the call (elementwise kernels). Every dimension is >= 1; every
-array is C-contiguous and aligned; outputs are writable and overlap nothing
-(``in_place``: or are an input exactly); all float arrays share a dtype.
+such array of the call (elementwise kernels), or ``A *``: the first axis A,
+the others those of the first such array of the call (gather_rows). Every
+dimension is >= 1; every array is C-contiguous (or ``rows``) and aligned;
+outputs are writable and overlap nothing (``in_place``: or are an input
+exactly); all float arrays share a dtype.
 """
 
 import functools
@@ -222,6 +227,12 @@ SPECS = {
         out     float ... out
         in_place
     """,
+    # data movement (issue 17)
+    "gather_rows": """
+        src     any R * rows
+        index   index N below:R
+        out     float N * out
+    """,
     "dropout_backward": """
         dy      float ...
         rate    real [0,1)
@@ -231,16 +242,20 @@ SPECS = {
     """,
 }
 
+#: Contract kernels left to the Python gate on every call (none now: a kernel
+#: whose checks no description expresses would be listed here).
+PYTHON_GATE = ()
+
 try:
     from .kernels import _cy_gate
 except ImportError:        # not built (a pure-Python checkout): the Python gate alone
     _cy_gate = None
 
 # the codes of fastnn.kernels._cy_gate
-_KINDS = {"float": 1, "int32": 2, "index": 3, "act": 4, "real": 5, "bool": 6, "int": 7,
-          "uint64": 8, "ints": 9}
-_F_OUT, _F_NONE, _F_IF_Z, _F_IF_Y, _F_IF_POS, _F_LIKE, _F_UNIT, _F_BELOW = (
-    1, 2, 4, 8, 16, 32, 64, 128)
+_KINDS = {"float": 1, "int32": 2, "index": 3, "any": 4, "act": 5, "real": 6, "bool": 7,
+          "int": 8, "uint64": 9, "ints": 10}
+_F_OUT, _F_NONE, _F_IF_Z, _F_IF_Y, _F_IF_POS, _F_LIKE, _F_UNIT, _F_BELOW, _F_ROWS, _F_TAIL = (
+    1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _R_BLAS, _R_NEEDS_POS, _R_OUTSIZE, _R_LESS = 1, 2, 3, 4
 _RANGE = re.compile(r"^([\[(])([-+\d.e]+),([-+\d.e]+)([\])])$|^(>=|>)([-+\d.e]+)$")
 
@@ -302,6 +317,10 @@ def _param(kernel, name, words, sym, param_index):
     for w in words:
         if w == "...":
             d["flags"] |= _F_LIKE
+        elif w == "*":
+            d["flags"] |= _F_TAIL
+        elif w == "rows":
+            d["flags"] |= _F_ROWS
         elif re.fullmatch(r"[A-Z][A-Z0-9]*", w):
             dims.append(sym(w))
         elif w == "out":

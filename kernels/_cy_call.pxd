@@ -27,7 +27,8 @@ ctypedef struct fastnn_call:
     char* data[FASTNN_MAXP]                     # arrays: first byte; None: NULL
     Py_ssize_t size[FASTNN_MAXP]                # arrays: elements
     Py_ssize_t shape[FASTNN_MAXP][FASTNN_MAXD]  # arrays: the first FASTNN_MAXD dimensions
-    int itype[FASTNN_MAXP]                      # arrays: NumPy type number
+    char kind[FASTNN_MAXP]                      # arrays: dtype kind, b'f', b'i' or b'u'
+    int itemsize[FASTNN_MAXP]                   # arrays: bytes per element
     double real[FASTNN_MAXP]                    # real scalars
     long long ival[FASTNN_MAXP]                 # bools (0/1), ints; a uint64 as its bits
     Py_ssize_t ints[FASTNN_MAXP][FASTNN_MAXD]   # tuples of ints (stride, padding, pool)

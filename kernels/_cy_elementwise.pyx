@@ -162,3 +162,51 @@ def _math(str fn, x, out):
         _math_typed[float](_MATH[fn], x.reshape(-1), out.reshape(-1))
     else:
         _math_typed[double](_MATH[fn], x.reshape(-1), out.reshape(-1))
+
+
+# ------------------------------------------------------------------ C entries
+
+# What fastnn.ops' compiled gate calls once it has checked a call (``_cy_call.pxd``):
+# the same loops as the kernels above, from the checked call's pointers.
+from cpython.pycapsule cimport PyCapsule_New
+
+from _cy_call cimport FASTNN_CALL_CAPSULE, fastnn_call
+
+
+cdef int _entry_activation_forward(fastnn_call* c) except -1:
+    # act, z, out
+    cdef int act = c.act
+    cdef Py_ssize_t n = c.size[1]
+    if act == 0 and c.data[2] == c.data[1]:       # identity in place
+        return 0
+    with nogil:
+        if c.dtype == 0:
+            act_forward(act, <const float*>c.data[1], <float*>c.data[2], n, _act_chunks(act, n))
+        else:
+            act_forward(act, <const double*>c.data[1], <double*>c.data[2], n,
+                        _act_chunks(act, n))
+    return 0
+
+
+cdef int _entry_activation_backward(fastnn_call* c) except -1:
+    # act, dy, z, y, out (z or y NULL when None)
+    cdef int act = c.act
+    cdef Py_ssize_t n = c.size[1]
+    if act == 0 and c.data[4] == c.data[1]:
+        return 0
+    with nogil:
+        if c.dtype == 0:
+            act_backward(act, <const float*>c.data[1], <const float*>c.data[2],
+                         <const float*>c.data[3], <float*>c.data[4], n, _act_chunks(act, n))
+        else:
+            act_backward(act, <const double*>c.data[1], <const double*>c.data[2],
+                         <const double*>c.data[3], <double*>c.data[4], n, _act_chunks(act, n))
+    return 0
+
+
+ENTRIES = {
+    "activation_forward": PyCapsule_New(<void*>_entry_activation_forward, FASTNN_CALL_CAPSULE,
+                                        NULL),
+    "activation_backward": PyCapsule_New(<void*>_entry_activation_backward,
+                                         FASTNN_CALL_CAPSULE, NULL),
+}

@@ -62,7 +62,9 @@ cdef extern from "numpy/arrayobject.h":
     PyArray_Descr* PyArray_DESCR(PyArrayObject* a)
     bint PyArray_ISNOTSWAPPED(PyArrayObject* a)
     bint PyTypeNum_ISINTEGER(int t)
-    bint PyTypeNum_ISSIGNED(int t)
+    bint PyTypeNum_ISBOOL(int t)
+    bint PyTypeNum_ISFLOAT(int t)
+    npy_intp* PyArray_STRIDES(PyArrayObject* a)
     int NPY_ARRAY_C_CONTIGUOUS, NPY_ARRAY_ALIGNED, NPY_ARRAY_WRITEABLE
     int NPY_FLOAT, NPY_DOUBLE
     int _import_array() except -1
@@ -103,12 +105,14 @@ cdef enum:
     K_FLOAT = 1         # float32/float64 array; all of a call share the dtype
     K_INT32 = 2         # int32 array
     K_INDEX = 3         # integer array of any width (labels)
-    K_ACT = 4           # activation name
-    K_REAL = 5          # finite real in a range
-    K_BOOL = 6
-    K_INT = 7           # int >= low
-    K_UINT64 = 8        # int in [0, 2**64)
-    K_INTS = 9          # tuple or list of ints >= low, each bound to a symbol
+    K_ANY = 4           # bool, integer or floating array (gather_rows' src)
+    K_ACT = 5           # activation name
+    K_REAL = 6          # finite real in a range
+    K_BOOL = 7
+    K_INT = 8           # int >= low
+    K_UINT64 = 9        # int in [0, 2**64)
+    K_INTS = 10         # tuple or list of ints >= low, each bound to a symbol
+    K_LAST_ARRAY = K_ANY
 
 # parameter flags
 cdef enum:
@@ -120,6 +124,10 @@ cdef enum:
     F_LIKE = 32         # any rank >= 1, the shape of the first F_LIKE array
     F_UNIT = 64         # values in [0, 1] (NaN passes, as in the Python gate)
     F_BELOW = 128       # integer values in [0, product of the ``below`` group)
+    F_ROWS = 256        # each row (all axes after the first) one C-contiguous block, the
+                        # rows at any stride, instead of C-contiguous
+    F_TAIL = 512        # first axis bound to dims[0], the others those of the first
+                        # F_TAIL array of the call (any number, >= 1 each)
 
 # rules
 cdef enum:
@@ -296,12 +304,40 @@ cdef inline bint _bind(Py_ssize_t* sym, unsigned long long* bound, int s,
     return True
 
 
-cdef bint _ints_in_range(char* data, Py_ssize_t n, int itype, Py_ssize_t itemsize,
+cdef bint _rows_contiguous(PyArrayObject* a) noexcept:
+    """Every row (all axes after the first) one C-contiguous block."""
+    cdef int k, nd = PyArray_NDIM(a)
+    cdef npy_intp expected = PyArray_ITEMSIZE(a)
+    cdef npy_intp* dims = PyArray_DIMS(a)
+    cdef npy_intp* strides = PyArray_STRIDES(a)
+    for k in range(nd - 1, 0, -1):
+        if dims[k] > 1 and strides[k] != expected:
+            return False
+        expected *= dims[k]
+    return nd >= 1
+
+
+cdef void _extent(PyArrayObject* a, Region* r) noexcept:
+    """The bytes a non-empty strided array spans: lowest to highest element."""
+    cdef int k
+    cdef char* lo = PyArray_BYTES(a)
+    cdef char* hi = lo
+    cdef npy_intp step
+    for k in range(PyArray_NDIM(a)):
+        step = (PyArray_DIMS(a)[k] - 1) * PyArray_STRIDES(a)[k]
+        if step < 0:
+            lo += step
+        else:
+            hi += step
+    r.start = lo
+    r.end = hi + PyArray_ITEMSIZE(a)
+
+
+cdef bint _ints_in_range(char* data, Py_ssize_t n, bint signed, Py_ssize_t itemsize,
                          Py_ssize_t hi) noexcept:
-    """All ``n`` integers (NumPy type ``itype``, native order) in ``[0, hi)``."""
+    """All ``n`` integers (native order) in ``[0, hi)``."""
     cdef Py_ssize_t i
     cdef bint ok = True
-    cdef bint signed = PyTypeNum_ISSIGNED(itype)
     cdef uint64_t uhi = <uint64_t>hi
     if itemsize == 8:
         if signed:
@@ -470,8 +506,9 @@ cdef class Op:
         cdef Region reg[MAXP]
         cdef int nreg = 0
         cdef int i, k, kind, flags, nd, code
-        cdef int like_nd = -1
+        cdef int like_nd = -1, tail_nd = -1
         cdef npy_intp* like_dims = NULL
+        cdef npy_intp* tail_dims = NULL
         cdef PyObject* o
         cdef PyObject* item
         cdef PyArrayObject* a
@@ -576,7 +613,7 @@ cdef class Op:
         for i in range(self.nparams):
             ps = &self.p[i]
             kind = ps.kind
-            if kind > K_INDEX:
+            if kind > K_LAST_ARRAY:
                 continue
             o = PyTuple_GET_ITEM(args, i)
             flags = ps.flags
@@ -611,10 +648,17 @@ cdef class Op:
             elif kind == K_INT32:
                 if not (PyArray_DESCR(a).kind == c'i' and PyArray_ITEMSIZE(a) == 4):
                     return False
-            elif not PyTypeNum_ISINTEGER(typ):
+            elif kind == K_INDEX:
+                if not PyTypeNum_ISINTEGER(typ):
+                    return False
+            elif not (PyTypeNum_ISINTEGER(typ) or PyTypeNum_ISBOOL(typ) or
+                      PyTypeNum_ISFLOAT(typ)):
                 return False
             aflags = PyArray_FLAGS(a)
-            if not (aflags & NPY_ARRAY_C_CONTIGUOUS) or not (aflags & NPY_ARRAY_ALIGNED):
+            if not (aflags & NPY_ARRAY_ALIGNED):
+                return False
+            if not (aflags & NPY_ARRAY_C_CONTIGUOUS) and not (
+                    flags & F_ROWS and _rows_contiguous(a)):
                 return False
             if flags & F_OUT and not (aflags & NPY_ARRAY_WRITEABLE):
                 return False
@@ -631,6 +675,20 @@ cdef class Op:
                     like_dims = dims
                 elif not _same_shape(nd, dims, like_nd, like_dims):
                     return False
+            elif flags & F_TAIL:
+                if nd < 1:
+                    return False
+                for k in range(nd):
+                    if dims[k] < 1:
+                        return False
+                if not _bind(sym, &bound, ps.dims[0], dims[0]):
+                    return False
+                c.shape[i][0] = dims[0]
+                if tail_nd < 0:
+                    tail_nd = nd - 1
+                    tail_dims = dims + 1
+                elif not _same_shape(nd - 1, dims + 1, tail_nd, tail_dims):
+                    return False
             else:
                 if nd != ps.ndim:
                     return False
@@ -641,9 +699,13 @@ cdef class Op:
             n = PyArray_SIZE(a)
             c.data[i] = PyArray_BYTES(a)
             c.size[i] = n
-            c.itype[i] = typ
-            reg[nreg].start = c.data[i]
-            reg[nreg].end = c.data[i] + n * PyArray_ITEMSIZE(a)
+            c.kind[i] = PyArray_DESCR(a).kind
+            c.itemsize[i] = <int>PyArray_ITEMSIZE(a)
+            if aflags & NPY_ARRAY_C_CONTIGUOUS:
+                reg[nreg].start = c.data[i]
+                reg[nreg].end = c.data[i] + n * PyArray_ITEMSIZE(a)
+            else:
+                _extent(a, &reg[nreg])
             reg[nreg].out = flags & F_OUT
             reg[nreg].nd = nd
             reg[nreg].dims = dims
@@ -708,7 +770,7 @@ cdef class Op:
         # passes over the data, last
         for i in range(self.nparams):
             ps = &self.p[i]
-            if ps.kind > K_INDEX or c.data[i] == NULL:
+            if ps.kind > K_LAST_ARRAY or c.data[i] == NULL:
                 continue
             if ps.flags & F_BELOW:
                 prod = 1
@@ -718,8 +780,7 @@ cdef class Op:
                     if not (bound >> ps.below[k]) & 1:
                         return False
                     prod *= sym[ps.below[k]]
-                if not _ints_in_range(c.data[i], c.size[i], c.itype[i],
-                                      PyArray_ITEMSIZE(<PyArrayObject*>PyTuple_GET_ITEM(args, i)),
+                if not _ints_in_range(c.data[i], c.size[i], c.kind[i] == c'i', c.itemsize[i],
                                       prod):
                     return False
             if ps.flags & F_UNIT and not _unit_interval(c.data[i], c.size[i], c.dtype):

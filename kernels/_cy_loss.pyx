@@ -106,17 +106,19 @@ cdef void softmax_rows(const floating* z, floating* out, Py_ssize_t r0, Py_ssize
 
 cdef void _softmax(const floating[:, ::1] z,   # IN (batch, classes)
                    floating[:, ::1] out):      # OUT (batch, classes), may be z
-    cdef Py_ssize_t m = z.shape[0], n = z.shape[1], c, nc, step
-    cdef const floating* zp = &z[0, 0]
-    cdef floating* op = &out[0, 0]
     with nogil:
-        nc = n_chunks(m * n, PAR_MIN_TRANS, _num_threads)
-        if nc == 1:
-            softmax_rows(zp, op, 0, m, n)
-        else:
-            step = (m + nc - 1) // nc
-            for c in prange(nc, schedule="static", num_threads=nc):
-                softmax_rows(zp, op, min(m, c * step), min(m, (c + 1) * step), n)
+        _softmax_p(&z[0, 0], &out[0, 0], z.shape[0], z.shape[1])
+
+
+cdef void _softmax_p(const floating* zp, floating* op, Py_ssize_t m, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t c, nc, step
+    nc = n_chunks(m * n, PAR_MIN_TRANS, _num_threads)
+    if nc == 1:
+        softmax_rows(zp, op, 0, m, n)
+    else:
+        step = (m + nc - 1) // nc
+        for c in prange(nc, schedule="static", num_threads=nc):
+            softmax_rows(zp, op, min(m, c * step), min(m, (c + 1) * step), n)
 
 
 def softmax(z, out):
@@ -167,22 +169,24 @@ cdef double sce_rows(const floating* z, const Py_ssize_t* labels, floating* g,
 cdef double _sce(const floating[:, ::1] logits,   # IN (batch, classes)
                  const Py_ssize_t[::1] labels,    # IN (batch,) class indices
                  floating[:, ::1] grad):          # OUT (batch, classes)
-    cdef Py_ssize_t m = logits.shape[0], n = logits.shape[1], c, nc, step
-    cdef const floating* zp = &logits[0, 0]
-    cdef const Py_ssize_t* lp = &labels[0]
-    cdef floating* gp = &grad[0, 0]
+    with nogil:
+        return _sce_p(&logits[0, 0], &labels[0], &grad[0, 0], logits.shape[0], logits.shape[1])
+
+
+cdef double _sce_p(const floating* zp, const Py_ssize_t* lp, floating* gp, Py_ssize_t m,
+                   Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t c, nc, step
     cdef double total = 0
     cdef double partial[MAX_CHUNKS]
-    with nogil:
-        nc = n_chunks(m * n, PAR_MIN_TRANS, _num_threads)
-        if nc == 1:
-            total = sce_rows(zp, lp, gp, 0, m, n, m)
-        else:
-            step = (m + nc - 1) // nc
-            for c in prange(nc, schedule="static", num_threads=nc):
-                partial[c] = sce_rows(zp, lp, gp, min(m, c * step), min(m, (c + 1) * step), n, m)
-            for c in range(nc):
-                total += partial[c]
+    nc = n_chunks(m * n, PAR_MIN_TRANS, _num_threads)
+    if nc == 1:
+        total = sce_rows(zp, lp, gp, 0, m, n, m)
+    else:
+        step = (m + nc - 1) // nc
+        for c in prange(nc, schedule="static", num_threads=nc):
+            partial[c] = sce_rows(zp, lp, gp, min(m, c * step), min(m, (c + 1) * step), n, m)
+        for c in range(nc):
+            total += partial[c]
     return total / m
 
 
@@ -261,23 +265,25 @@ cdef double _pointwise_loss(int kind,
     """The mean of a per-element loss and its gradient (``scale`` folds the
     1/n in), serially or in static chunks whose float64 partial sums are
     added in chunk order."""
-    cdef Py_ssize_t n = a.shape[0], c, nc, step
-    cdef const floating* ap = &a[0]
-    cdef const floating* tp = &t[0]
-    cdef floating* gp = &g[0]
+    with nogil:
+        return _pointwise_loss_p(kind, &a[0], &t[0], &g[0], a.shape[0], scale)
+
+
+cdef double _pointwise_loss_p(int kind, const floating* ap, const floating* tp, floating* gp,
+                              Py_ssize_t n, floating scale) noexcept nogil:
+    cdef Py_ssize_t c, nc, step
     cdef double total = 0
     cdef double partial[MAX_CHUNKS]
-    with nogil:
-        nc = n_chunks(n, PAR_MIN_TRANS if kind == LOSS_BCE else PAR_MIN_CHEAP, _num_threads)
-        if nc == 1:
-            total = pointwise_range(kind, ap, tp, gp, 0, n, scale)
-        else:
-            step = chunk_step(n, nc)
-            for c in prange(nc, schedule="static", num_threads=nc):
-                partial[c] = pointwise_range(kind, ap, tp, gp, min(n, c * step),
-                                             min(n, (c + 1) * step), scale)
-            for c in range(nc):
-                total += partial[c]
+    nc = n_chunks(n, PAR_MIN_TRANS if kind == LOSS_BCE else PAR_MIN_CHEAP, _num_threads)
+    if nc == 1:
+        total = pointwise_range(kind, ap, tp, gp, 0, n, scale)
+    else:
+        step = chunk_step(n, nc)
+        for c in prange(nc, schedule="static", num_threads=nc):
+            partial[c] = pointwise_range(kind, ap, tp, gp, min(n, c * step),
+                                         min(n, (c + 1) * step), scale)
+        for c in range(nc):
+            total += partial[c]
     return total / n
 
 
@@ -352,3 +358,69 @@ def mse(pred, target, grad):
                                       grad.reshape(-1), <float>(2.0 / n))
     return _pointwise_loss[double](LOSS_MSE, pred.reshape(-1), target.reshape(-1),
                                    grad.reshape(-1), 2.0 / n)
+
+
+# ------------------------------------------------------------------ C entries
+
+# What fastnn.ops' compiled gate calls once it has checked a call (``_cy_call.pxd``):
+# the same functions as the kernels above, from the checked call's pointers.
+from cpython.pycapsule cimport PyCapsule_New
+
+from _cy_call cimport FASTNN_CALL_CAPSULE, fastnn_call
+
+
+cdef int _entry_softmax(fastnn_call* c) except -1:
+    # z, out
+    with nogil:
+        if c.dtype == 0:
+            _softmax_p(<const float*>c.data[0], <float*>c.data[1], c.shape[0][0], c.shape[0][1])
+        else:
+            _softmax_p(<const double*>c.data[0], <double*>c.data[1], c.shape[0][0],
+                       c.shape[0][1])
+    return 0
+
+
+cdef int _entry_softmax_cross_entropy(fastnn_call* c) except -1:
+    # logits, labels, grad; labels of another dtype than intp: the Python kernel converts
+    if c.kind[1] != b'i' or c.itemsize[1] != sizeof(Py_ssize_t):
+        return 1
+    with nogil:
+        if c.dtype == 0:
+            c.result = _sce_p(<const float*>c.data[0], <const Py_ssize_t*>c.data[1],
+                              <float*>c.data[2], c.shape[0][0], c.shape[0][1])
+        else:
+            c.result = _sce_p(<const double*>c.data[0], <const Py_ssize_t*>c.data[1],
+                              <double*>c.data[2], c.shape[0][0], c.shape[0][1])
+    return 0
+
+
+cdef int _pointwise_entry(int kind, double factor, fastnn_call* c) noexcept:
+    # logits/pred, targets/target, grad
+    cdef Py_ssize_t n = c.size[0]
+    with nogil:
+        if c.dtype == 0:
+            c.result = _pointwise_loss_p(kind, <const float*>c.data[0], <const float*>c.data[1],
+                                         <float*>c.data[2], n, <float>(factor / n))
+        else:
+            c.result = _pointwise_loss_p(kind, <const double*>c.data[0],
+                                         <const double*>c.data[1], <double*>c.data[2], n,
+                                         factor / n)
+    return 0
+
+
+cdef int _entry_sigmoid_binary_cross_entropy(fastnn_call* c) except -1:
+    return _pointwise_entry(LOSS_BCE, 1.0, c)
+
+
+cdef int _entry_mse(fastnn_call* c) except -1:
+    return _pointwise_entry(LOSS_MSE, 2.0, c)
+
+
+ENTRIES = {
+    "softmax": PyCapsule_New(<void*>_entry_softmax, FASTNN_CALL_CAPSULE, NULL),
+    "softmax_cross_entropy": PyCapsule_New(<void*>_entry_softmax_cross_entropy,
+                                           FASTNN_CALL_CAPSULE, NULL),
+    "sigmoid_binary_cross_entropy": PyCapsule_New(<void*>_entry_sigmoid_binary_cross_entropy,
+                                                  FASTNN_CALL_CAPSULE, NULL),
+    "mse": PyCapsule_New(<void*>_entry_mse, FASTNN_CALL_CAPSULE, NULL),
+}

@@ -265,6 +265,46 @@ def _stream_floor(p, g, m, v):
         _stream[double](p, g, m, v)
 
 
+# ------------------------------------------------------------------ scalars of a step
+
+cdef void _sgd_hyper(Hyper* h, double lr, double momentum, bint nesterov, double weight_decay,
+                     double l1) noexcept:
+    h.lr = lr
+    h.momentum = momentum
+    h.weight_decay = weight_decay
+    h.l1 = l1
+    h.use_wd = weight_decay != 0
+    h.use_l1 = l1 != 0
+    h.nesterov = nesterov
+
+
+cdef void _adam_hyper(Hyper* h, double step, double lr, double beta1, double beta2, double eps,
+                      double weight_decay, bint decoupled, double l1) noexcept:
+    cdef double bc1 = 1 - pow(beta1, step), bc2 = 1 - pow(beta2, step)
+    h.beta1 = beta1
+    h.beta2 = beta2
+    h.eps = eps
+    h.weight_decay = weight_decay
+    h.l1 = l1
+    h.use_l1 = l1 != 0
+    h.use_wd = (not decoupled) and weight_decay != 0
+    h.decay = 1 - lr * weight_decay if decoupled and weight_decay != 0 else 1
+    h.inv_bc2_sqrt = 1 / sqrt(bc2)
+    h.step_size = lr / bc1
+
+
+cdef void _rmsprop_hyper(Hyper* h, double lr, double rho, double eps, double momentum,
+                         double weight_decay, double l1) noexcept:
+    h.lr = lr
+    h.beta2 = rho
+    h.eps = eps
+    h.momentum = momentum
+    h.weight_decay = weight_decay
+    h.l1 = l1
+    h.use_wd = weight_decay != 0
+    h.use_l1 = l1 != 0
+
+
 # ------------------------------------------------------------------ the public kernels
 
 import numpy as np
@@ -291,13 +331,7 @@ def sgd_step(p, g, buf, lr, momentum, nesterov, weight_decay, l1):
     nesterov : bool
     """
     cdef Hyper h
-    h.lr = lr
-    h.momentum = momentum
-    h.weight_decay = weight_decay
-    h.l1 = l1
-    h.use_wd = weight_decay != 0
-    h.use_l1 = l1 != 0
-    h.nesterov = bool(nesterov)
+    _sgd_hyper(&h, lr, momentum, nesterov, weight_decay, l1)
     size = p.dtype.itemsize
     if momentum == 0 or buf is None:
         buf = _EMPTY[size]
@@ -334,17 +368,7 @@ def adam_step(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, 
     Bias corrections are computed once per call in double.
     """
     cdef Hyper h
-    cdef double bc1 = 1 - pow(beta1, step), bc2 = 1 - pow(beta2, step)
-    h.beta1 = beta1
-    h.beta2 = beta2
-    h.eps = eps
-    h.weight_decay = weight_decay
-    h.l1 = l1
-    h.use_l1 = l1 != 0
-    h.use_wd = (not decoupled) and weight_decay != 0
-    h.decay = 1 - lr * weight_decay if decoupled and weight_decay != 0 else 1
-    h.inv_bc2_sqrt = 1 / sqrt(bc2)
-    h.step_size = lr / bc1
+    _adam_hyper(&h, step, lr, beta1, beta2, eps, weight_decay, decoupled, l1)
     size = p.dtype.itemsize
     if vmax is None:
         vmax = _EMPTY[size]
@@ -377,14 +401,7 @@ def rmsprop_step(p, g, sq, buf, lr, rho, eps, momentum, centered_mean, weight_de
         IN/OUT when centered.
     """
     cdef Hyper h
-    h.lr = lr
-    h.beta2 = rho
-    h.eps = eps
-    h.momentum = momentum
-    h.weight_decay = weight_decay
-    h.l1 = l1
-    h.use_wd = weight_decay != 0
-    h.use_l1 = l1 != 0
+    _rmsprop_hyper(&h, lr, rho, eps, momentum, weight_decay, l1)
     size = p.dtype.itemsize
     empty = _EMPTY[size]
     if not momentum > 0 or buf is None:
@@ -395,3 +412,61 @@ def rmsprop_step(p, g, sq, buf, lr, rho, eps, momentum, centered_mean, weight_de
         _rmsprop[float](p, g, sq, buf, centered_mean, &h)
     else:
         _rmsprop[double](p, g, sq, buf, centered_mean, &h)
+
+
+# ------------------------------------------------------------------ C entries
+
+# What fastnn.ops' compiled gate calls once it has checked a call (``_cy_call.pxd``):
+# the same step as the kernels above, from the checked call's pointers and values.
+from cpython.pycapsule cimport PyCapsule_New
+
+from _cy_call cimport FASTNN_CALL_CAPSULE, fastnn_call
+
+
+cdef int _entry_sgd_step(fastnn_call* c) except -1:
+    # p, g, buf, lr, momentum, nesterov, weight_decay, l1
+    cdef Hyper h
+    _sgd_hyper(&h, c.real[3], c.real[4], c.ival[5] != 0, c.real[6], c.real[7])
+    cdef char* buf = c.data[2] if c.real[4] != 0 else NULL
+    if c.dtype == 0:
+        run(OPT_SGD, <float*>c.data[0], <const float*>c.data[1], <float*>buf, NULL, NULL, &h,
+            c.size[0])
+    else:
+        run(OPT_SGD, <double*>c.data[0], <const double*>c.data[1], <double*>buf, NULL, NULL, &h,
+            c.size[0])
+    return 0
+
+
+cdef int _entry_adam_step(fastnn_call* c) except -1:
+    # p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, l1, vmax
+    cdef Hyper h
+    _adam_hyper(&h, <double>c.ival[4], c.real[5], c.real[6], c.real[7], c.real[8], c.real[9],
+                c.ival[10] != 0, c.real[11])
+    if c.dtype == 0:
+        run(OPT_ADAM, <float*>c.data[0], <const float*>c.data[1], <float*>c.data[2],
+            <float*>c.data[3], <float*>c.data[12], &h, c.size[0])
+    else:
+        run(OPT_ADAM, <double*>c.data[0], <const double*>c.data[1], <double*>c.data[2],
+            <double*>c.data[3], <double*>c.data[12], &h, c.size[0])
+    return 0
+
+
+cdef int _entry_rmsprop_step(fastnn_call* c) except -1:
+    # p, g, sq, buf, lr, rho, eps, momentum, centered_mean, weight_decay, l1
+    cdef Hyper h
+    _rmsprop_hyper(&h, c.real[4], c.real[5], c.real[6], c.real[7], c.real[9], c.real[10])
+    cdef char* buf = c.data[3] if c.real[7] > 0 else NULL
+    if c.dtype == 0:
+        run(OPT_RMSPROP, <float*>c.data[0], <const float*>c.data[1], <float*>c.data[2],
+            <float*>buf, <float*>c.data[8], &h, c.size[0])
+    else:
+        run(OPT_RMSPROP, <double*>c.data[0], <const double*>c.data[1], <double*>c.data[2],
+            <double*>buf, <double*>c.data[8], &h, c.size[0])
+    return 0
+
+
+ENTRIES = {
+    "sgd_step": PyCapsule_New(<void*>_entry_sgd_step, FASTNN_CALL_CAPSULE, NULL),
+    "adam_step": PyCapsule_New(<void*>_entry_adam_step, FASTNN_CALL_CAPSULE, NULL),
+    "rmsprop_step": PyCapsule_New(<void*>_entry_rmsprop_step, FASTNN_CALL_CAPSULE, NULL),
+}
