@@ -9,6 +9,14 @@ convnet`` Keras' "simple MNIST convnet" (``Conv2D(32, 3, relu) -> MaxPool2D(2)
 Dense(10, softmax)``), both with Keras' ``sparse_categorical_crossentropy``.
 ``--binary`` trains digit 0 against the rest with one sigmoid output and
 binary cross-entropy.
+
+Around the training (issue 19): ``--early-stopping PATIENCE`` and
+``--checkpoint PATH`` watch ``val_loss`` (the test split, as the per-epoch
+figures), ``--lr-schedule`` chooses a learning-rate schedule, ``--plot PATH``
+writes a PNG of the curves and the test confusion matrix (the ``plot`` extra)
+and ``--export-onnx PATH`` the trained network as ONNX (the ``onnx`` extra).
+Every output path (``--save`` too) is checked, and every extra they need
+imported, before training starts, so a long run is not lost at its end.
 """
 
 import argparse
@@ -49,6 +57,16 @@ def _positive_float(text):
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not v > 0 or v == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
+
+
+def _non_negative_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
     return v
 
 
@@ -132,8 +150,81 @@ def add_arguments(parser):
                         help="threads for OpenMP, numba and BLAS together (default: all cores)")
     parser.add_argument("--save", metavar="PATH", default=None,
                         help="save the trained model (.npz) here")
+    parser.add_argument("--early-stopping", type=_non_negative_int, default=None,
+                        metavar="PATIENCE",
+                        help="stop when val_loss has not improved for PATIENCE epochs, and "
+                             "restore the weights of the best epoch")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                        help="constant (default); step: the rate halves every third of the "
+                             "epochs; cosine: linear warm-up from 0 over the first 10%% of "
+                             "the steps (at most one epoch), then cosine decay to 0")
+    parser.add_argument("--checkpoint", metavar="PATH", default=None,
+                        help="save the model (.npz) here after every epoch that improves "
+                             "val_loss (the best one stays)")
+    parser.add_argument("--plot", metavar="PATH", default=None,
+                        help="write a PNG of loss and accuracy per epoch and the test "
+                             "confusion matrix (needs: pip install \"fastnn[plot]\")")
+    parser.add_argument("--export-onnx", metavar="PATH", default=None,
+                        help="write the trained network as an ONNX model (needs: pip install "
+                             "\"fastnn[onnx]\")")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    parser.add_argument("--distributed", action="store_true",
+                        help="data-parallel over the ranks of `mpiexec -n N python -m fastnn "
+                             "train --distributed` (needs: pip install \"fastnn[mpi]\"); "
+                             "--batch-size is the global batch; rank 0 prints and saves")
     return parser
+
+
+LR_SCHEDULES = ("constant", "step", "cosine")
+
+
+def lr_schedule(kind, lr, steps_per_epoch, epochs):
+    """The ``lr`` the optimizer gets for ``--lr-schedule kind``: ``lr`` itself
+    (constant); ``StepDecay(lr, steps_per_epoch * max(1, epochs // 3), 0.5)``
+    (step); or ``CosineDecay`` with a linear warm-up from 0 over ``w =
+    min(steps_per_epoch, total // 10)`` steps to ``lr``, then down to 0 over
+    the ``total - w`` steps left (``total = steps_per_epoch * epochs``)."""
+    from . import schedules
+
+    if kind == "constant":
+        return lr
+    if kind == "step":
+        return schedules.StepDecay(lr, steps_per_epoch * max(1, epochs // 3), 0.5)
+    total = steps_per_epoch * epochs
+    warmup = min(steps_per_epoch, total // 10)
+    if warmup == 0:
+        return schedules.CosineDecay(lr, total)
+    return schedules.CosineDecay(0.0, total - warmup, warmup_target=lr, warmup_steps=warmup)
+
+
+#: (option, extra's module, extra) for the outputs that need an optional package
+_EXTRAS = (("plot", "matplotlib", "plot"), ("export_onnx", "onnx", "onnx"))
+
+
+def _check_outputs(args):
+    """Before training: each output path's folder exists and is writable, and
+    the optional packages an output needs are installed. Raises ValueError."""
+    import importlib.util
+
+    from . import _files
+
+    for option in ("save", "checkpoint", "plot", "export_onnx"):
+        path = getattr(args, option, None)
+        if path is not None:
+            _files.check_writable(path, "--" + option.replace("_", "-"))
+    for option, module, extra in _EXTRAS:
+        if getattr(args, option, None) is not None and importlib.util.find_spec(module) is None:
+            raise ValueError(f"--{option.replace('_', '-')} needs the {module} package: "
+                             f"pip install \"fastnn[{extra}]\"")
+
+
+def _confusion(model, xt, yt, binary):
+    from .plot import confusion_matrix
+
+    p = model.predict(xt)
+    if binary:
+        return confusion_matrix(yt.astype("int64"), (p[:, 0] > 0.5).astype("int64"), 2)
+    return confusion_matrix(yt, p.argmax(axis=1), p.shape[1])
 
 
 def _load_data(spec, shape="flat"):
@@ -152,12 +243,41 @@ def _load_data(spec, shape="flat"):
 
 def run(args):
     """Train as ``args`` say; print per-epoch figures, test accuracy, time and
-    samples/s. Returns the exit code (0, or 2 for a bad option or data)."""
+    samples/s. Returns the exit code (0, or 2 for a bad option or data).
+
+    ``--distributed``: ``fastnn.distributed.init()`` first; only rank 0
+    prints, and a non-zero exit on any rank aborts every rank (the others may
+    be waiting for it in a collective)."""
+    if not getattr(args, "distributed", False):
+        return _run(args)
+    import contextlib
+
+    import fastnn as fn
+
+    try:
+        rank, _ = fn.distributed.init()
+    except ImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with contextlib.ExitStack() as stack:
+        if rank != 0:
+            stack.enter_context(contextlib.redirect_stdout(
+                stack.enter_context(open(os.devnull, "w"))))
+        code = _run(args)
+    if code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        fn.distributed.communicator().Abort(code)
+    return code
+
+
+def _run(args):
     import numpy as np
 
     import fastnn as fn
 
     try:
+        _check_outputs(args)
         if args.backend is not None:
             fn.set_backend(args.backend)
         if args.threads is not None:
@@ -178,6 +298,8 @@ def run(args):
                       ("softmax_cross_entropy", fn.Dense(10)))
         task = "10 digits (softmax cross-entropy)"
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+    steps = -(-len(x) // min(args.batch_size, len(x)))
+    lr = lr_schedule(getattr(args, "lr_schedule", "constant"), lr, steps, args.epochs)
     try:
         if args.optimizer == "sgd":
             opt = fn.SGD(lr, momentum=0.9 if args.momentum is None else args.momentum)
@@ -199,20 +321,42 @@ def run(args):
     print(f"data: {source}; {opt!r}; batch "
           f"{args.batch_size}; {args.dtype}; backend {backend}; "
           f"{fn.get_num_threads()} threads")
+    ranks = fn.distributed.size()
+    if ranks > 1:
+        b = min(args.batch_size, len(x))
+        print(f"distributed: {ranks} ranks of {fn.get_num_threads()} threads; each computes "
+              f"{b // ranks}{'' if b % ranks == 0 else f'-{-(-b // ranks)}'} rows of every "
+              f"global batch of {b}")
     if not args.quiet:
         print("val_loss / val_accuracy: the test split, evaluated after each epoch")
     verbose = 0 if args.quiet else (1 if sys.stderr.isatty() else 2)
+    callbacks = []
+    stopper = checkpoint = None
+    if getattr(args, "early_stopping", None) is not None:
+        stopper = fn.callbacks.EarlyStopping("val_loss", patience=args.early_stopping,
+                                             restore_best_weights=True)
+        callbacks.append(stopper)
+    if getattr(args, "checkpoint", None) is not None:
+        checkpoint = fn.callbacks.ModelCheckpoint(args.checkpoint, "val_loss",
+                                                  save_best_only=True)
+        callbacks.append(checkpoint)
     t0 = time.perf_counter()
     history = model.fit(x, y, epochs=args.epochs, batch_size=args.batch_size,
-                        validation_data=(xt, yt), verbose=verbose)
+                        validation_data=(xt, yt), verbose=verbose, callbacks=callbacks)
     wall = time.perf_counter() - t0
     test = model.evaluate(xt, yt)
-    train_samples = len(x) * args.epochs
+    epochs_run = len(history.epoch)
+    train_samples = len(x) * epochs_run
     train_seconds = sum(len(x) / s for s in history.history["samples_per_s"])
+    if stopper is not None and stopper.stopped_epoch:
+        print(f"early stopping after epoch {stopper.stopped_epoch + 1}: val_loss best "
+              f"{stopper.best:.4f} at epoch {stopper.best_epoch + 1} (its weights restored)")
     print(f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}) after "
-          f"{args.epochs} epochs")
+          f"{epochs_run} epochs")
     print(f"wall time {wall:.2f} s; training {train_samples / train_seconds:,.0f} samples/s "
           f"({train_seconds:.2f} s in the training steps)")
+    if ranks > 1:
+        print(f"{ranks} ranks: {train_samples / train_seconds / ranks:,.0f} samples/s per rank")
     if args.save:
         try:
             model.save(args.save)
@@ -220,4 +364,26 @@ def run(args):
             print(f"error: could not save to {args.save}: {exc}", file=sys.stderr)
             return 1
         print(f"saved to {args.save}")
+    if checkpoint is not None and checkpoint.last_saved is not None:
+        print(f"checkpoint: the model of the best epoch (val_loss {checkpoint.best:.4f}) is "
+              f"in {checkpoint.last_saved}")
+    outputs = []
+    if getattr(args, "export_onnx", None):
+        outputs.append(("ONNX model", args.export_onnx, lambda: model.export_onnx(
+            args.export_onnx)))
+    if getattr(args, "plot", None):
+        from .plot import plot_history
+
+        outputs.append(("plot", args.plot, lambda: plot_history(
+            history, args.plot, confusion=_confusion(model, xt, yt, args.binary),
+            title=f"{what}: {task}")))
+    if fn.distributed.rank() != 0:   # distributed: the models are the same, rank 0 writes
+        outputs = []
+    for name, path, write in outputs:
+        try:
+            write()
+        except OSError as exc:
+            print(f"error: could not write the {name} to {path}: {exc}", file=sys.stderr)
+            return 1
+        print(f"{name} written to {path}")
     return 0
