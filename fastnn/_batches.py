@@ -76,7 +76,7 @@ class Source:
         self.be, self.x, self.y, self.host = be, x, y, host
         self.n = x.shape[0]
         self.direct = host and x.dtype == dtype and x.flags.c_contiguous
-        self.gather = getattr(be, "gather_rows", None) or _TEMP_gather  # TEMP until gather_rows lands
+        self.gather = be.gather_rows
         self.copy_from_host = be.copy_from_host
         self._ramp = None
 
@@ -105,7 +105,3 @@ class Source:
                 np.take(self.y, index, axis=0, out=ystage)
                 self.copy_from_host(yb, ystage)
         return xb, yb
-
-
-def _TEMP_gather(src, index, out):
-    np.copyto(out, src[index], casting="unsafe")
