@@ -186,7 +186,7 @@ class Sequential:
     >>> x = np.random.default_rng(0).random((30, 4)); y = np.arange(30) % 3
     >>> h = model.fit(x, y, epochs=2, batch_size=8, verbose=0)
     >>> sorted(h.history)
-    ['accuracy', 'loss', 'samples_per_s', 'step_samples_per_s', 'val_accuracy', 'val_loss']
+    ['accuracy', 'loss', 'lr', 'samples_per_s', 'step_samples_per_s', 'val_accuracy', 'val_loss']
     >>> model.predict(x[:2]).shape
     (2, 3)
     """
@@ -886,7 +886,7 @@ class Sequential:
         classification = self.loss.classification
         count_correct = be.count_correct
         keys = (["loss", "accuracy", "val_loss", "val_accuracy"] if classification
-                else ["loss", "val_loss"]) + ["samples_per_s", "step_samples_per_s"]
+                else ["loss", "val_loss"]) + ["samples_per_s", "step_samples_per_s", "lr"]
         history = History(keys, {"epochs": epochs, "batch_size": batch, "samples": n,
                                  "backend": be.name, "shuffle": shuffle,
                                  "ranks": 1 if dist is None else dist.size})
@@ -954,6 +954,7 @@ class Sequential:
                           "step_samples_per_s": seen / step_time if step_time else math.inf}
                 if classification:
                     record["accuracy"] = correct / seen
+                record["lr"] = opt.lr   # the rate of the next update, as Keras logs it
                 if val is not None:
                     ev = self._evaluate(be, *val, _EVAL_BATCH, dist)
                     record.update({"val_" + k: v for k, v in ev.items()})

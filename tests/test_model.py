@@ -202,7 +202,7 @@ def test_linear_regression_recovers_the_weights():
     w, b = model.get_weights()
     np.testing.assert_allclose(w, w_true, atol=1e-6)
     np.testing.assert_allclose(b, b_true, atol=1e-6)
-    assert set(h.history) == {"loss", "val_loss", "samples_per_s", "step_samples_per_s"}
+    assert set(h.history) == {"loss", "val_loss", "samples_per_s", "step_samples_per_s", "lr"}
     np.testing.assert_allclose(model.predict(x), y, atol=1e-5)
 
 
