@@ -132,20 +132,27 @@ cdef void _dense_forward(int act,
                          const floating[::1] b,      # IN (out,)
                          floating[:, ::1] out,       # OUT (batch, out)
                          floating[:, ::1] preact):   # OUT (batch, out) or an empty (0, 0) view
-    cdef int m = x.shape[0], k = x.shape[1], n = w.shape[1]
-    cdef floating* o = &out[0, 0]
-    cdef floating* z = &preact[0, 0] if preact.shape[0] else o
-    cdef const floating* bp = &b[0]
-    cdef Py_ssize_t c, nc, step
     with nogil:
-        gemm(c'N', c'N', n, m, k, &w[0, 0], n, &x[0, 0], k, z, n)
-        nc = _act_chunks(act, <Py_ssize_t>m * n)
-        if nc == 1:
-            bias_act_rows(act, z, bp, o, 0, m, n)
-        else:
-            step = (m + nc - 1) // nc
-            for c in prange(nc, schedule="static", num_threads=nc):
-                bias_act_rows(act, z, bp, o, min(m, c * step), min(m, (c + 1) * step), n)
+        _dense_forward_p(act, &x[0, 0], &w[0, 0], &b[0], &out[0, 0],
+                         &preact[0, 0] if preact.shape[0] else NULL,
+                         x.shape[0], x.shape[1], w.shape[1])
+
+
+cdef void _dense_forward_p(int act, const floating* x, const floating* w, const floating* bp,
+                           floating* o, floating* z, int m, int k, int n) noexcept nogil:
+    """``o = act(x @ w + b)`` for ``x`` (m, k), ``w`` (k, n); ``z`` keeps
+    ``x @ w + b`` (NULL: none)."""
+    cdef Py_ssize_t c, nc, step
+    if z == NULL:
+        z = o
+    gemm(c'N', c'N', n, m, k, w, n, x, k, z, n)
+    nc = _act_chunks(act, <Py_ssize_t>m * n)
+    if nc == 1:
+        bias_act_rows(act, z, bp, o, 0, m, n)
+    else:
+        step = (m + nc - 1) // nc
+        for c in prange(nc, schedule="static", num_threads=nc):
+            bias_act_rows(act, z, bp, o, min(m, c * step), min(m, (c + 1) * step), n)
 
 
 cdef void _backprop_delta(int act,
@@ -154,35 +161,46 @@ cdef void _backprop_delta(int act,
                           const floating[:, ::1] z,   # IN (batch, in) or empty (0, 0)
                           const floating[:, ::1] y,   # IN (batch, in) or empty (0, 0)
                           floating[:, ::1] out):      # OUT (batch, in)
-    cdef int m = dy.shape[0], k = dy.shape[1], n = w.shape[0]
-    cdef const floating* zp = &z[0, 0] if z.shape[0] else NULL
-    cdef const floating* yp = &y[0, 0] if y.shape[0] else NULL
-    cdef floating* o = &out[0, 0]
-    cdef Py_ssize_t size = <Py_ssize_t>m * n
     with nogil:
-        gemm(c'T', c'N', n, m, k, &w[0, 0], k, &dy[0, 0], k, o, n)
-        act_backward(act, o, zp, yp, o, size, _act_chunks(act, size))
+        _backprop_delta_p(act, &dy[0, 0], &w[0, 0], &z[0, 0] if z.shape[0] else NULL,
+                          &y[0, 0] if y.shape[0] else NULL, &out[0, 0],
+                          dy.shape[0], dy.shape[1], w.shape[0])
+
+
+cdef void _backprop_delta_p(int act, const floating* dy, const floating* w, const floating* zp,
+                            const floating* yp, floating* o, int m, int k,
+                            int n) noexcept nogil:
+    """``o = (dy @ w.T) * act'`` for ``dy`` (m, k), ``w`` (n, k); ``zp``/``yp``
+    NULL when not given."""
+    cdef Py_ssize_t size = <Py_ssize_t>m * n
+    gemm(c'T', c'N', n, m, k, w, k, dy, k, o, n)
+    act_backward(act, o, zp, yp, o, size, _act_chunks(act, size))
 
 
 cdef void _dense_backward(const floating[:, ::1] x,   # IN (batch, in)
                           const floating[:, ::1] dz,  # IN (batch, out)
                           floating[:, ::1] dw,        # OUT (in, out)
                           floating[::1] db):          # OUT (out,)
-    cdef int m = x.shape[0], k = x.shape[1], n = dz.shape[1]
+    with nogil:
+        _dense_backward_p(&x[0, 0], &dz[0, 0], &dw[0, 0], &db[0], x.shape[0], x.shape[1],
+                          dz.shape[1])
+
+
+cdef void _dense_backward_p(const floating* x, const floating* dz, floating* dw, floating* s,
+                            int m, int k, int n) noexcept nogil:
+    """``dw = x.T @ dz``, ``s = dz.sum(0)`` for ``x`` (m, k), ``dz`` (m, n)."""
     cdef Py_ssize_t r, j
     cdef const floating* row
-    cdef floating* s = &db[0]
-    with nogil:
-        gemm(c'N', c'T', n, k, m, &dz[0, 0], n, &x[0, 0], k, &dw[0, 0], n)
-        # column sums, row after row in order (as NumPy's axis-0 sum); the inner
-        # loop runs along a row, so it vectorizes without reordering a sum
-        row = &dz[0, 0]
+    gemm(c'N', c'T', n, k, m, dz, n, x, k, dw, n)
+    # column sums, row after row in order (as NumPy's axis-0 sum); the inner
+    # loop runs along a row, so it vectorizes without reordering a sum
+    row = dz
+    for j in range(n):
+        s[j] = row[j]
+    for r in range(1, m):
+        row = dz + <Py_ssize_t>r * n
         for j in range(n):
-            s[j] = row[j]
-        for r in range(1, m):
-            row = &dz[r, 0]
-            for j in range(n):
-                s[j] = s[j] + row[j]
+            s[j] = s[j] + row[j]
 
 
 _EMPTY2 = {4: __import__("numpy").empty((0, 0), "float32"),
@@ -298,3 +316,65 @@ def _gemm(a, b, c, trans_a=False, trans_b=False):
         _gemm_typed[float](trans_a, trans_b, a, b, c)
     else:
         _gemm_typed[double](trans_a, trans_b, a, b, c)
+
+
+# ------------------------------------------------------------------ C entries
+
+# What fastnn.ops' compiled gate calls once it has checked a call (``_cy_call.pxd``):
+# the same functions as the kernels above, from the checked call's pointers.
+from cpython.pycapsule cimport PyCapsule_New
+
+from _cy_call cimport FASTNN_CALL_CAPSULE, fastnn_call
+
+
+cdef int _entry_dense_forward(fastnn_call* c) except -1:
+    # x, w, b, act, out, preact (NULL: None)
+    _ensure_blas()
+    cdef int m = <int>c.shape[0][0], k = <int>c.shape[0][1], n = <int>c.shape[1][1]
+    with nogil:
+        if c.dtype == 0:
+            _dense_forward_p(c.act, <const float*>c.data[0], <const float*>c.data[1],
+                             <const float*>c.data[2], <float*>c.data[4], <float*>c.data[5],
+                             m, k, n)
+        else:
+            _dense_forward_p(c.act, <const double*>c.data[0], <const double*>c.data[1],
+                             <const double*>c.data[2], <double*>c.data[4], <double*>c.data[5],
+                             m, k, n)
+    return 0
+
+
+cdef int _entry_backprop_delta(fastnn_call* c) except -1:
+    # dy, w, z, y, act, out (z or y NULL when None)
+    _ensure_blas()
+    cdef int m = <int>c.shape[0][0], k = <int>c.shape[0][1], n = <int>c.shape[1][0]
+    with nogil:
+        if c.dtype == 0:
+            _backprop_delta_p(c.act, <const float*>c.data[0], <const float*>c.data[1],
+                              <const float*>c.data[2], <const float*>c.data[3],
+                              <float*>c.data[5], m, k, n)
+        else:
+            _backprop_delta_p(c.act, <const double*>c.data[0], <const double*>c.data[1],
+                              <const double*>c.data[2], <const double*>c.data[3],
+                              <double*>c.data[5], m, k, n)
+    return 0
+
+
+cdef int _entry_dense_backward(fastnn_call* c) except -1:
+    # x, dz, dw, db
+    _ensure_blas()
+    cdef int m = <int>c.shape[0][0], k = <int>c.shape[0][1], n = <int>c.shape[1][1]
+    with nogil:
+        if c.dtype == 0:
+            _dense_backward_p(<const float*>c.data[0], <const float*>c.data[1],
+                              <float*>c.data[2], <float*>c.data[3], m, k, n)
+        else:
+            _dense_backward_p(<const double*>c.data[0], <const double*>c.data[1],
+                              <double*>c.data[2], <double*>c.data[3], m, k, n)
+    return 0
+
+
+ENTRIES = {
+    "dense_forward": PyCapsule_New(<void*>_entry_dense_forward, FASTNN_CALL_CAPSULE, NULL),
+    "backprop_delta": PyCapsule_New(<void*>_entry_backprop_delta, FASTNN_CALL_CAPSULE, NULL),
+    "dense_backward": PyCapsule_New(<void*>_entry_dense_backward, FASTNN_CALL_CAPSULE, NULL),
+}
