@@ -220,20 +220,23 @@ def set_num_threads(int n):
     _num_threads = max(1, n)
 
 
-def _tuning():
-    """``{name: value}`` of the tunable constants (tests, measurements)."""
-    return {"par_min_flops": PAR_MIN_FLOPS, "par_min_pool": PAR_MIN_POOL,
-            "chunk_bytes": CHUNK_BYTES, "direct_max_k": DIRECT_MAX_K}
+def _set_parallel_min(double flops, Py_ssize_t pool, dropout=None):
+    """Set the parallel thresholds (tests, measurements): multiply-adds of a
+    convolution, elements of a pooling pass, elements of dropout (``pool``'s
+    when None); returns the old triple."""
+    global PAR_MIN_FLOPS, PAR_MIN_POOL, PAR_MIN_DROPOUT
+    old = (PAR_MIN_FLOPS, PAR_MIN_POOL, PAR_MIN_DROPOUT)
+    PAR_MIN_FLOPS, PAR_MIN_POOL = flops, pool
+    PAR_MIN_DROPOUT = pool if dropout is None else dropout
+    return old
 
 
-def _set_tuning(par_min_flops=None, par_min_pool=None, chunk_bytes=None, direct_max_k=None):
-    """Set some tunable constants (tests, measurements); returns the old ``_tuning()``."""
-    global PAR_MIN_FLOPS, PAR_MIN_POOL, CHUNK_BYTES, DIRECT_MAX_K
-    old = _tuning()
-    if par_min_flops is not None:
-        PAR_MIN_FLOPS = par_min_flops
-    if par_min_pool is not None:
-        PAR_MIN_POOL = par_min_pool
+def _set_tuning(chunk_bytes=None, direct_max_k=None):
+    """Set the chunk size (bytes of columns per chunk and thread) and the widest
+    column that runs the register-blocked loop (tests, measurements); returns
+    the old pair."""
+    global CHUNK_BYTES, DIRECT_MAX_K
+    old = (CHUNK_BYTES, DIRECT_MAX_K)
     if chunk_bytes is not None:
         CHUNK_BYTES = max(1, chunk_bytes)
     if direct_max_k is not None:

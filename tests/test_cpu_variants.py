@@ -31,7 +31,7 @@ from conftest import DTYPES, assert_close
 
 cy = pytest.importorskip("fastnn.kernels.cython_cpu", reason="the Cython extensions are not built")
 
-NAMES = ("_cy_elementwise", "_cy_dense", "_cy_loss", "_cy_optim")
+NAMES = ("_cy_elementwise", "_cy_dense", "_cy_loss", "_cy_optim", "_cy_conv")
 RUNNABLE = [v for v in cy.VARIANTS if v in cy.cpu_levels() and v in cy.built_variants()]
 
 
@@ -71,13 +71,16 @@ class _Variant:
 
     def __init__(self, mods):
         self.mods = mods
-        e, d, lo, o = (mods[n] for n in NAMES)
+        e, d, lo, o, cv = (mods[n] for n in NAMES)
         self.activation_forward, self.activation_backward = e.activation_forward, e.activation_backward
         self.dense_forward, self.backprop_delta, self.dense_backward = (
             d.dense_forward, d.backprop_delta, d.dense_backward)
         self.softmax_cross_entropy, self.sigmoid_binary_cross_entropy, self.mse, self.softmax = (
             lo.softmax_cross_entropy, lo.sigmoid_binary_cross_entropy, lo.mse, lo.softmax)
         self.sgd_step, self.adam_step, self.rmsprop_step = o.sgd_step, o.adam_step, o.rmsprop_step
+        for name in ("conv2d_forward", "conv2d_backward", "conv2d_backprop", "maxpool2d_forward",
+                     "maxpool2d_backward", "dropout_forward", "dropout_backward"):
+            setattr(self, name, getattr(cv, name))
 
     def parallel(self, on):
         """Force every loop onto its parallel path (2 threads, thresholds 1), or restore."""
@@ -157,7 +160,51 @@ def _battery(k, dtype, seed=0):
         for _ in range(3):
             k.rmsprop_step(p, g0, sq, buf, 1e-2, 0.99, 1e-8, 0.9, cm, 1e-4, 1e-5)
         r["rmsprop.p"] = p
+        _conv_battery(k, a, dtype, r)
     return r
+
+
+def _conv_battery(k, a, dtype, r):
+    """The convolution, pooling and dropout kernels: the register-blocked path
+    (K = 9), the GEMM path with padding and strides, overlapping pools."""
+    for tag, (n, h, w, c, o, kh, kw, stride, pads) in (
+            ("direct", (3, 12, 11, 1, 20, 3, 3, (1, 1), (0, 0, 0, 0))),
+            ("gemm", (2, 9, 10, 6, 11, 3, 2, (2, 1), (1, 1, 0, 1)))):
+        p = (h + pads[0] + pads[1] - kh) // stride[0] + 1
+        q = (w + pads[2] + pads[3] - kw) // stride[1] + 1
+        x, wk, b = a(n, h, w, c), a(kh, kw, c, o, scale=0.3), a(o)
+        for act in ref.ACTIVATIONS:
+            out, pre = np.empty((n, p, q, o), dtype), np.empty((n, p, q, o), dtype)
+            k.conv2d_forward(x, wk, b, act, out, pre, stride, pads)
+            r[f"conv2d_forward.{tag}[{act}]"], r[f"conv2d_forward.{tag}.z[{act}]"] = out, pre
+            zb = a(n, h, w, c, scale=2)
+            yb = np.empty_like(zb)
+            ref.activation_forward(act, zb, yb)
+            dx = np.empty_like(x)
+            k.conv2d_backprop(a(n, p, q, o), wk, zb, yb, act, dx, stride, pads)
+            r[f"conv2d_backprop.{tag}[{act}]"] = dx
+        dw, db = np.empty_like(wk), np.empty_like(b)
+        k.conv2d_backward(x, a(n, p, q, o), dw, db, stride, pads)
+        r[f"conv2d_backward.{tag}.dw"], r[f"conv2d_backward.{tag}.db"] = dw, db
+    x = a(3, 9, 8, 5, special=True)
+    for pool, stride in (((2, 2), None), ((3, 2), (2, 1))):
+        p, q = (9 - pool[0]) // (stride or pool)[0] + 1, (8 - pool[1]) // (stride or pool)[1] + 1
+        out, am = np.empty((3, p, q, 5), dtype), np.empty((3, p, q, 5), np.int32)
+        k.maxpool2d_forward(x, out, am, pool, stride)
+        r[f"maxpool2d_forward{pool}"], r[f"maxpool2d_forward.argmax{pool}"] = out, am
+        for act in ("relu", "tanh", "leaky_relu"):
+            zb = a(3, 9, 8, 5, scale=2)
+            yb = np.empty_like(zb)
+            ref.activation_forward(act, zb, yb)
+            g = np.empty_like(x)
+            k.maxpool2d_backward(a(3, p, q, 5), am, zb, yb, act, g, pool, stride)
+            r[f"maxpool2d_backward{pool}[{act}]"] = g
+    d = np.empty_like(x)
+    k.dropout_forward(x, 0.4, 2**64 - 3, d)
+    r["dropout_forward"] = d
+    d2 = x.copy()
+    k.dropout_backward(d2, 0.4, 2**64 - 3, d2)
+    r["dropout_backward"] = d2
 
 
 TRANSCENDENTAL = ("sigmoid", "tanh", "gelu", "silu", "softplus")
@@ -188,8 +235,11 @@ def test_variant_equals_baseline_bit_for_bit_and_the_reference(variant, dtype, p
         got, expected = _battery(var, dtype), _battery(base, dtype)
     finally:
         if path == "parallel":
-            base.parallel(False)
+            # in the reverse order: the baseline's modules are loaded twice from one
+            # file, so both share its C globals (the thresholds) and the second
+            # saved what the first had set
             var.parallel(False)
+            base.parallel(False)
     fused = variant != "baseline"            # v3 and v4 have FMA
     differ = [key for key in expected if not (fused and _uses_fused_math(key))
               and not _same_bits(got[key], expected[key])]

@@ -1,6 +1,7 @@
 """Cython-backend specifics: the whole contract compiled, the vectorizable
 math against NumPy over dense sweeps, serial and parallel paths, thread
-counts, BLAS calls with 1-wide dimensions and read-only inputs.
+counts, BLAS calls with 1-wide dimensions and read-only inputs; the
+convolutions' code paths, chunks, threads, BLAS libraries and workspaces.
 
 (The parity suite, tests/test_parity.py, runs every kernel of this backend
 against the reference; these tests cover what is particular to it.)
@@ -19,9 +20,9 @@ from conftest import DTYPES, assert_close
 
 cy = pytest.importorskip("fastnn.kernels.cython_cpu",
                          reason="the Cython extensions are not built")
-from fastnn.kernels import _cy_dense, _cy_elementwise, _cy_loss, _cy_optim  # noqa: E402
+from fastnn.kernels import _cy_conv, _cy_dense, _cy_elementwise, _cy_loss, _cy_optim  # noqa: E402
 
-EXTENSIONS = (_cy_elementwise, _cy_dense, _cy_loss, _cy_optim)
+EXTENSIONS = (_cy_elementwise, _cy_dense, _cy_loss, _cy_optim, _cy_conv)
 
 
 # ------------------------------------------------------------ the contract
@@ -434,3 +435,284 @@ def test_non_finite_parameters_untouched_by_zero_regularization(dtype):
             getattr(cy, kernel)(*args(a))
             getattr(ref, kernel)(*args(b))
         np.testing.assert_array_equal(a, b, err_msg=kernel)
+
+
+# ------------------------------------------------------------ convolution, pooling, dropout
+#
+# kernels/_cy_conv.pyx: chunked im2col GEMMs (or the register-blocked loop for
+# narrow columns), per-thread workspaces, OpenMP regions whose threads run
+# single-threaded GEMMs. The parity suite draws tiny geometries; these reach
+# the chunk boundaries, both code paths, both BLAS libraries and the threads.
+
+
+def _conv_shapes(n, h, w, c, o, kh, kw, stride, pads):
+    p = (h + pads[0] + pads[1] - kh) // stride[0] + 1
+    q = (w + pads[2] + pads[3] - kw) // stride[1] + 1
+    return p, q
+
+
+def _check_conv(geometry, dtype, acts=("relu", "tanh"), seed=0, exact_forward=None):
+    """The three convolution kernels of the backend against the reference on one
+    geometry ``(n, h, w, c, o, kh, kw, stride, pads)``; returns the outputs."""
+    n, h, w, c, o, kh, kw, stride, pads = geometry
+    p, q = _conv_shapes(*geometry)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, h, w, c)).astype(dtype)
+    k = rng.standard_normal((kh, kw, c, o)).astype(dtype)
+    b = rng.standard_normal(o).astype(dtype)
+    results = {}
+    for act in acts:
+        out, z, eout, ez = (np.empty((n, p, q, o), dtype) for _ in range(4))
+        cy.conv2d_forward(x, k, b, act, out, z, stride, pads)
+        ref.conv2d_forward(x, k, b, act, eout, ez, stride, pads)
+        assert_close(z, ez, dtype, reduction=kh * kw * c, err_msg=f"forward z {geometry}")
+        assert_close(out, eout, dtype, reduction=kh * kw * c, err_msg=f"forward {act} {geometry}")
+        alone = np.empty_like(out)          # without preact: the same values
+        cy.conv2d_forward(x, k, b, act, alone, None, stride, pads)
+        np.testing.assert_array_equal(alone, out)
+        results[f"forward[{act}]"] = out
+    dz = rng.standard_normal((n, p, q, o)).astype(dtype)
+    dw, db, edw, edb = np.empty_like(k), np.empty_like(b), np.empty_like(k), np.empty_like(b)
+    cy.conv2d_backward(x, dz, dw, db, stride, pads)
+    ref.conv2d_backward(x, dz, edw, edb, stride, pads)
+    assert_close(dw, edw, dtype, reduction=n * p * q, err_msg=f"dw {geometry}")
+    assert_close(db, edb, dtype, reduction=n * p * q, err_msg=f"db {geometry}")
+    results["dw"], results["db"] = dw, db
+    for act in acts:
+        zb = rng.standard_normal((n, h, w, c)).astype(dtype)
+        yb = np.empty_like(zb)
+        ref.activation_forward(act, zb, yb)
+        dx, edx = np.empty_like(x), np.empty_like(x)
+        cy.conv2d_backprop(dz, k, zb, yb, act, dx, stride, pads)
+        ref.conv2d_backprop(dz, k, zb, yb, act, edx, stride, pads)
+        assert_close(dx, edx, dtype, reduction=kh * kw * o, err_msg=f"backprop {act} {geometry}")
+        results[f"backprop[{act}]"] = dx
+    return results
+
+
+@contextlib.contextmanager
+def _conv_settings(threads=None, par_min=None, chunk_bytes=None, direct_max_k=None):
+    """Thread count, parallel thresholds and tuning of ``_cy_conv`` for the block."""
+    saved_min = _cy_conv._set_parallel_min(*par_min) if par_min else None
+    saved_tuning = _cy_conv._set_tuning(chunk_bytes, direct_max_k)
+    if threads is not None:
+        _cy_conv.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if saved_min:
+            _cy_conv._set_parallel_min(*saved_min)
+        _cy_conv._set_tuning(*saved_tuning)
+        _cy_conv.set_num_threads(cy.get_num_threads())
+
+
+#: (n, h, w, c, o, kh, kw, stride, pads): the convnet's two convolutions, a 1x1
+#: kernel (the columns are x itself) and one with a stride (columns needed),
+#: asymmetric pads with strides, a kernel as large as the padded input, wide
+#: channels, a 5x5 kernel with K above the register-blocked limit.
+CONV_GEOMETRIES = [
+    (3, 28, 28, 1, 32, 3, 3, (1, 1), (0, 0, 0, 0)),
+    (2, 13, 13, 32, 64, 3, 3, (1, 1), (0, 0, 0, 0)),
+    (2, 7, 9, 5, 20, 1, 1, (1, 1), (0, 0, 0, 0)),
+    (2, 7, 9, 5, 20, 1, 1, (2, 3), (0, 0, 0, 0)),
+    (3, 11, 10, 4, 17, 3, 2, (2, 1), (1, 2, 0, 1)),
+    (2, 9, 8, 3, 5, 4, 3, (3, 2), (3, 0, 2, 1)),
+    (2, 5, 6, 2, 3, 6, 6, (1, 1), (1, 0, 0, 0)),
+    (1, 12, 12, 40, 48, 3, 3, (1, 1), (1, 1, 1, 1)),
+    (2, 12, 10, 3, 16, 5, 5, (1, 2), (2, 2, 2, 2)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES, ids=lambda g: "x".join(map(str, g[:7])))
+def test_conv_geometries_both_code_paths(geometry, dtype):
+    """Every geometry through the GEMM path and, where K = kh*kw*c allows it,
+    the register-blocked loop."""
+    with _conv_settings(direct_max_k=0):
+        _check_conv(geometry, dtype)
+    with _conv_settings(direct_max_k=10**6):
+        _check_conv(geometry, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blas", BLAS_NAMES)
+def test_conv_on_both_blas_libraries(blas, dtype):
+    with _using_blas(blas):
+        for geometry in CONV_GEOMETRIES[:5]:
+            _check_conv(geometry, dtype, acts=("relu",))
+        # and on the parallel path, whose GEMMs run on one BLAS thread each
+        with _conv_settings(threads=2, par_min=(1, 1)):
+            _check_conv(CONV_GEOMETRIES[1], dtype, acts=("relu",))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunk_bytes", [1, 1000, 40_000])
+@pytest.mark.parametrize("direct", [False, True])
+def test_conv_chunk_boundaries(chunk_bytes, direct, dtype):
+    """Chunks of 8 rows (the least), of a few rows more than a multiple of 8,
+    and of several images; rows n*p*q not a multiple of the chunk; batch 1;
+    an image bigger than a chunk (conv2d_backprop completes an image across
+    chunks); on one thread and on three (uneven ranges)."""
+    geometries = [(1, 31, 29, 3, 16, 3, 3, (1, 1), (1, 1, 1, 1)),
+                  (5, 13, 13, 2, 7, 3, 3, (1, 1), (0, 0, 0, 0)),
+                  (3, 10, 11, 6, 9, 2, 2, (2, 2), (1, 0, 1, 0))]
+    for threads in (1, 3):
+        with _conv_settings(threads=threads, par_min=(1, 1), chunk_bytes=chunk_bytes,
+                            direct_max_k=10**6 if direct else 0):
+            for geometry in geometries:
+                _check_conv(geometry, dtype, acts=("relu",))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_big_image(dtype):
+    """One 96x96x8 image (a column matrix of 9,216 rows, far more than a chunk)."""
+    _check_conv((1, 96, 96, 8, 16, 3, 3, (1, 1), (1, 1, 1, 1)), dtype, acts=("relu",))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_serial_and_parallel_paths(dtype):
+    """Three threads (uneven ranges) against one: the forward pass, the delta
+    below, pooling and dropout work per row, so they agree bit for bit; dw and
+    db add the threads' partial sums, within the tolerance of the sum."""
+    geometry = (5, 13, 13, 8, 24, 3, 3, (1, 1), (1, 1, 1, 1))
+    for direct in (0, 10**6):
+        with _conv_settings(threads=1, direct_max_k=direct):
+            serial = _check_conv(geometry, dtype, acts=("relu", "gelu"), seed=4)
+        with _conv_settings(threads=3, par_min=(1, 1), direct_max_k=direct):
+            parallel = _check_conv(geometry, dtype, acts=("relu", "gelu"), seed=4)
+        for key, value in serial.items():
+            if key in ("dw", "db"):
+                assert_close(parallel[key], value, dtype, reduction=5 * 13 * 13, err_msg=key)
+            elif direct or key.startswith("backprop"):
+                np.testing.assert_array_equal(parallel[key], value, err_msg=key)
+            else:   # one GEMM per chunk: BLAS may round a row by where it falls
+                assert_close(parallel[key], value, dtype, reduction=72, err_msg=key)
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((3, 14, 15, 6)).astype(dtype)
+    dy_over = rng.standard_normal((3, 6, 7, 6)).astype(dtype)
+    am_over = rng.integers(0, 9, (3, 6, 7, 6)).astype(np.int32)
+    pooled = {}
+    for threads, par_min in ((1, None), (3, (1, 1))):
+        with _conv_settings(threads=threads, par_min=par_min):
+            out, am = np.empty((3, 7, 7, 6), dtype), np.empty((3, 7, 7, 6), np.int32)
+            cy.maxpool2d_forward(x, out, am, (2, 2))
+            back = np.empty_like(x)
+            cy.maxpool2d_backward(out, am, None, x, "relu", back, (2, 2))
+            over = np.empty_like(x)
+            cy.maxpool2d_backward(dy_over, am_over, None, x, "relu", over, (3, 3), (2, 2))
+            drop = np.empty_like(x)
+            cy.dropout_forward(x, 0.3, 99, drop)
+            pooled[threads] = (out, am, back, over, drop)
+    for a, b in zip(pooled[1], pooled[3]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_blas_thread_count_restored_after_parallel_regions():
+    """The parallel path sets OpenBLAS to one thread for its region and back."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas_threads():
+        return sorted(p["num_threads"] for p in threadpoolctl.threadpool_info()
+                      if p["internal_api"] == "openblas")
+
+    before = blas_threads()
+    with _conv_settings(threads=2, par_min=(1, 1)):
+        _check_conv(CONV_GEOMETRIES[1], np.float32, acts=("relu",))
+    assert blas_threads() == before
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_from_several_python_threads(dtype):
+    """Each calling thread has its own workspace: concurrent calls of
+    different sizes give the reference's results."""
+    import threading
+
+    errors = []
+
+    def work(geometry, seed):
+        try:
+            for _ in range(3):
+                _check_conv(geometry, dtype, acts=("relu",), seed=seed)
+        except Exception as exc:        # reported in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(g, i))
+               for i, g in enumerate(CONV_GEOMETRIES[:4])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backward", [False, True])
+def test_dropout_in_place_and_parallel(backward, dtype):
+    """In place (out is x) and into another array, serial and on three threads:
+    the reference's mask and rounding bit for bit, and the kept fraction."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((300, 1001)).astype(dtype)
+    kernel = "dropout_backward" if backward else "dropout_forward"
+    expected = np.empty_like(x)
+    getattr(ref, kernel)(x, 0.25, 2**63 + 5, expected)
+    for threads, par_min in ((1, None), (3, (1, 1))):
+        with _conv_settings(threads=threads, par_min=par_min):
+            got = x.copy()
+            getattr(cy, kernel)(got, 0.25, 2**63 + 5, got)
+            np.testing.assert_array_equal(got, expected)
+            other = np.empty_like(x)
+            getattr(cy, kernel)(x, 0.25, 2**63 + 5, other)
+            np.testing.assert_array_equal(other, expected)
+    kept = np.count_nonzero(expected) / x.size
+    assert abs(kept - 0.75) < 4 * np.sqrt(0.75 * 0.25 / x.size)
+
+
+def _traced_peak(fn):
+    """Peak bytes traced by tracemalloc while ``fn()`` runs."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        fn()
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_no_allocation_after_the_first_call(threads):
+    """After a first call at a size, the workspace is reused: a second call
+    allocates no array (a few hundred bytes of argument handling at most,
+    where the workspace alone is hundreds of kilobytes)."""
+    rng = np.random.default_rng(2)
+    f = np.float32
+    x = rng.standard_normal((16, 13, 13, 32)).astype(f)
+    w = rng.standard_normal((3, 3, 32, 64)).astype(f)
+    b = np.zeros(64, f)
+    y, z, dz = (np.empty((16, 11, 11, 64), f) for _ in range(3))
+    dz[...] = 1
+    x1 = rng.standard_normal((16, 28, 28, 1)).astype(f)
+    w1 = rng.standard_normal((3, 3, 1, 32)).astype(f)
+    y1 = np.empty((16, 26, 26, 32), f)
+    dw, db, dw1, db1, dx = np.empty_like(w), np.empty_like(b), np.empty_like(w1), \
+        np.empty(32, f), np.empty_like(x)
+    pooled, am = np.empty((16, 5, 5, 64), f), np.empty((16, 5, 5, 64), np.int32)
+    back = np.empty_like(y)
+    drop = np.empty((16, 1600), f)
+    calls = [
+        lambda: cy.conv2d_forward(x, w, b, "relu", y, z, (1, 1), (0, 0, 0, 0)),
+        lambda: cy.conv2d_forward(x1, w1, b[:32], "relu", y1, None, (1, 1), (0, 0, 0, 0)),
+        lambda: cy.conv2d_backward(x, dz, dw, db, (1, 1), (0, 0, 0, 0)),
+        lambda: cy.conv2d_backward(x1, y1, dw1, db1, (1, 1), (0, 0, 0, 0)),
+        lambda: cy.conv2d_backprop(dz, w, None, x, "relu", dx, (1, 1), (0, 0, 0, 0)),
+        lambda: cy.maxpool2d_forward(y, pooled, am, (2, 2), None),
+        lambda: cy.maxpool2d_backward(pooled, am, None, y, "relu", back, (2, 2), None),
+        lambda: cy.dropout_forward(pooled.reshape(16, -1), 0.5, 3, drop),
+    ]
+    with _conv_settings(threads=threads, par_min=(1, 1) if threads > 1 else None):
+        for call in calls:
+            call()      # the first call at this size may grow the workspace
+        for call in calls:
+            assert _traced_peak(call) < 2048, call
