@@ -223,3 +223,48 @@ def test_shared_cache_every_specialised_kernel(tmp_path):
              + OPTIMIZERS + LOSSES)
     wrong = _shared_cache(cases, tmp_path, _no_aslr())
     assert not wrong, wrong
+
+
+STALE = textwrap.dedent(r"""
+    import sys
+    import numpy as np
+    sys.path.insert(0, sys.argv[1])
+    from kcopy import numba_cpu as nb
+    assert nb.__file__.startswith(sys.argv[1]), nb.__file__
+    z = np.array([-1.0, 2.0], np.float32)
+    out = np.empty_like(z)
+    nb.activation_forward("leaky_relu", z, out)
+    print("OUT", float(out[0]), float(out[1]))
+""")
+
+
+def test_a_change_in_any_file_of_the_package_recompiles(tmp_path):
+    """numba checks a cached function against its own source file only; the
+    kernels call helpers from the package's other files (``_math.py``), so
+    those count too: a copy of the package compiles and caches leaky_relu,
+    its slope is then changed in ``_math.py``, and the next process computes
+    with the new slope."""
+    import shutil as sh
+
+    import fastnn.kernels as k
+
+    root = tmp_path / "root"
+    pkg = root / "kcopy"
+    sh.copytree(os.path.join(os.path.dirname(k.__file__), "numba_cpu"), pkg / "numba_cpu",
+                ignore=sh.ignore_patterns("__pycache__"))
+    sh.copy(os.path.join(os.path.dirname(k.__file__), "reference.py"), pkg / "reference.py")
+    (pkg / "__init__.py").write_text("")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+
+    def run():
+        proc = subprocess.run([sys.executable, "-c", STALE, str(root)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return [float(v) for v in proc.stdout.split("OUT")[-1].split()]
+
+    assert run() == pytest.approx([-0.01, 2.0])
+    math_py = pkg / "numba_cpu" / "_math.py"
+    source = math_py.read_text()
+    assert "\nLEAKY_SLOPE = 0.01\n" in source
+    math_py.write_text(source.replace("\nLEAKY_SLOPE = 0.01\n", "\nLEAKY_SLOPE = 0.5\n"))
+    assert run() == pytest.approx([-0.5, 2.0])

@@ -7,7 +7,9 @@ Every other module of the package imports this one first, so that
 ``NUMBA_CACHE_DIR`` is set before numba loads.
 """
 
+import hashlib
 import importlib
+import inspect
 import os
 import tempfile
 import threading
@@ -151,6 +153,56 @@ def _named(fn, *tags):
     return fn
 
 
+# numba checks a cached function against the time stamp and size of its own
+# source file only, and our kernels call helpers from the package's other
+# files (``_math.py``): a change there would leave stale kernels in the cache.
+# So every cached entry point closes over a digest of all of the package's
+# sources (``source`` below): closure variables are part of numba's cache key.
+
+def _source_digest(folder):
+    """sha256 (16 hex digits) of the ``.py`` files in ``folder``; empty when
+    they cannot be read (then numba's own per-file check is all there is)."""
+    digest = hashlib.sha256()
+    try:
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    digest.update(name.encode() + b"\0" + f.read() + b"\0")
+    except OSError:
+        return ""
+    return digest.hexdigest()[:16]
+
+
+_SOURCE = _source_digest(_PACKAGE_DIR)
+
+# An entry point with the arguments of the function it calls, spelled out:
+# ``*args`` would cost ~0.1 us more per call. Compiled with this file's name,
+# which numba's cache needs to find a source file.
+_ENTRY = """
+def make(fn, source):
+    def run({params}):
+        source
+        return fn({params})
+    return run
+"""
+_entry_makers = {}
+
+
+def _entry(fn, *tags):
+    """``fn`` (callable from compiled code: ``_scalar`` or ``register_jitable``)
+    as a cached kernel, named ``run__<fn's name>__<tags>``, whose cache entry
+    also depends on every source file of the package (``_SOURCE``). Every
+    ``njit`` function with ``cache=True`` of this package is made here or by
+    ``_parallel``/``_parallel_sum``."""
+    params = ", ".join(inspect.signature(fn).parameters)
+    make = _entry_makers.get(params)
+    if make is None:
+        namespace = {}
+        exec(compile(_ENTRY.format(params=params), __file__, "exec"), namespace)
+        make = _entry_makers[params] = namespace["make"]
+    return njit(**_JIT)(_named(make(fn, _SOURCE), fn.__name__, *tags))
+
+
 class _Kernel:
     """A loop body over ``[lo, hi)`` compiled twice: ``run(lo, hi, *args)``
     (serial) and ``par(threads, n, align, *args)`` (static chunks in prange).
@@ -163,8 +215,8 @@ class _Kernel:
         if "<locals>" in body.__qualname__:
             raise ValueError(f"{body.__qualname__}: a closure compiled with cache=True needs "
                              f"a name of its own (_named)")
-        _scalar(body)  # callable from the parallel driver
-        self.run = njit(**_JIT)(body)
+        _scalar(body)  # callable from the entry points
+        self.run = _entry(body)
         self.par = (_parallel_sum if reduces else _parallel)(body)
         self.align = align
         self.reduces = reduces
@@ -179,7 +231,10 @@ register_jitable(_chunk)
 
 
 def _parallel(body):
+    source = _SOURCE
+
     def par(threads, n, align, *args):
+        source  # noqa: B018 - in the cache key (see _SOURCE)
         step = _chunk(n, threads, align)
         for c in prange(threads):
             lo = c * step
@@ -191,7 +246,10 @@ def _parallel(body):
 
 
 def _parallel_sum(body):
+    source = _SOURCE
+
     def par(threads, n, align, *args):
+        source  # noqa: B018 - in the cache key (see _SOURCE)
         step = _chunk(n, threads, align)
         parts = np.zeros(threads)
         for c in prange(threads):
