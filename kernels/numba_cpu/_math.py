@@ -289,7 +289,8 @@ def _sigmoid(z):
 
 @_scalar
 def _relu(z):
-    return _c(z, 0.0) if z < 0 else z   # NaN stays NaN, as np.maximum
+    # np.maximum(z, 0): +0.0 for -0.0 (and for +0.0), NaN stays NaN
+    return _c(z, 0.0) if z <= 0 else z
 
 
 @_scalar
