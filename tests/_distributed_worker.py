@@ -75,6 +75,42 @@ def train(model, opt, dtype):
     return np.array(net.params), hist, ev, net
 
 
+class RecordAndStop(fn.callbacks.Callback):
+    """Records every batch's loss; sets ``stop_training`` at ``batch`` of
+    ``epoch`` on the rank ``stop_rank`` only (the other ranks must follow)."""
+
+    def __init__(self, epoch, batch, stop_rank):
+        super().__init__()
+        self.at, self.stop_rank, self.losses, self.epoch = (epoch, batch), stop_rank, [], None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_batch_end(self, batch, logs=None):
+        self.losses.append(logs["loss"])
+        if (self.epoch, batch) == self.at and fn.distributed.rank() == self.stop_rank:
+            self.model.stop_training = True
+
+
+def train_callbacks():
+    """Two fits: one stopped by a batch callback on one rank at epoch 1, batch
+    5; one by EarlyStopping (restoring the best weights). Returns (params,
+    batch losses, epochs run) of the first and (params, epochs run) of the
+    second."""
+    x, y = data("mlp")
+    xv, yv = data("mlp", n=101, seed=1)
+    net = build("mlp", "adam", "float64")
+    rec = RecordAndStop(epoch=1, batch=5, stop_rank=1 if fn.distributed.size() > 1 else 0)
+    h = net.fit(x, y, epochs=4, batch_size=BATCH, seed=SHUFFLE_SEED, verbose=0,
+                validation_data=(xv, yv), callbacks=[rec, fn.callbacks.TerminateOnNaN()])
+    first = (np.array(net.params), rec.losses, len(h.epoch))
+    net = build("mlp", "adam", "float64")
+    early = fn.callbacks.EarlyStopping("val_loss", patience=0, restore_best_weights=True)
+    h = net.fit(x, y, epochs=8, batch_size=BATCH, seed=SHUFFLE_SEED, verbose=0,
+                validation_data=(xv, yv), callbacks=[early])
+    return first, (np.array(net.params), len(h.epoch))
+
+
 def checksum(a):
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
@@ -96,6 +132,13 @@ def main(case, out, reduce=None):
             np.savez(os.path.join(out, "equivalence.npz"), **arrays)
             with open(os.path.join(out, "equivalence.json"), "w") as f:
                 json.dump({"ranks": size, "cases": meta}, f)
+    elif case == "callbacks":
+        (params, losses, epochs), (params2, epochs2) = train_callbacks()
+        sums = comm.allgather((checksum(params), checksum(params2)))
+        if rank == 0:
+            np.savez(os.path.join(out, "callbacks.npz"), params=params, losses=losses,
+                     epochs=epochs, params2=params2, epochs2=epochs2,
+                     same=len(set(sums)) == 1)
     elif case == "identical":
         net = build("mlp", "adam", "float32", dropout=0.3)
         x, y = data("mlp", n=100 * BATCH)

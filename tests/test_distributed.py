@@ -213,6 +213,27 @@ def test_parameters_bit_identical_across_ranks(tmp_path, ranks):
     assert len({s[2] for s in sums}) == 1, sums
 
 
+@needs_mpi
+def test_batch_callbacks_and_early_stopping_as_one_process(tmp_path):
+    """With a callback defining on_batch_end, each batch's loss in the logs is
+    the global batch's (summed over the ranks); a stop set on rank 1 alone
+    stops every rank at that batch (epoch 1, batch 5); EarlyStopping stops and
+    restores at the epoch one process does. 3 ranks."""
+    (ref_params, ref_losses, ref_epochs), (ref_params2, ref_epochs2) = worker.train_callbacks()
+    assert (len(ref_losses), ref_epochs) == (20 + 6, 2)
+    assert ref_epochs2 < 8   # it did stop early
+    rc, stdout, stderr, _ = run_ranks(3, ["callbacks", str(tmp_path)])
+    assert rc == 0, stderr
+    with np.load(tmp_path / "callbacks.npz") as z:
+        got = {k: z[k] for k in z.files}
+    assert bool(got["same"])
+    assert (int(got["epochs"]), int(got["epochs2"])) == (ref_epochs, ref_epochs2)
+    np.testing.assert_allclose(got["losses"], ref_losses, rtol=1e-12)
+    for key, ref in [("params", ref_params), ("params2", ref_params2)]:
+        err = np.max(np.abs(got[key] - ref)) / np.max(np.abs(ref))
+        assert err <= 1e-12, key
+
+
 def _assert_all_ended(rc, stdout, stderr, message, failing_rank):
     assert rc != 0
     assert message in stderr
