@@ -922,10 +922,10 @@ class Sequential:
                     else:
                         stop = n
                         p = plan.view(self, be, n - start)
-                        if not p.checked:
-                            self._check_plan(p, *source.batch(p, order, start, stop))
                         step = self._step_for(be, p)
                     xb, yb = source.batch(p, order, start, stop)
+                    if not p.checked:
+                        self._check_plan(p, xb, yb)
                     nb = stop - start
                     t = perf_counter()
                     loss = step(xb, yb)

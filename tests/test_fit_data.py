@@ -1,0 +1,165 @@
+"""How ``fit``, ``evaluate`` and ``predict`` read the data (issue 17): batches
+gathered from the caller's array by index, no copy of the data set, the dtype
+converted per batch, memmaps, ``shuffle="batch"``."""
+
+import numpy as np
+import pytest
+
+import fastnn as fn
+from fastnn import _backend, _batches
+from conftest import BACKENDS
+
+CPU_BACKENDS = [p for p in BACKENDS if p.values[0] in ("numpy", "cython", "numba")]
+
+
+def _data(n=100, d=6, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d))
+    y = (x[:, 0] > 0).astype(int) + (x[:, 1] > 0)
+    return x, y
+
+
+def _model(dtype="float64", seed=0):
+    model = fn.Sequential([fn.Dense(7, "tanh"), fn.Dense(3)], input_dim=6, dtype=dtype,
+                          seed=seed)
+    model.compile("softmax_cross_entropy", fn.Adam(1e-2))
+    return model
+
+
+def _spy_gather(monkeypatch, backend):
+    be = _backend.load(backend)
+    seen = []
+    original = be.gather_rows
+
+    def spy(src, index, out):
+        seen.append(np.array(index))
+        return original(src, index, out)
+    monkeypatch.setattr(be, "gather_rows", spy)
+    return seen
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shuffle", [True, "batch"])
+def test_every_row_once_per_epoch(monkeypatch, backend, shuffle):
+    x, y = _data(n=103)
+    seen = _spy_gather(monkeypatch, backend)
+    with fn.use_backend(backend):
+        model = _model()
+        model.fit(x, y, epochs=3, batch_size=10, shuffle=shuffle, seed=4, verbose=0)
+    per_epoch = 11                  # 10 batches of 10 rows, one of 3
+    batches = seen[-3 * per_epoch:]  # before them, at most the plan's check
+    assert [len(b) for b in batches] == ([10] * 10 + [3]) * 3
+    orders = []
+    for e in range(3):
+        rows = np.concatenate(batches[e * per_epoch:(e + 1) * per_epoch])
+        np.testing.assert_array_equal(np.sort(rows), np.arange(103))
+        orders.append(rows)
+    assert not np.array_equal(orders[0], orders[1])
+    # the seed fixes the permutation
+    again = _spy_gather(monkeypatch, backend)
+    with fn.use_backend(backend):
+        _model().fit(x, y, epochs=3, batch_size=10, shuffle=shuffle, seed=4, verbose=0)
+    np.testing.assert_array_equal(np.concatenate(again[-33:]), np.concatenate(batches))
+
+
+def test_batch_shuffle_reads_contiguous_blocks():
+    rng = np.random.default_rng(0)
+    n, batch = 1000, 16
+    order = _batches.epoch_order(rng, n, "batch", batch)
+    np.testing.assert_array_equal(np.sort(order), np.arange(n))
+    block = _batches.SHUFFLE_BLOCK_BATCHES * batch
+    # every run of `block` positions holds exactly one block of contiguous rows
+    starts = np.arange(0, n, block)
+    lo = [order[s:s + block].min() for s in starts]
+    assert all(order[s:s + block].max() - m < block for s, m in zip(starts, lo))
+    assert sorted(lo) == list(range(0, n, block)) and lo != sorted(lo)
+
+
+def test_shuffled_fit_equals_fit_on_the_permuted_data():
+    """The semantics of shuffling are unchanged by gathering: epoch e trains, in
+    order, on ``x[rng.permutation(n)]`` drawn from the fit's generator (what the
+    copying fit did before issue 17), bit for bit."""
+    x, y = _data(n=90)
+    a = _model()
+    a.fit(x, y, epochs=2, batch_size=16, seed=7, verbose=0)
+    b = _model()
+    rng = np.random.default_rng(7)
+    for _ in range(2):
+        perm = rng.permutation(90)
+        b.fit(x[perm], y[perm], epochs=1, batch_size=16, shuffle=False, verbose=0)
+    np.testing.assert_array_equal(a.params, b.params)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("src", ["float32", "float64", "uint8", "int16"])
+def test_callers_arrays_unchanged_and_dtype_converted_per_batch(backend, src):
+    rng = np.random.default_rng(1)
+    x = (rng.random((64, 6)) * 200).astype(src)
+    y = rng.integers(0, 3, 64).astype(np.int32)
+    xb, yb = x.tobytes(), y.tobytes()
+    with fn.use_backend(backend):
+        model = _model(dtype="float32")
+        model.fit(x, y, epochs=2, batch_size=8, verbose=0, validation_data=(x, y))
+        ref = _model(dtype="float32")
+        ref.fit(x.astype(np.float32), y, epochs=2, batch_size=8, verbose=0)
+        p1 = model.predict(x)
+        p2 = model.predict(x.astype(np.float32))
+    assert x.tobytes() == xb and y.tobytes() == yb
+    np.testing.assert_array_equal(model.params, ref.params)
+    np.testing.assert_array_equal(p1, p2)
+
+
+def test_read_only_memmap_trains_evaluates_and_predicts(tmp_path):
+    x, y = _data(n=200)
+    np.save(tmp_path / "x.npy", x.astype(np.float32))
+    np.save(tmp_path / "y.npy", y)
+    xm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    ym = np.load(tmp_path / "y.npy", mmap_mode="r")
+    assert isinstance(xm, np.memmap) and not xm.flags.writeable
+    model = _model(dtype="float32")
+    ref = _model(dtype="float32")
+    for shuffle in (True, "batch", False):
+        h = model.fit(xm, ym, epochs=1, batch_size=32, shuffle=shuffle, seed=3, verbose=0,
+                      validation_data=(xm, ym))
+        ref.fit(np.array(xm), np.array(ym), epochs=1, batch_size=32, shuffle=shuffle, seed=3,
+                verbose=0)
+        assert np.isfinite(h.history["val_loss"][0])
+    np.testing.assert_array_equal(model.params, ref.params)
+    np.testing.assert_array_equal(model.predict(xm), ref.predict(np.array(xm)))
+    assert model.evaluate(xm, ym) == ref.evaluate(np.array(xm), np.array(ym))
+
+
+def test_fit_allocates_no_copy_of_the_data(tmp_path):
+    """tracemalloc sees NumPy's allocations: fit on 20,000 x 784 float32 (63 MB)
+    adds a few MB (the model's buffers), not a copy of x."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    x = rng.random((20000, 784), dtype=np.float32)
+    y = rng.integers(0, 10, 20000)
+    model = fn.Sequential([fn.Dense(32, "relu"), fn.Dense(10)], input_dim=784, seed=0)
+    model.compile("softmax_cross_entropy", "adam")
+    model.fit(x[:256], y[:256], epochs=1, batch_size=128, verbose=0)   # plans made
+    for shuffle in (True, "batch"):
+        tracemalloc.start()
+        model.fit(x, y, epochs=1, batch_size=128, shuffle=shuffle, verbose=0,
+                  check_finite=False)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert peak < 4e6, peak     # a permutation (160 kB), labels (160 kB), batch buffers
+
+
+def test_wall_rate_and_step_rate():
+    x, y = _data(n=400)
+    h = _model().fit(x, y, epochs=2, batch_size=32, verbose=0)
+    for wall, step in zip(h.history["samples_per_s"], h.history["step_samples_per_s"]):
+        assert 0 < wall <= step
+
+
+def test_bad_shuffle_argument():
+    x, y = _data()
+    model = _model()
+    for bad in ("yes", 2, None):
+        with pytest.raises(TypeError, match="shuffle"):
+            model.fit(x, y, shuffle=bad, verbose=0)
+    assert model.optimizer.iterations == 0
