@@ -19,10 +19,23 @@ Three measurements on one GPU, in one run (issue 8's goals in brackets):
    each after the epoch. Full MNIST when ``fastnn.datasets.load_mnist`` finds
    it on disk (no download is tried); else the bundled 4000-sample subset,
    repeated to MNIST's 60000 samples.
+4. The seven kernels of the convolutional layers (issue 16) at Keras' MNIST
+   convnet shapes (``fastnn._bench.CONV_SHAPES``, ``POOL_SHAPES``,
+   ``DROPOUT_SHAPES``; batch 128), float32, device arrays: each convolution
+   kernel against its GEMM alone (the same M, N, K through the same engine,
+   cuBLAS or the tiled kernel, no epilogue), with one call checked against
+   the NumPy reference; pooling and dropout as bandwidth against the copy peak
+   of 1.
+5. A whole MNIST epoch of Keras' "simple MNIST convnet" (Conv2D 32 relu,
+   MaxPool 2, Conv2D 64 relu, MaxPool 2, Flatten, Dropout 0.5, Dense 10
+   softmax; Adam 1e-3, batch 128, float32) with fastnn's ``Sequential`` on the
+   cuda backend against the same network in PyTorch CUDA (NCHW, cuDNN), when
+   installed, in the same run.
 
 Options: ``--quick`` (fewer repeats), ``--json PATH`` (write the figures),
-``--skip-mnist``, ``--threads``. Without a usable GPU it exits with status 2
-and says why (the CUDA simulator does not count: it is for tests only).
+``--skip-mnist``, ``--skip-conv``, ``--skip-convnet``, ``--batch`` (the MLP's),
+``--conv-batch`` (4 and 5). Without a usable GPU it exits with status 2 and
+says why (the CUDA simulator does not count: it is for tests only).
 """
 
 import argparse
@@ -211,14 +224,18 @@ def mnist():
                               f"test {xt.shape[0]}")
 
 
-def bench_fastnn_epoch(x, y, xt, yt, batch):
+def _mlp_fastnn():
     import fastnn as fn
 
-    def model():
-        m = fn.Sequential([fn.Dense(u, "relu") for u in LAYERS[1:-1]] + [fn.Dense(LAYERS[-1])],
-                          input_dim=LAYERS[0], dtype="float32", seed=0)
-        m.compile(loss="softmax_cross_entropy", optimizer=fn.Adam(lr=1e-3))
-        return m
+    m = fn.Sequential([fn.Dense(u, "relu") for u in LAYERS[1:-1]] + [fn.Dense(LAYERS[-1])],
+                      input_dim=LAYERS[0], dtype="float32", seed=0)
+    m.compile(loss="softmax_cross_entropy", optimizer=fn.Adam(lr=1e-3))
+    return m
+
+
+def bench_fastnn_epoch(x, y, xt, yt, batch, model=_mlp_fastnn):
+    """One epoch of ``model()`` (a compiled Sequential) on the cuda backend."""
+    import fastnn as fn
 
     with fn.use_backend("cuda"):
         warm = model()     # compiles every kernel (numba JIT) outside the timing
@@ -233,7 +250,16 @@ def bench_fastnn_epoch(x, y, xt, yt, batch):
             "train_loss": hist.history["loss"][0], "test_accuracy": test["accuracy"]}
 
 
-def bench_torch_epoch(x, y, xt, yt, batch):
+def _mlp_torch(torch):
+    mods = []
+    for n_in, n_out in zip(LAYERS[:-2], LAYERS[1:-1]):
+        mods += [torch.nn.Linear(n_in, n_out), torch.nn.ReLU()]
+    return torch.nn.Sequential(*mods, torch.nn.Linear(*LAYERS[-2:]))
+
+
+def bench_torch_epoch(x, y, xt, yt, batch, make_net=_mlp_torch):
+    """The same epoch in PyTorch CUDA: ``make_net(torch)`` (logits out), Adam 1e-3,
+    cross-entropy; ``x`` already in the layout the net takes."""
     try:
         import torch
     except ImportError:
@@ -244,11 +270,8 @@ def bench_torch_epoch(x, y, xt, yt, batch):
     torch.manual_seed(0)
 
     def model():
-        mods = []
-        for n_in, n_out in zip(LAYERS[:-2], LAYERS[1:-1]):
-            mods += [torch.nn.Linear(n_in, n_out), torch.nn.ReLU()]
-        net = torch.nn.Sequential(*mods, torch.nn.Linear(*LAYERS[-2:])).to(dev)
-        return net, torch.optim.Adam(net.parameters(), lr=1e-3)
+        m = make_net(torch).to(dev)
+        return m, torch.optim.Adam(m.parameters(), lr=1e-3)
 
     loss_fn = torch.nn.CrossEntropyLoss()
 
@@ -271,19 +294,174 @@ def bench_torch_epoch(x, y, xt, yt, batch):
         return total / n, correct / n
 
     xs, ys = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
-    net, opt = model()
-    epoch(net, opt, xs[:2 * batch + 17], ys[:2 * batch + 17])   # warm-up (cuBLAS, allocator)
-    net, opt = model()
+    m, opt = model()
+    epoch(m, opt, xs[:2 * batch + 17], ys[:2 * batch + 17])   # warm-up (cuBLAS, cuDNN, allocator)
+    m, opt = model()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    loss, _ = epoch(net, opt, xs, ys)
+    loss, _ = epoch(m, opt, xs, ys)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    m.eval()
     with torch.no_grad():
-        pred = net(torch.from_numpy(xt).to(dev)).argmax(1).cpu().numpy()
+        pred = torch.cat([m(xb).argmax(1) for xb in torch.from_numpy(xt).to(dev).split(1000)])
+        pred = pred.cpu().numpy()
     return {"version": torch.__version__, "epoch_s": seconds,
             "samples_per_s": x.shape[0] / seconds, "train_loss": loss,
             "test_accuracy": float(np.mean(pred == yt))}
+
+
+# ------------------------------------------------------------------ 4. conv kernels
+
+def _conv_gemms(dims):
+    """The GEMMs (m, n, k, ta, tb) of one convolution of Keras' convnet: the
+    forward product ``cols @ w``, ``dw = cols.T @ dz`` and backprop's
+    ``dz @ w.T`` (``dims`` as ``fastnn._bench.CONV_SHAPES``)."""
+    batch, h, w, c, o, k = dims
+    m, kk = batch * (h - k + 1) * (w - k + 1), k * k * c
+    return {"conv2d_forward": (m, o, kk, False, False),
+            "conv2d_backward": (kk, o, m, True, False),
+            "conv2d_backprop": (m, kk, o, False, True)}
+
+
+def _gemm_alone(backend, m, n, k, ta, tb, dtype):
+    """``c = op(a) @ op(b)`` of shape (m, n, k) through the backend's GEMM
+    engine (cuBLAS, or the tiled kernel) with no epilogue: the baseline a conv
+    kernel's GEMM is held against."""
+    from fastnn.kernels import _cuda_kernels as K
+
+    rng = np.random.default_rng(1)
+    a = backend.from_host(rng.standard_normal((k, m) if ta else (m, k)).astype(dtype))
+    b = backend.from_host(rng.standard_normal((n, k) if tb else (k, n)).astype(dtype))
+    c = backend.empty((m, n), dtype)
+    ks = K.kernels(np.dtype(dtype))
+    return lambda: backend._matmul(a, b, c, ta, tb, ks, K.EPI_STORE)
+
+
+def _check(name, got, want, n):
+    """Max abs error over max |want|, and whether it is within float32's
+    tolerance for a sum of ``n`` terms (DESIGN.md, scaled)."""
+    err = float(np.max(np.abs(got - want)))
+    scale = float(np.max(np.abs(want))) or 1.0
+    return {"max_abs_err": err, "ok": err <= 1e-5 * n * scale + 1e-6 * n}
+
+
+def bench_conv(backend, cuda, repeats, batch):
+    """Each conv, pooling and dropout kernel at Keras' convnet shapes (float32,
+    device arrays, wall time per call back to back): a convolution against its
+    GEMM alone (same M, N, K, same engine), pooling and dropout as bandwidth
+    against the device-to-device copy peak. One call of each convolution is
+    checked against the NumPy reference."""
+    from fastnn._bench import CONV_SHAPES, DROPOUT_SHAPES, POOL_SHAPES
+    from fastnn.kernels import reference as R
+
+    dt = np.float32
+    sync = cuda.synchronize
+    rng = np.random.default_rng(0)
+    rows = []
+    engine = backend.gemm_engine()
+    for dims in CONV_SHAPES:
+        dims = (batch,) + tuple(dims[1:])
+        _, h, w, c, o, k = dims
+        p, q = h - k + 1, w - k + 1
+        x = rng.standard_normal((batch, h, w, c)).astype(dt)
+        wt = (rng.standard_normal((k, k, c, o)) / np.sqrt(k * k * c)).astype(dt)
+        b = rng.standard_normal(o).astype(dt)
+        dz = rng.standard_normal((batch, p, q, o)).astype(dt)
+        y = np.abs(rng.standard_normal(x.shape)).astype(dt)
+        dx, dw, db, ddz, dy_ = (backend.from_host(a) for a in (x, wt, b, dz, y))
+        out, z = backend.empty((batch, p, q, o), dt), backend.empty((batch, p, q, o), dt)
+        gw, gb = backend.empty(wt.shape, dt), backend.empty(o, dt)
+        delta = backend.empty(x.shape, dt)
+        calls = {
+            "conv2d_forward": lambda: backend.conv2d_forward(dx, dw, db, "relu", out, z),
+            "conv2d_backward": lambda: backend.conv2d_backward(dx, ddz, gw, gb),
+            "conv2d_backprop": lambda: backend.conv2d_backprop(ddz, dw, None, dy_, "relu", delta),
+        }
+        gemms = _conv_gemms(dims)
+        shape = f"{batch}x{h}x{w}x{c} -> {o} {k}x{k}"
+        for name, fn in calls.items():
+            m, n, kk, ta, tb = gemms[name]
+            flops = 2.0 * m * n * kk
+            reps = max(5, min(500, int(2e10 / flops)))
+            row = {"kernel": name, "shape": shape, "gemm_mnk": f"{m}x{n}x{kk}", "engine": engine,
+                   "reps": reps}
+            row["fastnn_s"] = wall_time(sync, fn, reps, repeats)
+            row["gemm_s"] = wall_time(sync, _gemm_alone(backend, m, n, kk, ta, tb, dt), reps,
+                                      repeats)
+            row["ratio_to_gemm"] = row["fastnn_s"] / row["gemm_s"]
+            row["TFLOPs"] = flops / row["fastnn_s"] / 1e12
+            if name == "conv2d_forward":
+                want = np.empty((batch, p, q, o), dt)
+                R.conv2d_forward(x, wt, b, "relu", want)
+                row.update(_check(name, backend.to_host(out), want, k * k * c))
+            elif name == "conv2d_backward":
+                want, want_b = np.empty_like(wt), np.empty_like(b)
+                R.conv2d_backward(x, dz, want, want_b)
+                row.update(_check(name, backend.to_host(gw), want, batch * p * q))
+            else:
+                want = np.empty_like(x)
+                R.conv2d_backprop(dz, wt, None, y, "relu", want)
+                row.update(_check(name, backend.to_host(delta), want, k * k * o))
+            rows.append(row)
+    for dims in POOL_SHAPES:
+        n_, h, w, c = (batch,) + tuple(dims[1:])
+        p, q = h // 2, w // 2
+        x = backend.from_host(rng.standard_normal((n_, h, w, c)).astype(dt))
+        out, arg = backend.empty((n_, p, q, c), dt), backend.empty((n_, p, q, c), np.int32)
+        dyp, g = backend.from_host(rng.standard_normal((n_, p, q, c)).astype(dt)), \
+            backend.empty((n_, h, w, c), dt)
+        shape = f"{n_}x{h}x{w}x{c} pool 2x2"
+        moved = {"maxpool2d_forward": 4 * (n_ * h * w * c + 2 * n_ * p * q * c),
+                 "maxpool2d_backward": 4 * (2 * n_ * h * w * c + 2 * n_ * p * q * c)}
+        calls = {"maxpool2d_forward": lambda: backend.maxpool2d_forward(x, out, arg, (2, 2)),
+                 "maxpool2d_backward": lambda: backend.maxpool2d_backward(
+                     dyp, arg, None, x, "relu", g, (2, 2))}
+        for name, fn in calls.items():
+            t = wall_time(sync, fn, 200, repeats)
+            rows.append({"kernel": name, "shape": shape, "fastnn_s": t,
+                         "GBps": moved[name] / t / 1e9})
+    for dims in DROPOUT_SHAPES:
+        rows_, cols = dims if dims[1] != 1600 else (batch, dims[1])
+        a = backend.from_host(rng.standard_normal((rows_, cols)).astype(dt))
+        o_ = backend.empty((rows_, cols), dt)
+        for name in ("dropout_forward", "dropout_backward"):
+            kern = getattr(backend, name)
+            seed = [0]
+
+            def fn(kern=kern, seed=seed):
+                seed[0] += 1
+                kern(a, 0.5, seed[0], o_)
+            t = wall_time(sync, fn, 200, repeats)
+            rows.append({"kernel": name, "shape": f"{rows_}x{cols} rate 0.5", "fastnn_s": t,
+                         "GBps": 8 * rows_ * cols / t / 1e9})
+    return rows
+
+
+# ------------------------------------------------------------------ 5. convnet epoch
+
+def _keras_convnet_fastnn():
+    import fastnn as fn
+
+    m = fn.Sequential([
+        fn.Conv2D(32, (3, 3), activation="relu", input_shape=(28, 28, 1)),
+        fn.MaxPool2D(pool_size=(2, 2)),
+        fn.Conv2D(64, (3, 3), activation="relu"),
+        fn.MaxPool2D(pool_size=(2, 2)),
+        fn.Flatten(),
+        fn.Dropout(0.5),
+        fn.Dense(10, activation="softmax"),
+    ], dtype="float32", seed=0)
+    m.compile(loss="sparse_categorical_crossentropy", optimizer=fn.Adam(lr=1e-3))
+    return m
+
+
+def _keras_convnet_torch(torch):
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Dropout(0.5), nn.Linear(1600, 10))
 
 
 # ------------------------------------------------------------------ report
@@ -294,6 +472,10 @@ def main(argv=None):
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--skip-mnist", action="store_true", help="no training epoch")
     parser.add_argument("--batch", type=int, default=128, help="MNIST batch size (128)")
+    parser.add_argument("--skip-conv", action="store_true", help="no conv kernel rows")
+    parser.add_argument("--skip-convnet", action="store_true", help="no convnet epoch")
+    parser.add_argument("--conv-batch", type=int, default=128,
+                        help="batch of the conv kernel rows and the convnet epoch (128)")
     args = parser.parse_args(argv)
 
     global cuda
@@ -335,6 +517,41 @@ def main(argv=None):
         print(f"   fastnn (cuda)  {f['epoch_s']:7.2f} s  {f['samples_per_s']:9.0f} samples/s  "
               f"loss {f['train_loss']:.4f}  test accuracy {f['test_accuracy']:.4f}")
         t = results["mnist_torch"] = bench_torch_epoch(x, y, xt, yt, args.batch)
+        if "skipped" in t:
+            print(f"   PyTorch CUDA   skipped: {t['skipped']}")
+        else:
+            print(f"   PyTorch {t['version']} {t['epoch_s']:7.2f} s  {t['samples_per_s']:9.0f} "
+                  f"samples/s  loss {t['train_loss']:.4f}  test accuracy {t['test_accuracy']:.4f}"
+                  f"  -> fastnn takes {f['epoch_s'] / t['epoch_s']:.2f}x PyTorch's time")
+
+    if not args.skip_conv:
+        rows = results["conv"] = bench_conv(backend, cuda, repeats, args.conv_batch)
+        print(f"\n4. Conv, pooling and dropout kernels at Keras' convnet shapes, float32, "
+              f"wall time per call (GEMM engine: {backend.gemm_engine()})")
+        for r in rows:
+            line = f"   {r['kernel']:19s} {r['shape']:>28s}: {r['fastnn_s'] * 1e6:9.1f} us"
+            if "gemm_s" in r:
+                line += (f"  GEMM alone ({r['gemm_mnk']}) {r['gemm_s'] * 1e6:9.1f} us"
+                         f" -> {r['ratio_to_gemm']:.2f}x  {r['TFLOPs']:.2f} TFLOP/s"
+                         f"  {'ok' if r['ok'] else 'WRONG'} (max err {r['max_abs_err']:.1e})")
+            else:
+                line += (f"  {r['GBps']:7.0f} GB/s"
+                         + (f" = {r['GBps'] / a['copy_GBps']:.0%} of the copy peak"))
+            print(line)
+
+    if not args.skip_convnet:
+        x, y, xt, yt, what = mnist()
+        x, xt = x.reshape(-1, 28, 28, 1), xt.reshape(-1, 28, 28, 1)
+        b = args.conv_batch
+        print(f"\n5. One MNIST epoch of Keras' convnet (conv 32 relu, pool, conv 64 relu, pool, "
+              f"dropout 0.5, dense 10), Adam, batch {b}, float32: {what}")
+        f = results["convnet_fastnn"] = bench_fastnn_epoch(x, y, xt, yt, b,
+                                                           _keras_convnet_fastnn)
+        print(f"   fastnn (cuda)  {f['epoch_s']:7.2f} s  {f['samples_per_s']:9.0f} samples/s  "
+              f"loss {f['train_loss']:.4f}  test accuracy {f['test_accuracy']:.4f}")
+        t = results["convnet_torch"] = bench_torch_epoch(
+            x.transpose(0, 3, 1, 2).copy(), y, xt.transpose(0, 3, 1, 2).copy(), yt, b,
+            _keras_convnet_torch)
         if "skipped" in t:
             print(f"   PyTorch CUDA   skipped: {t['skipped']}")
         else:

@@ -35,21 +35,20 @@ import warnings
 import numpy as np
 
 from .reference import ACTIVATIONS  # noqa: F401 - the backend implements all of them
-from .reference import CONV_KERNELS
+from .reference import dropout_threshold
 
 __all__ = [
     "dense_forward", "activation_forward", "activation_backward",
     "backprop_delta", "dense_backward", "softmax_cross_entropy",
     "sigmoid_binary_cross_entropy", "mse", "sgd_step", "adam_step",
     "rmsprop_step", "softmax",
+    "conv2d_forward", "conv2d_backward", "conv2d_backprop",
+    "maxpool2d_forward", "maxpool2d_backward", "dropout_forward", "dropout_backward",
     "available", "info", "empty", "zeros", "from_host", "to_host", "copy_from_host",
     "count_correct", "synchronize", "set_gemm", "gemm_engine",
 ]
 
 COMPLETE = True   # every kernel, every activation in ACTIVATIONS (imported above)
-#: Not implemented yet: the registry runs the reference (device arrays copied to
-#: the host and back). Issue 16 implements them and removes this line.
-PENDING = CONV_KERNELS
 #: (batch, width) pairs for the parity suite: tiny, as the simulator runs
 #: every GPU thread as a Python thread.
 PARITY_SHAPES = tuple((batch, width) for batch in (1, 3, 5) for width in (1, 7, 10))
@@ -622,6 +621,257 @@ def rmsprop_step(p, g, sq, buf, lr, rho, eps, momentum, centered_mean, weight_de
         dp, dg, dsq, dbuf, dcm, F(lr), F(rho), F(1.0 - rho), F(eps), F(momentum),
         int(centered_mean is not None), F(weight_decay), F(l1))
     s.finish()
+
+
+# ------------------------------------------------------------------ convolution, pooling, dropout
+#
+# NHWC images (the contract's rows of issue 15). A convolution is GEMMs: the
+# im2col columns (n*p*q, kh*kw*c) go into a per-thread device workspace
+# (``_workspace``), then ``_matmul`` runs cuBLAS (or the tiled kernel) with
+# the same epilogues as the dense layer; a 1x1 kernel at stride 1 without
+# padding uses x itself. The kernels around the GEMMs are in ``_cuda_conv``.
+
+_kc = None   # the _cuda_conv module, imported on first use (it imports numba)
+
+
+def _conv_kernels(dtype):
+    global _kc
+    if _kc is None:
+        _ready()
+        from . import _cuda_conv
+
+        _kc = _cuda_conv
+    return _kc.kernels(dtype)
+
+
+class _Workspace(threading.local):
+    """Per-thread device scratch of the convolution kernels (the contract's
+    workspace): one flat array per (purpose, dtype), grown on demand and then
+    reused, so a training step allocates nothing after its first batch.
+    Reusing it from one call to the next is safe because a thread's kernels
+    and GEMMs run in order on one stream."""
+
+    def __init__(self):
+        self.arrays = {}
+
+    def get(self, name, count, dtype):
+        """The first ``count`` elements of the ``name`` array of ``dtype``."""
+        key = (name, np.dtype(dtype))
+        a = self.arrays.get(key)
+        if a is None or a.shape[0] < count:
+            self.arrays[key] = None          # free the old one before allocating
+            a = self.arrays[key] = _cuda.device_array(max(count, 1), key[1])
+        return a[:count]
+
+    def nbytes(self):
+        """Device bytes held by this thread's workspace."""
+        return sum(a.shape[0] * a.dtype.itemsize for a in self.arrays.values() if a is not None)
+
+
+_workspace = _Workspace()
+
+
+def _direct(kh, kw, sh, sw, padding):
+    """A 1x1 kernel at stride 1 without padding: the columns are x itself."""
+    return kh == kw == 1 and sh == sw == 1 and not any(padding)
+
+
+def _im2col(kc, x, kh, kw, p, q, sh, sw, padding):
+    """The im2col matrix ``(n*p*q, kh*kw*c)`` of the device array ``x``: a
+    view of ``x`` for a 1x1 kernel at stride 1 unpadded, else the workspace
+    filled by the ``im2col`` kernel."""
+    n, h, w, c = x.shape
+    m, k = n * p * q, kh * kw * c
+    if _direct(kh, kw, sh, sw, padding):
+        return x.reshape(m, k)
+    cols = _workspace.get("cols", m * k, x.dtype)
+    _launch(kc.im2col, _blocks(m * k), _k.BLOCK)(
+        _flat(x), cols, h, w, c, p, q, kh, kw, sh, sw, int(padding[0]), int(padding[2]))
+    return cols.reshape(m, k)
+
+
+def _column_sum64(kc, a, rows, cols, out):
+    """``out = a.sum(0)`` for the flat ``(rows, cols)`` device array ``a``,
+    accumulated in float64 over row blocks (``column_partials``), then summed
+    and rounded once (``column_finish``)."""
+    cap = 2 if _k.SIMULATOR else 128
+    parts = max(1, min(-(-rows // _k.RW), cap))
+    partials = _workspace.get("partials", parts * cols, np.float64)
+    _launch(kc.column_partials, (-(-cols // _k.CW), parts), (_k.CW, _k.RW))(
+        a, rows, cols, partials)
+    _launch(kc.column_finish, _blocks(cols), _k.BLOCK)(partials, parts, out)
+
+
+def _strides(stride):
+    return int(stride[0]), int(stride[1])
+
+
+def conv2d_forward(x, w, b, act, out, preact=None, stride=(1, 1), padding=(0, 0, 0, 0)):
+    """2-D convolution (cross-correlation), NHWC, with bias and activation:
+    ``out = act(z)``, ``preact = z`` when given,
+    ``z[n,p,q,o] = b[o] + sum_{i,j,c} xpad[n, p*sh+i, q*sw+j, c] * w[i,j,c,o]``.
+
+    im2col into the workspace, then one GEMM ``cols (n*p*q, kh*kw*c) @ w``
+    with ``dense_forward``'s bias + activation epilogue (fused into the tiled
+    GEMM, or one kernel after cuBLAS). Arrays: ``x (n, h, w, c)``,
+    ``w (kh, kw, c, o)``, ``b (o,)``, ``out``/``preact (n, p, q, o)``;
+    ``stride (sh, sw)``, ``padding (top, bottom, left, right)``.
+    """
+    s = _Staging()
+    dx, dw, db = s(x), s(w), s(b)
+    dout = s(out, out=True, fresh=True)
+    dpre = None if preact is None else s(preact, out=True, fresh=True)
+    kc = _conv_kernels(dx.dtype)
+    kh, kw, c, o = dw.shape
+    n, p, q, _ = dout.shape
+    sh, sw = _strides(stride)
+    m = n * p * q
+    cols = _im2col(kc, dx, kh, kw, p, q, sh, sw, padding)
+    _matmul(cols, dw.reshape(kh * kw * c, o), dout.reshape(m, o), False, False,
+            _k.kernels(dx.dtype), _k.EPI_FORWARD, _act(act), db,
+            preact=None if dpre is None else dpre.reshape(m, o))
+    s.finish()
+
+
+def conv2d_backward(x, dz, dw, db, stride=(1, 1), padding=(0, 0, 0, 0)):
+    """Parameter gradients of a convolution (overwritten):
+    ``dw[i,j,c,o] = sum_{n,p,q} xpad[n,p*sh+i,q*sw+j,c] * dz[n,p,q,o]``,
+    ``db[o] = sum_{n,p,q} dz[n,p,q,o]`` (summed in float64, rounded once).
+
+    im2col into the workspace, one GEMM ``cols.T @ dz`` (the columns read
+    transposed in place), and a two-pass float64 column sum for ``db``.
+    """
+    s = _Staging()
+    dx, ddz = s(x), s(dz)
+    ddw = s(dw, out=True, fresh=True)
+    ddb = s(db, out=True, fresh=True)
+    kc = _conv_kernels(dx.dtype)
+    kh, kw, c, o = ddw.shape
+    n, p, q, _ = ddz.shape
+    sh, sw = _strides(stride)
+    m = n * p * q
+    cols = _im2col(kc, dx, kh, kw, p, q, sh, sw, padding)
+    dz2 = ddz.reshape(m, o)
+    _matmul(cols, dz2, ddw.reshape(kh * kw * c, o), True, False, _k.kernels(dx.dtype),
+            _k.EPI_STORE)
+    _column_sum64(kc, _flat(ddz), m, o, ddb)
+    s.finish()
+
+
+def conv2d_backprop(dz, w, z, y, act, out, stride=(1, 1), padding=(0, 0, 0, 0)):
+    """Delta of the layer below a convolution:
+    ``out[n,h,w,c] = act'(z or y) * sum dz[n,p,q,o] * w[i,j,c,o]`` over
+    ``p*sh + i - top == h``, ``q*sw + j - left == w`` (``act'`` from ``y``
+    for identity, relu, sigmoid, tanh, else from ``z``).
+
+    One GEMM ``dz (n*p*q, o) @ w.T`` into the workspace (``w`` read
+    transposed in place), then ``col2im_delta``: a thread per input element
+    gathers its window terms and multiplies by the derivative. A 1x1 kernel
+    at stride 1 unpadded is ``backprop_delta``: the GEMM with the derivative
+    epilogue straight into ``out``.
+    """
+    s = _Staging()
+    ddz, dw = s(dz), s(w)
+    dzz = None if z is None else s(z)
+    dyy = None if y is None else s(y)
+    dout = s(out, out=True, fresh=True)
+    ks = _k.kernels(ddz.dtype)
+    kh, kw, c, o = dw.shape
+    n, p, q, _ = ddz.shape
+    _, h, wd, _ = dout.shape
+    sh, sw = _strides(stride)
+    m, k = n * p * q, kh * kw * c
+    code = _act(act)
+    dz2, w2 = ddz.reshape(m, o), dw.reshape(k, o)
+    if _direct(kh, kw, sh, sw, padding):
+        _matmul(dz2, w2, dout.reshape(m, k), False, True, ks,
+                _k.EPI_STORE if code == 0 else _k.EPI_DELTA, code, z=dzz, y=dyy)
+    else:
+        kc = _conv_kernels(ddz.dtype)
+        dcols = _workspace.get("cols", m * k, ddz.dtype)
+        _matmul(dz2, w2, dcols.reshape(m, k), False, True, ks, _k.EPI_STORE)
+        fo = _flat(dout)
+        _launch(kc.col2im_delta, _blocks(fo.shape[0]), _k.BLOCK)(
+            dcols, h, wd, c, p, q, kh, kw, sh, sw, int(padding[0]), int(padding[2]), code,
+            fo if dzz is None else _flat(dzz), fo if dyy is None else _flat(dyy), fo)
+    s.finish()
+
+
+def _pool_steps(pool, stride):
+    ph, pw = int(pool[0]), int(pool[1])
+    sh, sw = (ph, pw) if stride is None else _strides(stride)
+    return ph, pw, sh, sw
+
+
+def maxpool2d_forward(x, out, argmax, pool=(2, 2), stride=None):
+    """Max pooling without padding, NHWC:
+    ``out[n,p,q,c] = max_{i<ph, j<pw} x[n, p*sh+i, q*sw+j, c]`` and the int32
+    ``argmax = i*pw + j`` of the first maximum (a NaN is the maximum);
+    ``stride`` None means ``pool``. One thread per output element."""
+    s = _Staging()
+    dx = s(x)
+    dout = s(out, out=True, fresh=True)
+    darg = s(argmax, out=True, fresh=True)
+    kc = _conv_kernels(dx.dtype)
+    ph, pw, sh, sw = _pool_steps(pool, stride)
+    n, h, w, c = dx.shape
+    p, q = dout.shape[1:3]
+    fo = _flat(dout)
+    _launch(kc.maxpool_forward, _blocks(fo.shape[0]), _k.BLOCK)(
+        _flat(dx), fo, _flat(darg), h, w, c, p, q, ph, pw, sh, sw)
+    s.finish()
+
+
+def maxpool2d_backward(dy, argmax, z, y, act, out, pool=(2, 2), stride=None):
+    """Gradient through max pooling times the derivative of the layer below:
+    ``out = act'(z or y) * g``, ``g[n, p*sh+i, q*sw+j, c] = sum dy[n,p,q,c]``
+    over the windows whose ``argmax`` is ``i*pw + j`` (0 where none chose).
+    One thread per input element gathers from the windows that contain it
+    (no atomics; overlapping windows sum in the reference's order)."""
+    s = _Staging()
+    ddy, darg = s(dy), s(argmax)
+    dzz = None if z is None else s(z)
+    dyy = None if y is None else s(y)
+    dout = s(out, out=True, fresh=True)
+    kc = _conv_kernels(ddy.dtype)
+    ph, pw, sh, sw = _pool_steps(pool, stride)
+    n, p, q, c = ddy.shape
+    h, w = dout.shape[1:3]
+    fo = _flat(dout)
+    _launch(kc.maxpool_backward, _blocks(fo.shape[0]), _k.BLOCK)(
+        _flat(ddy), _flat(darg), h, w, c, p, q, ph, pw, sh, sw, _act(act),
+        fo if dzz is None else _flat(dzz), fo if dyy is None else _flat(dyy), fo)
+    s.finish()
+
+
+def _dropout(x, rate, seed, out):
+    s = _Staging()
+    dx = s(x)
+    dout = s(out, out=True, fresh=True)
+    rate = float(rate)
+    if not (rate == 0 and dout is dx):
+        kc = _conv_kernels(dx.dtype)
+        fx, fo = _flat(dx), _flat(dout)
+        scale = dx.dtype.type(1.0 / (1.0 - rate))
+        _launch(kc.dropout, _blocks(fo.shape[0]), _k.BLOCK)(
+            fx, fo, np.uint64(int(seed)), np.uint64(dropout_threshold(rate)), scale,
+            int(rate == 0))
+    s.finish()
+
+
+def dropout_forward(x, rate, seed, out):
+    """Inverted dropout, any shape: element ``i`` (flat C order) is kept iff
+    ``splitmix64((seed + (i+1)*0x9E3779B97F4A7C15) mod 2**64) >> 40 >=
+    floor(rate*2**24 + 0.5)``; kept ``out = x * s``, ``s = 1/(1 - rate)``
+    rounded once to the dtype; dropped ``out = +0.0``; ``rate == 0`` copies.
+    ``out`` may be ``x``. The mask is computed in the kernel that applies it."""
+    _dropout(x, rate, seed, out)
+
+
+def dropout_backward(dy, rate, seed, out):
+    """Backward pass of :func:`dropout_forward`: the same mask and scale on
+    ``dy`` (``out`` may be ``dy``)."""
+    _dropout(dy, rate, seed, out)
 
 
 # ------------------------------------------------------------------ array hooks

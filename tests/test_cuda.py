@@ -90,8 +90,8 @@ def test_reason_without_numba_cuda(monkeypatch):
 def test_parity_shapes_are_small():
     assert C.COMPLETE is True
     assert C.PARITY_SHAPES and all(1 <= b <= 5 and 1 <= w <= 10 for b, w in C.PARITY_SHAPES)
-    pending = getattr(C, "PENDING", ())   # issue 16 implements the conv kernels
-    assert set(R.CONTRACT) - set(pending) <= set(C.__all__)
+    assert not getattr(C, "PENDING", ())   # issue 16: the conv kernels are native
+    assert set(R.CONTRACT) <= set(C.__all__)
 
 
 def _colmajor(buf, rows, cols, ld):
@@ -168,6 +168,50 @@ def test_kernels_compile_for_a_real_gpu(monkeypatch):
                 assert not f64_lines, f"{name} (float32) computes in float64: {f64_lines[:3]}"
 
 
+#: Float64 arithmetic the conv kernels do by contract: db is summed in float64.
+F32_REDUCING_CONV = {"column_partials", "column_finish"}
+
+
+@pytest.mark.skipif(not HAS_NUMBA_CUDA or SIMULATOR, reason="needs numba-cuda, not the simulator")
+def test_conv_kernels_compile_for_a_real_gpu(monkeypatch):
+    """The convolution, pooling and dropout kernels compile to PTX (compute
+    capability 8.0) in both dtypes; float32 ones do no float64 arithmetic
+    except db's sums, and the dropout hash is integer arithmetic only."""
+    from numba import cuda
+    import numba.cuda.dispatcher as dispatcher
+    from types import SimpleNamespace
+    from fastnn.kernels import _cuda_conv as KC
+
+    monkeypatch.setattr(dispatcher, "get_current_device",
+                        lambda: SimpleNamespace(compute_capability=(8, 0)))
+    i, f64, i32 = cuda.int64, cuda.float64[::1], cuda.int32[::1]
+    for dtype, T in ((np.float32, cuda.float32), (np.float64, cuda.float64)):
+        a1 = T[::1]
+        sigs = {
+            "im2col": (a1, a1) + (i,) * 11,
+            "col2im_delta": (a1,) + (i,) * 12 + (a1, a1, a1),
+            "column_partials": (a1, i, i, f64),
+            "column_finish": (f64, i, a1),
+            "maxpool_forward": (a1, a1, i32) + (i,) * 9,
+            "maxpool_backward": (a1, i32) + (i,) * 10 + (a1, a1, a1),
+            "dropout": (a1, a1, cuda.uint64, cuda.uint64, T, i),
+        }
+        ks = KC.build(np.dtype(dtype))   # fresh dispatchers: the cached set stays untouched
+        for name, sig in sigs.items():
+            try:
+                ptx, _ = cuda.compile_ptx(getattr(ks, name).py_func, sig, cc=(8, 0))
+            except Exception as exc:
+                if "NVVM" in type(exc).__name__ or "libnvvm" in str(exc).lower():
+                    pytest.skip(f"NVVM is not installed: {exc}")
+                raise
+            if dtype is np.float32 and name not in F32_REDUCING_CONV:
+                f64_lines = [ln for ln in ptx.splitlines()
+                             if ".f64" in ln and not ln.strip().startswith("//")]
+                assert not f64_lines, f"{name} (float32) computes in float64: {f64_lines[:3]}"
+            if name == "dropout":
+                assert "mul.lo.s64" in ptx or "mul.lo.u64" in ptx   # the 64-bit hash
+
+
 # ------------------------------------------------------------------ simulator or GPU
 
 @needs_cuda
@@ -183,15 +227,15 @@ def test_registry_loads_cuda_complete():
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fallback_kernels_take_device_arrays(dtype):
-    """A kernel the backend lacks (PENDING) runs the reference on host copies of
-    device arrays and writes the device outputs; in place stays in place; NumPy
-    arrays run the reference directly."""
+def test_conv_kernels_through_the_gate_on_device_arrays(dtype):
+    """fastnn.ops runs the native conv, pooling and dropout kernels on device
+    arrays and writes the device outputs; inputs stay as they were; in place
+    stays in place; a view of a flat device buffer is a valid output; int32
+    argmax on the device; NumPy arrays give the reference's results."""
     import fastnn
 
-    pending = getattr(C, "PENDING", ())
-    if "conv2d_forward" not in pending:
-        pytest.skip("the conv kernels are native on cuda")
+    assert not set(R.CONV_KERNELS) & set(fastnn.backends()["cuda"].fallbacks)
+    assert fastnn._backend.load("cuda").conv2d_forward is C.conv2d_forward
     rng = np.random.default_rng(5)
     x, w, b = rand(rng, (2, 5, 4, 3), dtype), rand(rng, (3, 2, 3, 4), dtype), rand(rng, 4, dtype)
     want, pre = np.empty((2, 2, 3, 4), dtype), np.empty((2, 2, 3, 4), dtype)
@@ -225,10 +269,192 @@ def test_fallback_kernels_take_device_arrays(dtype):
         with pytest.raises(ValueError, match="argmax must hold window indices"):
             fastnn.ops.maxpool2d_backward(dev(ref_out), bad, None, dev(x), "relu",
                                           C.empty(x.shape, dtype), (2, 2))
-        # NumPy arrays: the reference itself
+        # NumPy arrays: copied up and back
         host_out = np.empty((2, 2, 3, 4), dtype)
         fastnn.ops.conv2d_forward(x, w, b, "gelu", host_out, None, (2, 1), (1, 0, 0, 0))
-        np.testing.assert_array_equal(host_out, want)
+        close(host_out, want, dtype, 18)
+
+
+#: (kernel, stride, padding): the general im2col path (odd kernel, stride and
+#: pads), a 1x1 kernel at stride 1 (no im2col: x is the GEMM operand), a 1x1
+#: kernel at stride 2 (im2col with one tap), and Keras' 3x3 "same".
+CONV_GEOMETRIES = [((3, 2), (2, 1), (1, 2, 0, 1)), ((1, 1), (1, 1), (0, 0, 0, 0)),
+                   ((1, 1), (2, 2), (0, 0, 0, 0)), ((3, 3), (1, 1), (1, 1, 1, 1))]
+
+
+def _nan_device(shape, dtype):
+    """A device array full of NaN: an output element a kernel forgets shows."""
+    return dev(np.full(shape, np.nan, dtype))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES)
+@pytest.mark.parametrize("act", ["relu", "softplus"])
+def test_conv_device_in_and_out(dtype, geometry, act):
+    """conv2d_forward/backward/backprop on device arrays against the reference:
+    every output element written, inputs untouched; relu's derivative comes
+    from y, softplus' from z."""
+    (kh, kw), stride, pads = geometry
+    rng = np.random.default_rng(kh * 10 + stride[0])
+    n, h, w, c, o = 2, 5, 6, 3, 4
+    p = (h + pads[0] + pads[1] - kh) // stride[0] + 1
+    q = (w + pads[2] + pads[3] - kw) // stride[1] + 1
+    x, wt, b = rand(rng, (n, h, w, c), dtype), rand(rng, (kh, kw, c, o), dtype), rand(rng, o, dtype)
+    dx, dwt, db = dev(x), dev(wt), dev(b)
+    want, want_z = np.empty((n, p, q, o), dtype), np.empty((n, p, q, o), dtype)
+    R.conv2d_forward(x, wt, b, act, want, want_z, stride, pads)
+    out, z = _nan_device(want.shape, dtype), _nan_device(want.shape, dtype)
+    C.conv2d_forward(dx, dwt, db, act, out, z, stride, pads)
+    close(out, want, dtype, kh * kw * c)
+    close(z, want_z, dtype, kh * kw * c)
+
+    dz = rand(rng, (n, p, q, o), dtype)
+    want_dw, want_db = np.empty_like(wt), np.empty_like(b)
+    R.conv2d_backward(x, dz, want_dw, want_db, stride, pads)
+    gdw, gdb = _nan_device(wt.shape, dtype), _nan_device(b.shape, dtype)
+    C.conv2d_backward(dx, dev(dz), gdw, gdb, stride, pads)
+    close(gdw, want_dw, dtype, n * p * q)
+    close(gdb, want_db, dtype, n * p * q)
+
+    zb = rand(rng, x.shape, dtype, 3.0)
+    yb = np.empty_like(zb)
+    R.activation_forward(act, zb, yb)
+    zarg, yarg = (None, yb) if act in R.Y_ACTIVATIONS else (zb, None)
+    want_d = np.empty_like(x)
+    R.conv2d_backprop(dz, wt, zarg, yarg, act, want_d, stride, pads)
+    delta = _nan_device(x.shape, dtype)
+    C.conv2d_backprop(dev(dz), dwt, None if zarg is None else dev(zarg),
+                      None if yarg is None else dev(yarg), act, delta, stride, pads)
+    close(delta, want_d, dtype, kh * kw * o)
+    for d, a in ((dx, x), (dwt, wt), (db, b)):
+        np.testing.assert_array_equal(C.to_host(d), a)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pool,stride", [((2, 2), None), ((2, 3), (1, 1)), ((3, 2), (2, 3))])
+def test_pool_and_dropout_device_in_and_out(dtype, pool, stride):
+    """maxpool2d_forward's device argmax (int32) fed straight to
+    maxpool2d_backward, as a model does; overlapping windows sum; dropout on
+    device arrays, in place and not, equal bit for bit to the reference."""
+    rng = np.random.default_rng(pool[0] * 7 + pool[1])
+    n, h, w, c = 2, 7, 6, 3
+    sh, sw = pool if stride is None else stride
+    p, q = (h - pool[0]) // sh + 1, (w - pool[1]) // sw + 1
+    x = np.round(rand(rng, (n, h, w, c), dtype, 2.0))     # ties in most windows
+    x[0, 1, 1, 0] = np.nan
+    want, want_arg = np.empty((n, p, q, c), dtype), np.empty((n, p, q, c), np.int32)
+    R.maxpool2d_forward(x, want, want_arg, pool, stride)
+    out, arg = _nan_device(want.shape, dtype), dev(np.full(want.shape, -1, np.int32))
+    C.maxpool2d_forward(dev(x), out, arg, pool, stride)
+    np.testing.assert_array_equal(C.to_host(out), want)
+    got_arg = C.to_host(arg)
+    assert got_arg.dtype == np.int32
+    np.testing.assert_array_equal(got_arg, want_arg)
+
+    dy = rand(rng, want.shape, dtype)
+    zb = rand(rng, x.shape, dtype)
+    want_g = np.empty_like(x)
+    R.maxpool2d_backward(dy, want_arg, zb, None, "leaky_relu", want_g, pool, stride)
+    g = _nan_device(x.shape, dtype)
+    C.maxpool2d_backward(dev(dy), arg, dev(zb), None, "leaky_relu", g, pool, stride)
+    close(g, want_g, dtype, pool[0] * pool[1])
+
+    for rate, seed in ((0.5, 2**64 - 1), (0.1, 0), (0.0, 7)):
+        want_d = np.empty_like(x)
+        R.dropout_forward(x, rate, seed, want_d)
+        d = dev(x)
+        C.dropout_forward(d, rate, seed, d)
+        np.testing.assert_array_equal(C.to_host(d), want_d)
+        src, o = dev(x), _nan_device(x.shape, dtype)
+        C.dropout_backward(src, rate, seed, o)
+        np.testing.assert_array_equal(C.to_host(o), want_d)
+        np.testing.assert_array_equal(C.to_host(src), x)
+
+
+def _conv_step(dtype, batch, pads, outs=None):
+    """One training step's conv, pooling and dropout calls on device arrays
+    (allocated here on the first call, then passed back in ``outs``)."""
+    rng = np.random.default_rng(batch)
+    h, w, c, o = 6, 5, 2, 3
+    x, wt, b = rand(rng, (batch, h, w, c), dtype), rand(rng, (3, 3, c, o), dtype), rand(rng, o, dtype)
+    p, q = h + pads[0] + pads[1] - 2, w + pads[2] + pads[3] - 2
+    if outs is None:
+        outs = dict(x=dev(x), w=dev(wt), b=dev(b), y=C.empty((batch, p, q, o), dtype),
+                    z=C.empty((batch, p, q, o), dtype), dw=C.empty(wt.shape, dtype),
+                    db=C.empty(o, dtype), delta=C.empty(x.shape, dtype),
+                    pooled=C.empty((batch, p // 2, q // 2, o), dtype),
+                    arg=C.empty((batch, p // 2, q // 2, o), np.int32),
+                    dpool=C.empty((batch, p, q, o), dtype))
+    a = outs
+    C.conv2d_forward(a["x"], a["w"], a["b"], "relu", a["y"], a["z"], (1, 1), pads)
+    C.maxpool2d_forward(a["y"], a["pooled"], a["arg"], (2, 2))
+    C.dropout_forward(a["pooled"], 0.5, 3, a["pooled"])
+    C.dropout_backward(a["pooled"], 0.5, 3, a["pooled"])
+    C.maxpool2d_backward(a["pooled"], a["arg"], None, a["y"], "relu", a["dpool"], (2, 2))
+    C.conv2d_backward(a["x"], a["dpool"], a["dw"], a["db"], (1, 1), pads)
+    C.conv2d_backprop(a["dpool"], a["w"], None, a["x"], "identity", a["delta"], (1, 1), pads)
+    want_dw, want_db = np.empty_like(wt), np.empty_like(b)
+    R.conv2d_backward(x, C.to_host(a["dpool"]), want_dw, want_db, (1, 1), pads)
+    close(a["dw"], want_dw, dtype, batch * p * q)
+    close(a["db"], want_db, dtype, batch * p * q)
+    want_d = np.empty_like(x)
+    R.conv2d_backprop(C.to_host(a["dpool"]), wt, None, x, "identity", want_d, (1, 1), pads)
+    close(a["delta"], want_d, dtype, 9 * o)
+    return outs
+
+
+@needs_cuda
+def test_conv_workspace_is_reused(monkeypatch):
+    """The im2col columns and the db partial sums live in a per-thread device
+    workspace: after the first step, a step of the same or a smaller batch
+    allocates no device memory; a larger batch grows the columns once; another
+    thread has a workspace of its own."""
+    import threading
+
+    dtype = np.float32
+    pads = (1, 1, 1, 1)
+    outs = _conv_step(dtype, 3, pads)
+    held = dict(C._workspace.arrays)
+    assert {name for name, _ in held} == {"cols", "partials"}
+    nbytes = C._workspace.nbytes()
+    assert nbytes > 0
+    calls = []
+    real = C._cuda.device_array
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(C._cuda, "device_array", counting)
+    monkeypatch.setattr(C._cuda, "to_device", lambda *a, **k: calls.append(a) or 1 / 0)
+    _conv_step(dtype, 3, pads, outs)
+    assert calls == [] and C._workspace.nbytes() == nbytes
+    assert all(C._workspace.arrays[key] is a for key, a in held.items())
+    monkeypatch.undo()
+
+    _conv_step(dtype, 1, pads)                     # smaller: the same arrays serve
+    assert all(C._workspace.arrays[key] is a for key, a in held.items())
+    monkeypatch.setattr(C._cuda, "device_array", counting)
+    C.conv2d_forward(dev(np.ones((5, 6, 5, 2), dtype)), outs["w"], outs["b"], "relu",
+                     C.empty((5, 6, 5, 3), dtype), None, (1, 1), pads)
+    grown = [a for a in calls if a[0] == 5 * 6 * 5 * 18]
+    assert len(grown) == 1 and len(calls) == 2     # the columns, and the output above
+    monkeypatch.undo()
+
+    seen = {}
+
+    def other():
+        seen["before"] = dict(C._workspace.arrays)
+        _conv_step(dtype, 2, pads)
+        seen["after"] = dict(C._workspace.arrays)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert seen["before"] == {}
+    assert seen["after"][("cols", np.dtype(dtype))] is not C._workspace.arrays[("cols", np.dtype(dtype))]
 
 
 @needs_cuda
@@ -569,6 +795,38 @@ def test_sequential_fit_on_cuda_matches_numpy(dtype):
     np.testing.assert_allclose(loss_c, loss_n, **tol(dtype, 6))
     assert acc_c == acc_n
     np.testing.assert_allclose(pred_c, pred_n, **tol(dtype, 6))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sequential_convnet_on_cuda_matches_numpy(dtype):
+    """A small Keras-style convnet (Conv2D relu, MaxPool2D, Conv2D "same",
+    Flatten, Dropout, Dense) trains on the cuda backend with every kernel
+    native and gives the numpy backend's losses and predictions (the dropout
+    masks are the same on both)."""
+    import fastnn as fn
+
+    assert fn.backends()["cuda"].fallbacks == ()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((12, 7, 6, 1)).astype(np.float32)
+    y = rng.integers(0, 3, 12)
+    results = {}
+    for backend in ("numpy", "cuda"):
+        with fn.use_backend(backend):
+            model = fn.Sequential([
+                fn.Conv2D(3, (3, 3), activation="relu", input_shape=(7, 6, 1)),
+                fn.MaxPool2D(pool_size=(2, 2)),
+                fn.Conv2D(2, (2, 2), activation="tanh", padding="same"),
+                fn.Flatten(),
+                fn.Dropout(0.5),
+                fn.Dense(3, activation="softmax"),
+            ], dtype=dtype, seed=0)
+            model.compile(loss="sparse_categorical_crossentropy", optimizer=fn.Adam(lr=1e-2))
+            hist = model.fit(x, y, epochs=1, batch_size=6, verbose=0, shuffle=False)
+            results[backend] = (hist.history["loss"], model.predict(x[:4]))
+    (loss_n, pred_n), (loss_c, pred_c) = results["numpy"], results["cuda"]
+    np.testing.assert_allclose(loss_c, loss_n, **tol(dtype, 20))
+    np.testing.assert_allclose(pred_c, pred_n, **tol(dtype, 20))
 
 
 # ------------------------------------------------------------------ real GPU only
