@@ -22,7 +22,7 @@ AdamW instead multiplies ``p`` by ``1 - lr*weight_decay``) and ``t`` the
   (AMSGrad: ``vmax = max(vmax, v)`` replaces ``v``);
   ``p -= lr/(1-b1^t) * m / (sqrt(v/(1-b2^t)) + eps)``.
 * RMSprop: ``sq = rho*sq + (1-rho)*g'^2``; ``den = sqrt(sq) + eps`` or,
-  centered, ``sqrt(sq - cm^2) + eps`` with ``cm = rho*cm + (1-rho)*g'``;
+  centered, ``sqrt(max(sq - cm^2, 0)) + eps`` with ``cm = rho*cm + (1-rho)*g'``;
   ``buf = momentum*buf + g'/den; p -= lr*buf`` or ``p -= lr*g'/den``.
 
 ``lr`` is a float or a ``fastnn.schedules`` schedule: the rate of update
@@ -362,7 +362,7 @@ class RMSprop(Optimizer):
     """RMSprop (Hinton), as ``torch.optim.RMSprop`` (its ``alpha`` is ``rho``).
 
     ``g' = g + weight_decay*p + l1*sign(p)``, ``sq = rho*sq + (1-rho)*g'^2``;
-    centered: ``cm = rho*cm + (1-rho)*g'``, ``den = sqrt(sq - cm^2) + eps``,
+    centered: ``cm = rho*cm + (1-rho)*g'``, ``den = sqrt(max(sq - cm^2, 0)) + eps``,
     else ``den = sqrt(sq) + eps``; with momentum ``buf = momentum*buf + g'/den``,
     ``p -= lr*buf``, else ``p -= lr*g'/den``.
 

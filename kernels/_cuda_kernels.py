@@ -560,7 +560,7 @@ def build(dtype):
     @kernel
     def rmsprop(p, g, sq, buf, cm, lr, rho, c, eps, momentum, centered, wd, l1):
         """``g' = g + wd*p + l1*sign(p)``; ``sq = rho*sq + c*g'^2`` (``c = 1-rho``);
-        centered: ``cm = rho*cm + c*g'``, ``den = sqrt(sq - cm^2) + eps``, else
+        centered: ``cm = rho*cm + c*g'``, ``den = sqrt(max(sq - cm^2, 0)) + eps``, else
         ``den = sqrt(sq) + eps``; with ``momentum > 0``
         ``buf = momentum*buf + g'/den``, ``p -= lr*buf``; else ``p -= lr*g'/den``."""
         start, stride = cuda.grid(1), cuda.gridsize(1)
@@ -573,6 +573,8 @@ def build(dtype):
                 cv = cm[i] * rho + c * gp
                 cm[i] = cv
                 sv = sv - cv * cv
+                if sv < ZERO:       # >= 0 exactly; rounding may make it negative
+                    sv = ZERO
             r = gp / (math.sqrt(sv) + eps)
             if momentum != ZERO:
                 r = buf[i] * momentum + r

@@ -169,6 +169,7 @@ cdef inline void rmsprop_range(floating* p, const floating* g, floating* sq, flo
             a = cm[i] * rho + c2 * gp
             cm[i] = a
             s = s - a * a
+            s = 0 if s < 0 else s       # >= 0 exactly; rounding may make it negative
         q = gp / (fsqrt(s) + eps)
         if momentum:
             q = buf[i] * mom + q
@@ -382,7 +383,7 @@ def rmsprop_step(p, g, sq, buf, lr, rho, eps, momentum, centered_mean, weight_de
     """One RMSprop step in place (PyTorch's ``torch.optim.RMSprop``), one loop.
 
     ``g' = g + weight_decay*p + l1*sign(p)``; ``sq = rho*sq + (1-rho)*g'^2``;
-    centered: ``cm = rho*cm + (1-rho)*g'`` and ``den = sqrt(sq - cm^2) + eps``,
+    centered: ``cm = rho*cm + (1-rho)*g'`` and ``den = sqrt(max(sq - cm^2, 0)) + eps``,
     else ``den = sqrt(sq) + eps``; with ``momentum > 0``:
     ``buf = momentum*buf + g'/den`` and ``p -= lr*buf``, else ``p -= lr*g'/den``.
 

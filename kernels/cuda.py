@@ -606,7 +606,7 @@ def adam_step(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, 
 def rmsprop_step(p, g, sq, buf, lr, rho, eps, momentum, centered_mean, weight_decay, l1):
     """RMSprop in place, one grid-stride kernel: ``g' = g + weight_decay*p +
     l1*sign(p)``; ``sq = rho*sq + (1-rho)*g'^2``; centered
-    ``cm = rho*cm + (1-rho)*g'``, ``den = sqrt(sq - cm^2) + eps``, else
+    ``cm = rho*cm + (1-rho)*g'``, ``den = sqrt(max(sq - cm^2, 0)) + eps``, else
     ``den = sqrt(sq) + eps``; with ``momentum > 0`` ``buf = momentum*buf + g'/den``,
     ``p -= lr*buf``, else ``p -= lr*g'/den``."""
     s = _Staging()

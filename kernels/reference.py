@@ -519,7 +519,8 @@ def rmsprop_step(p, g, sq, buf, lr, rho, eps, momentum, centered_mean, weight_de
     """One RMSprop step in place (PyTorch's ``torch.optim.RMSprop``).
 
     ``g' = g + weight_decay*p + l1*sign(p)``; ``sq = rho*sq + (1-rho)*g'^2``;
-    centered: ``cm = rho*cm + (1-rho)*g'`` and ``den = sqrt(sq - cm^2) + eps``,
+    centered: ``cm = rho*cm + (1-rho)*g'`` and ``den = sqrt(max(sq - cm^2, 0)) + eps``
+    (``sq - cm^2 >= 0`` exactly, but rounding can make it negative),
     else ``den = sqrt(sq) + eps``; with ``momentum > 0``:
     ``buf = momentum*buf + g'/den`` and ``p -= lr*buf``, else ``p -= lr*g'/den``.
 
@@ -548,6 +549,7 @@ def rmsprop_step(p, g, sq, buf, lr, rho, eps, momentum, centered_mean, weight_de
         centered_mean += den
         np.multiply(centered_mean, centered_mean, out=den)
         np.subtract(sq, den, out=den)
+        np.maximum(den, 0, out=den)
         np.sqrt(den, out=den)
     else:
         np.sqrt(sq, out=den)

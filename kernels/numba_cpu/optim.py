@@ -4,7 +4,7 @@ RMSprop, each variant one loop that reads and writes every array once."""
 import math
 
 from ._runtime import PARALLEL_MIN, _Kernel, _launch, _named, _specialised
-from ._math import _maximum, _sign
+from ._math import _c, _maximum, _sign
 
 # One loop per optimizer variant: the flags are constants of the closure, so
 # each variant compiles without the branches it does not take. Scalars are
@@ -140,7 +140,8 @@ def _rmsprop_kernel(has_wd, has_l1, centered, has_momentum):
             if centered:
                 mi = cm[i] * rho + c * gi
                 cm[i] = mi
-                den = math.sqrt(s - mi * mi)
+                v = s - mi * mi
+                den = math.sqrt(_c(v, 0.0) if v < 0 else v)   # rounding: v may be < 0
             else:
                 den = math.sqrt(s)
             r = gi / (den + eps)
@@ -159,7 +160,7 @@ def rmsprop_step(p, g, sq, buf, lr, rho, eps, momentum, centered_mean, weight_de
     """One RMSprop step in place (PyTorch's ``torch.optim.RMSprop``), one pass.
 
     ``g' = g + weight_decay*p + l1*sign(p)``; ``sq = rho*sq + (1-rho)*g'^2``;
-    centered: ``cm = rho*cm + (1-rho)*g'``, ``den = sqrt(sq - cm^2) + eps``,
+    centered: ``cm = rho*cm + (1-rho)*g'``, ``den = sqrt(max(sq - cm^2, 0)) + eps``,
     else ``den = sqrt(sq) + eps``; with ``momentum > 0``:
     ``buf = momentum*buf + g'/den``, ``p -= lr*buf``, else ``p -= lr*g'/den``.
 
