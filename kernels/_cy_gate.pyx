@@ -33,7 +33,7 @@ from cpython.object cimport PyObject
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
 from cpython.contextvars cimport get_value
 from libc.math cimport isfinite
-from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 
 from _cy_call cimport FASTNN_CALL_CAPSULE, FASTNN_MAXD, FASTNN_MAXP, fastnn_call, fastnn_entry
@@ -154,10 +154,6 @@ ctypedef struct RSpec:
     int op
     int a[6]
     int groups[MAXG][MAXG]   # R_BLAS: symbols of each factor group (-1 ends)
-
-
-cdef inline bint _valid_sym(int s) noexcept:
-    return 0 <= s < MAXS
 
 
 cdef class Table:
@@ -333,65 +329,67 @@ cdef void _extent(PyArrayObject* a, Region* r) noexcept:
     r.end = hi + PyArray_ITEMSIZE(a)
 
 
+cdef extern from *:
+    """
+    #include <stdint.h>
+    /* The passes over the data, in plain C so that the compiler vectorizes them
+       (one compare per element, no branch) and keeps them out of the checks. */
+    #if defined(__GNUC__)
+    #define FASTNN_NOINLINE __attribute__((noinline))
+    #else
+    #define FASTNN_NOINLINE
+    #endif
+    #define FASTNN_BELOW(T) \
+        static FASTNN_NOINLINE int fastnn_below_##T(const T##_t* p, Py_ssize_t n, T##_t bound) { \
+            int bad = 0; \
+            for (Py_ssize_t i = 0; i < n; i++) bad |= p[i] >= bound; \
+            return !bad; \
+        }
+    FASTNN_BELOW(uint8) FASTNN_BELOW(uint16) FASTNN_BELOW(uint32) FASTNN_BELOW(uint64)
+    #define FASTNN_UNIT(T) \
+        static FASTNN_NOINLINE int fastnn_unit_##T(const T* p, Py_ssize_t n) { \
+            int bad = 0; \
+            for (Py_ssize_t i = 0; i < n; i++) bad |= (p[i] < 0) | (p[i] > 1); \
+            return !bad; \
+        }
+    FASTNN_UNIT(float) FASTNN_UNIT(double)
+    """
+    bint fastnn_below_uint8(const uint8_t* p, Py_ssize_t n, uint8_t bound) noexcept
+    bint fastnn_below_uint16(const uint16_t* p, Py_ssize_t n, uint16_t bound) noexcept
+    bint fastnn_below_uint32(const uint32_t* p, Py_ssize_t n, uint32_t bound) noexcept
+    bint fastnn_below_uint64(const uint64_t* p, Py_ssize_t n, uint64_t bound) noexcept
+    bint fastnn_unit_float(const float* p, Py_ssize_t n) noexcept
+    bint fastnn_unit_double(const double* p, Py_ssize_t n) noexcept
+
+
 cdef bint _ints_in_range(char* data, Py_ssize_t n, bint signed, Py_ssize_t itemsize,
                          Py_ssize_t hi) noexcept:
-    """All ``n`` integers (native order) in ``[0, hi)``."""
-    cdef Py_ssize_t i
-    cdef bint ok = True
-    cdef uint64_t uhi = <uint64_t>hi
+    """All ``n`` integers (native order) in ``[0, hi)``: one unsigned compare
+    each (a negative value read as unsigned is at least ``2**(bits-1)``, and
+    the bound is clamped there for signed types)."""
+    cdef uint64_t bound = <uint64_t>hi
+    cdef int bits = <int>itemsize * 8
+    if signed and bits <= 64 and bound > (1ull << (bits - 1)):
+        bound = 1ull << (bits - 1)
     if itemsize == 8:
-        if signed:
-            for i in range(n):
-                ok &= (<const int64_t*>data)[i] >= 0
-                ok &= (<const int64_t*>data)[i] < hi
-        else:
-            for i in range(n):
-                ok &= (<const uint64_t*>data)[i] < uhi
-    elif itemsize == 4:
-        if signed:
-            for i in range(n):
-                ok &= (<const int32_t*>data)[i] >= 0
-                ok &= (<const int32_t*>data)[i] < hi
-        else:
-            for i in range(n):
-                ok &= (<const uint32_t*>data)[i] < uhi
-    elif itemsize == 2:
-        if signed:
-            for i in range(n):
-                ok &= (<const int16_t*>data)[i] >= 0
-                ok &= (<const int16_t*>data)[i] < hi
-        else:
-            for i in range(n):
-                ok &= (<const uint16_t*>data)[i] < uhi
-    elif itemsize == 1:
-        if signed:
-            for i in range(n):
-                ok &= (<const int8_t*>data)[i] >= 0
-                ok &= (<const int8_t*>data)[i] < hi
-        else:
-            for i in range(n):
-                ok &= (<const uint8_t*>data)[i] < uhi
-    else:
-        return False
-    return ok
+        return fastnn_below_uint64(<const uint64_t*>data, n, bound)
+    if bound > (1ull << bits) - 1:      # every value of an unsigned type that narrow
+        return True
+    if itemsize == 4:
+        return fastnn_below_uint32(<const uint32_t*>data, n, <uint32_t>bound)
+    if itemsize == 2:
+        return fastnn_below_uint16(<const uint16_t*>data, n, <uint16_t>bound)
+    if itemsize == 1:
+        return fastnn_below_uint8(<const uint8_t*>data, n, <uint8_t>bound)
+    return False
 
 
-cdef bint _unit_interval(char* data, Py_ssize_t n, int dtype) noexcept:
+cdef inline bint _unit_interval(char* data, Py_ssize_t n, int dtype) noexcept:
     """No value below 0 or above 1 (NaN passes: the Python gate's comparisons
     are False for it)."""
-    cdef Py_ssize_t i
-    cdef bint bad = False
-    cdef const float* f
-    cdef const double* d
     if dtype == 0:
-        f = <const float*>data
-        for i in range(n):
-            bad |= (f[i] < 0) | (f[i] > 1)
-    else:
-        d = <const double*>data
-        for i in range(n):
-            bad |= (d[i] < 0) | (d[i] > 1)
-    return not bad
+        return fastnn_unit_float(<const float*>data, n)
+    return fastnn_unit_double(<const double*>data, n)
 
 
 cdef class Op:

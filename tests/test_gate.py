@@ -130,6 +130,13 @@ def test_fast_path_cases():
         assert ce.accepts(logits, np.array([0, 3, 1], dt), grad), dt
         assert not ce.accepts(logits, np.array([0, 4, 1], dt), grad), dt
     assert not ce.accepts(logits, np.array([0, -1, 1]), grad)
+    assert not ce.accepts(logits, np.array([0, 2**40, 1]), grad)
+    assert not ce.accepts(logits, np.array([0, 2**63 + 5, 1], np.uint64), grad)
+    wide = np.zeros((3, 300), np.float32)      # more classes than an int8 holds
+    assert ce.accepts(wide, np.array([0, 127, 5], np.int8), np.zeros_like(wide))
+    assert not ce.accepts(wide, np.array([0, -1, 5], np.int8), np.zeros_like(wide))
+    assert ce.accepts(wide, np.array([0, 255, 5], np.uint8), np.zeros_like(wide))
+    assert not ce.accepts(wide, np.array([0, -128, 5], np.int8), np.zeros_like(wide))
     bce = _gate.OPS["sigmoid_binary_cross_entropy"]
     t = np.array([[0.0], [1.0], [np.nan]], np.float32)
     assert bce.accepts(np.zeros((3, 1), np.float32), t, np.zeros((3, 1), np.float32))
