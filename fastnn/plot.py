@@ -131,9 +131,10 @@ def plot_history(history, path, confusion=None, title=None):
 
     Panels: the loss per epoch (training, and validation when there is
     some); the accuracy likewise when the history has it (the classification
-    losses); the learning rate when the history records one (``lr`` or
-    ``learning_rate``); and the confusion matrix when given (cells numbered
-    up to ``ANNOTATE_MAX_CLASSES`` classes).
+    losses); the learning rate when the history records one that changes
+    (``lr``, as ``fit`` logs it, or Keras' ``learning_rate``: the rate at the
+    end of each epoch); and the confusion matrix when given (cells numbered up
+    to ``ANNOTATE_MAX_CLASSES`` classes).
 
     Parameters
     ----------
@@ -162,7 +163,9 @@ def plot_history(history, path, confusion=None, title=None):
     except ImportError as exc:
         raise ImportError(f"plot_history needs matplotlib: pip install \"fastnn[plot]\" "
                           f"({exc})") from None
-    rate = "lr" if "lr" in series else "learning_rate" if "learning_rate" in series else None
+    # a constant rate says nothing a panel should show
+    rate = next((k for k in ("lr", "learning_rate") if k in series and np.ptp(series[k]) > 0),
+                None)
     panels = ["loss"] + (["accuracy"] if "accuracy" in series else []) + \
         ([rate] if rate else []) + (["confusion"] if m is not None else [])
     fig = Figure(figsize=(5.2 * len(panels), 4.4), dpi=100, layout="constrained")
@@ -181,7 +184,7 @@ def plot_history(history, path, confusion=None, title=None):
             ax.plot(np.arange(1, len(values) + 1), values, "o-", color="tab:green")
             ax.set_yscale("log" if np.all(values > 0) else "linear")
             ax.set_xlabel("epoch")
-            ax.set_ylabel("learning rate")
+            ax.set_ylabel("learning rate (end of epoch)")
             ax.set_title("Learning rate")
             ax.grid(True, alpha=0.3)
     if title:

@@ -84,12 +84,14 @@ def test_lr_schedule_choices():
 
 
 @needs_mpl
-@pytest.mark.parametrize("binary", [False, True])
-def test_plot(tmp_path, capsys, binary):
+@pytest.mark.parametrize("extra,panels", [([], 3), (["--binary"], 3),
+                                          (["--lr-schedule", "cosine"], 4)])
+def test_plot(tmp_path, capsys, extra, panels):
     path = tmp_path / "curves.png"
-    assert main(TINY + ["--plot", str(path)] + (["--binary"] if binary else [])) == 0
+    assert main(TINY + ["--plot", str(path)] + extra) == 0
     assert f"plot written to {path}" in capsys.readouterr().out
-    assert png_size(path) == (3 * PANEL_WIDTH, HEIGHT)      # loss, accuracy, confusion
+    # loss, accuracy, (the learning rate when it changes,) the confusion matrix
+    assert png_size(path) == (panels * PANEL_WIDTH, HEIGHT)
 
 
 @needs_onnx

@@ -77,6 +77,7 @@ def test_full_figure(tmp_path):
     (_classification(epochs=1), _digits_confusion(3), 3),            # one epoch
     ({"loss": [3.0, 2.0, 1.5], "val_loss": [3.1, 2.5, 2.4]}, None, 1),   # MSE: no accuracy
     ({"loss": [3.0, 2.0], "val_loss": [], "lr": [0.1, 0.01]}, None, 2),  # a rate, log scale
+    ({"loss": [3.0, 2.0], "lr": [0.1, 0.1]}, None, 1),                # a constant one: no panel
     ({"loss": [3.0, 2.0, 1.0], "learning_rate": [0.1, 0.05, 0.0]}, None, 2),   # linear
     (_classification(), _digits_confusion(ANNOTATE_MAX_CLASSES + 5), 3),  # too many to number
     (_classification(), np.zeros((4, 4)), 3),                        # an empty matrix
@@ -98,7 +99,11 @@ def test_history_of_a_real_fit(tmp_path):
     assert m.sum() == 200
     assert np.trace(m) / 200 == pytest.approx(model.evaluate(xt[:200], yt[:200])["accuracy"])
     plot_history(history, tmp_path / "fit.png", confusion=m)
-    assert png_size(tmp_path / "fit.png") == (3 * PANEL_WIDTH, HEIGHT)
+    assert png_size(tmp_path / "fit.png") == (3 * PANEL_WIDTH, HEIGHT)   # constant lr: no panel
+    model.optimizer.lr = fn.schedules.ExponentialDecay(1e-3, 10, 0.5)
+    history = model.fit(x[:600], y[:600], epochs=2, batch_size=64, verbose=0)
+    plot_history(history, tmp_path / "fit.png")
+    assert png_size(tmp_path / "fit.png") == (3 * PANEL_WIDTH, HEIGHT)   # loss, accuracy, lr
 
 
 @needs_mpl
