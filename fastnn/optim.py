@@ -117,7 +117,7 @@ class Optimizer:
         if schedule is None:
             return self._lr
         try:
-            v = float(schedule(t - 1))
+            v = float(schedule._at(t - 1))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"the learning-rate schedule {schedule!r} failed at step "
                              f"{t - 1}: {exc}") from None

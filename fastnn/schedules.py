@@ -18,7 +18,7 @@ recompiled, and ``optimizer.lr`` reads the rate the next update will use.
 A schedule is described by JSON-able ``get_config()``; ``serialize`` and
 ``deserialize`` add and read its class name (what ``Sequential.save``
 stores, so a loaded model resumes on its schedule at its step). Subclass
-``LearningRateSchedule`` (``__call__`` and ``get_config``) for another one;
+``LearningRateSchedule`` (``__call__`` or ``_at``, and ``get_config``) for another one;
 ``deserialize`` knows only the classes of this module.
 """
 
@@ -44,7 +44,14 @@ class LearningRateSchedule:
     made after ``step`` updates (0-based)."""
 
     def __call__(self, step):
-        raise NotImplementedError
+        return self._at(_step(step))
+
+    def _at(self, step):
+        """The rate at ``step``, an int >= 0 (the optimizer calls this per update,
+        without ``__call__``'s check). A subclass defines ``_at`` or ``__call__``."""
+        if type(self).__call__ is LearningRateSchedule.__call__:
+            raise NotImplementedError(f"{type(self).__name__} defines neither __call__ nor _at")
+        return self(step)
 
     def get_config(self):
         """The constructor's arguments, JSON-able (``type(self)(**config)`` rebuilds it)."""
@@ -84,8 +91,7 @@ class StepDecay(LearningRateSchedule):
         self.step_size = _validate.integer("step_size", step_size, low=1)
         self.gamma = _validate.real("gamma", gamma, low=0, high=1, high_open=False)
 
-    def __call__(self, step):
-        step = _step(step)
+    def _at(self, step):
         return self.initial_learning_rate * self.gamma ** (step // self.step_size)
 
     def get_config(self):
@@ -116,8 +122,7 @@ class ExponentialDecay(LearningRateSchedule):
                                          high_open=False)
         self.staircase = _validate.boolean("staircase", staircase)
 
-    def __call__(self, step):
-        step = _step(step)
+    def _at(self, step):
         p = step // self.decay_steps if self.staircase else step / self.decay_steps
         return self.initial_learning_rate * self.decay_rate ** p
 
@@ -171,8 +176,7 @@ class CosineDecay(LearningRateSchedule):
             raise ValueError("warmup_steps > 0 needs warmup_target (the rate the warm-up "
                              "reaches)")
 
-    def __call__(self, step):
-        step = _step(step)
+    def _at(self, step):
         w = self.warmup_steps
         if step < w:
             lr0 = self.initial_learning_rate
