@@ -1158,6 +1158,337 @@ def thread_pools(backend, kernel="activation_forward", timeout=300):
     raise RuntimeError(f"thread-pool run of {backend} failed (exit {proc.returncode}): {tail}")
 
 
+# ======================================================================= per-call overhead
+
+#: Calls timed per contender in the overhead table (issue 14: median over 1,000).
+OVERHEAD_CALLS = 1000
+#: The small sizes of the overhead table: a training step's small calls.
+OVERHEAD_DENSE = (32, 128, 10)
+OVERHEAD_ELEMENTWISE = (32, 256)
+OVERHEAD_LOSS = (32, 10)
+OVERHEAD_PARAMS = 1000
+#: (batch, height, width, c_in, c_out, k), its pool's input, dropout's rows x cols.
+OVERHEAD_CONV = (8, 12, 12, 8, 16, 3)
+OVERHEAD_POOL = (8, 10, 10, 16)
+#: gather_rows: 32 rows of 256 features picked from 1,000.
+OVERHEAD_GATHER = (1000, 32, 256)
+
+
+def overhead_cases(dtype="float32"):
+    """Every contract kernel at a small size, where a call's fixed cost shows:
+    32x128x10 dense, 32x256 elementwise (relu and sigmoid), 32x10 losses,
+    1,000 parameters for the optimizers, an 8x12x12x8 image under a 3x3x8x16
+    convolution, 2x2 pooling of its output, 32x256 dropout, 32 rows of 256
+    gathered from 1,000. A kernel added to the contract without a size here
+    gets its smallest ``all_cases`` case."""
+    d = dtype
+    cases = [_dense_forward(OVERHEAD_DENSE, d), _backprop_delta(OVERHEAD_DENSE, d),
+             _dense_backward(OVERHEAD_DENSE, d)]
+    for kernel in ("activation_forward", "activation_backward"):
+        cases += [_activation(kernel, act, OVERHEAD_ELEMENTWISE, d) for act in ("relu", "sigmoid")]
+    cases += [_loss(k, OVERHEAD_LOSS, d) for k in ("softmax_cross_entropy",
+                                                    "sigmoid_binary_cross_entropy", "mse",
+                                                    "softmax")]
+    cases += [_optimizer(k, OVERHEAD_PARAMS, d) for k in ("sgd_step", "adam_step", "rmsprop_step")]
+    conv = {"conv2d_forward": ("relu", OVERHEAD_CONV), "conv2d_backward": ("", OVERHEAD_CONV),
+            "conv2d_backprop": ("relu", OVERHEAD_CONV),
+            "maxpool2d_forward": ("", OVERHEAD_POOL), "maxpool2d_backward": ("relu", OVERHEAD_POOL),
+            "dropout_forward": ("", OVERHEAD_ELEMENTWISE),
+            "dropout_backward": ("", OVERHEAD_ELEMENTWISE)}
+    cases += [_conv(k, v, dims, d) for k, (v, dims) in conv.items() if k in reference.CONTRACT]
+    if "gather_rows" in reference.CONTRACT:
+        cases.append(_gather("same", OVERHEAD_GATHER, d))
+    have = {c.kernel for c in cases}
+    for kernel in reference.CONTRACT:
+        if kernel not in have:
+            rest = [c for c in all_cases((d,)) if c.kernel == kernel]
+            if rest:
+                cases.append(min(rest, key=lambda c: math.prod(c.dims)))
+    return cases
+
+
+def per_call(fns, calls=OVERHEAD_CALLS, warmup=20):
+    """Median seconds of one call of each zero-argument callable, each call
+    timed alone (``perf_counter_ns``; its own ~50 ns are in every figure),
+    the callables interleaved call by call in a rotating order.
+
+    Returns
+    -------
+    dict
+        ``{name: seconds}``.
+    """
+    names = list(fns)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {n: [] for n in names}
+    clock = time.perf_counter_ns
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for i in range(calls):
+            k = i % len(names)
+            for name in names[k:] + names[:k]:
+                fn = fns[name]
+                t0 = clock()
+                fn()
+                samples[name].append(clock() - t0)
+    finally:
+        if gc_was:
+            gc.enable()
+    return {n: statistics.median(s) * 1e-9 for n, s in samples.items()}
+
+
+@dataclass
+class OverheadResult:
+    """One row of the per-call table: the median seconds of one call through
+    ``fastnn.ops``, of the backend's kernel called directly, of the NumPy
+    reference called directly and of PyTorch's op (its own process)."""
+
+    kernel: str
+    variant: str
+    shape: str
+    dtype: str
+    backend: str
+    ops_s: float
+    direct_s: float
+    numpy_s: float
+    torch_s: float = None
+    torch_op: str = ""
+    path: str = ""      # how fastnn.ops ran it: "C entry", "compiled gate", "Python gate"
+
+    @property
+    def name(self):
+        return f"{self.kernel}[{self.variant}]" if self.variant else self.kernel
+
+    @property
+    def overhead_s(self):
+        return self.ops_s - self.direct_s
+
+
+def _ops_path(case, args, backend_name):
+    """How ``fastnn.ops`` runs these arguments on this backend."""
+    from fastnn import _gate
+
+    op = _gate.OPS.get(case.kernel)
+    if _gate._cy_gate is None or op is None or not op.accepts(*args):
+        return "Python gate"
+    with fastnn.use_backend(backend_name):
+        table = _gate._cy_gate.current_kernels()
+    if table.has_entry(reference.CONTRACT.index(case.kernel)):
+        return "C entry"
+    return "compiled gate"
+
+
+def run_overhead(backends=("cython",), dtype="float32", calls=OVERHEAD_CALLS, peers=True,
+                 progress=None):
+    """The per-call table: every case of ``overhead_cases`` on each backend
+    (not ``numpy``, whose kernels are the reference column), through
+    ``fastnn.ops``, directly and as the NumPy reference, interleaved call by
+    call in this process; PyTorch's equivalent ops in their own process.
+
+    Returns
+    -------
+    (list of OverheadResult, list of str)
+        The rows, and notes on what was left out.
+    """
+    notes = []
+    torch_times = {}
+    cases = overhead_cases(dtype)
+    if peers:
+        ok, why = torch_available()
+        if ok:
+            try:
+                torch_times = torch_calls(cases, dtype, calls)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                notes.append(f"overhead table: PyTorch left out: {exc}")
+        else:
+            notes.append(f"overhead table: PyTorch left out: {why}")
+    rows = []
+    for backend_name in backends:
+        if backend_name == "numpy" or (backend_name == "cuda" and cuda_simulated()):
+            continue
+        be = _backend.load(backend_name)
+        if backend_name == "cuda":
+            notes.append("overhead table: cuda left out (device arrays and synchronisation "
+                         "make per-call figures of another kind)")
+            continue
+        for case in cases:
+            args = case.make(np.random.default_rng(SEED))
+            op = getattr(fastnn.ops, case.kernel)
+            fns = {"ops": functools.partial(op, *args),
+                   "direct": functools.partial(getattr(be, case.kernel), *args),
+                   "numpy": functools.partial(getattr(reference, case.kernel), *args)}
+            with fastnn.use_backend(backend_name), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                times = per_call(fns, calls)
+            t = torch_times.get(case.id, (None, ""))
+            rows.append(OverheadResult(case.kernel, case.variant, case.shape, dtype, backend_name,
+                                       times["ops"], times["direct"], times["numpy"], t[0], t[1],
+                                       _ops_path(case, args, backend_name)))
+            if progress:
+                progress()
+    return rows, notes
+
+
+#: PyTorch's op for each overhead case, in its own process; prints ``RESULT {id:
+#: [seconds, label]}``. Ops that need an argument of another layout (NCHW weights,
+#: a dropout mask) get it built once, outside the timing.
+TORCH_CALLS_SCRIPT = r"""
+import gc, json, statistics, sys, time
+import torch
+import torch.nn.functional as F
+
+cfg = json.loads(sys.argv[1])
+torch.set_num_threads(cfg["threads"])
+dt = {"float32": torch.float32, "float64": torch.float64}[cfg["dtype"]]
+g = torch.Generator().manual_seed(0)
+r = lambda *s: torch.randn(*s, generator=g, dtype=dt)
+aten = torch.ops.aten
+ops = {}
+for c in cfg["cases"]:
+    k, v, dims, key = c["kernel"], c["variant"], c["dims"], c["id"]
+    try:
+        if k == "activation_forward" and v == "relu":
+            z = r(*dims)
+            ops[key] = ("torch.relu", lambda z=z: torch.relu(z))
+        elif k == "activation_forward" and v == "sigmoid":
+            z = r(*dims); out = torch.empty_like(z)
+            ops[key] = ("torch.sigmoid(out=)", lambda z=z, out=out: torch.sigmoid(z, out=out))
+        elif k == "activation_backward" and v == "relu":
+            dy = r(*dims); y = torch.relu(r(*dims))
+            ops[key] = ("aten.threshold_backward", lambda dy=dy, y=y: aten.threshold_backward(dy, y, 0))
+        elif k == "activation_backward" and v == "sigmoid":
+            dy = r(*dims); y = torch.sigmoid(r(*dims))
+            ops[key] = ("aten.sigmoid_backward", lambda dy=dy, y=y: aten.sigmoid_backward(dy, y))
+        elif k == "dense_forward":
+            b, i, o = dims; x = r(b, i); w = r(i, o); bias = r(o); out = torch.empty(b, o, dtype=dt)
+            ops[key] = ("addmm(out=) + relu_", lambda x=x, w=w, bias=bias, out=out:
+                        torch.addmm(bias, x, w, out=out).relu_())
+        elif k == "backprop_delta":
+            b, i, o = dims; dy = r(b, o); w = r(i, o); y = torch.relu(r(b, i)); out = torch.empty(b, i, dtype=dt)
+            ops[key] = ("mm(out=) + threshold_backward", lambda dy=dy, w=w, y=y, out=out:
+                        aten.threshold_backward(torch.mm(dy, w.t(), out=out), y, 0))
+        elif k == "dense_backward":
+            b, i, o = dims; x = r(b, i); dz = r(b, o); dw = torch.empty(i, o, dtype=dt); db = torch.empty(o, dtype=dt)
+            ops[key] = ("mm(out=) + sum(out=)", lambda x=x, dz=dz, dw=dw, db=db:
+                        (torch.mm(x.t(), dz, out=dw), torch.sum(dz, 0, out=db)))
+        elif k == "softmax_cross_entropy":
+            z = r(*dims); lab = torch.randint(0, dims[1], (dims[0],), generator=g)
+            ops[key] = ("F.cross_entropy (loss only)", lambda z=z, lab=lab: F.cross_entropy(z, lab))
+        elif k == "sigmoid_binary_cross_entropy":
+            z = r(*dims); t = (torch.rand(*dims, generator=g) < 0.5).to(dt)
+            ops[key] = ("F.binary_cross_entropy_with_logits (loss only)",
+                        lambda z=z, t=t: F.binary_cross_entropy_with_logits(z, t))
+        elif k == "mse":
+            p = r(*dims); t = r(*dims)
+            ops[key] = ("F.mse_loss (loss only)", lambda p=p, t=t: F.mse_loss(p, t))
+        elif k == "softmax":
+            z = r(*dims)
+            ops[key] = ("torch.softmax", lambda z=z: torch.softmax(z, 1))
+        elif k == "sgd_step":
+            n = dims[0]; p, gr, buf = r(n), r(n), r(n)
+            ops[key] = ("torch._fused_sgd_", lambda p=p, gr=gr, buf=buf: torch._fused_sgd_(
+                [p], [gr], [buf], weight_decay=0.0, momentum=0.9, lr=1e-3, dampening=0.0,
+                nesterov=False, maximize=False, is_first_step=False))
+        elif k == "adam_step":
+            n = dims[0]; p, gr, m, vv = r(n), r(n), r(n), r(n).abs()
+            step = torch.tensor(10.0, dtype=dt)
+            ops[key] = ("torch._fused_adam_", lambda p=p, gr=gr, m=m, vv=vv, step=step:
+                        torch._fused_adam_([p], [gr], [m], [vv], [], [step], lr=1e-3, beta1=0.9,
+                                           beta2=0.999, weight_decay=0.0, eps=1e-8,
+                                           amsgrad=False, maximize=False))
+        elif k in ("conv2d_forward", "conv2d_backward", "conv2d_backprop"):
+            n, h, w_, ci, co, kk = dims
+            x = r(n, ci, h, w_).contiguous(memory_format=torch.channels_last)
+            w = r(co, ci, kk, kk).contiguous(memory_format=torch.channels_last)
+            bias = r(co)
+            dz = r(n, co, h - kk + 1, w_ - kk + 1).contiguous(memory_format=torch.channels_last)
+            if k == "conv2d_forward":
+                ops[key] = ("F.conv2d + relu_ (channels_last)",
+                            lambda x=x, w=w, bias=bias: F.conv2d(x, w, bias).relu_())
+            elif k == "conv2d_backward":
+                ops[key] = ("aten.convolution_backward (weight, bias)",
+                            lambda x=x, w=w, dz=dz: aten.convolution_backward(
+                                dz, x, w, [co], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                [False, True, True]))
+            else:
+                y = torch.relu(x)
+                ops[key] = ("aten.convolution_backward (input) + threshold_backward",
+                            lambda x=x, w=w, dz=dz, y=y: aten.threshold_backward(
+                                aten.convolution_backward(dz, x, w, [co], [1, 1], [0, 0], [1, 1],
+                                                          False, [0, 0], 1,
+                                                          [True, False, False])[0], y, 0))
+        elif k in ("maxpool2d_forward", "maxpool2d_backward"):
+            n, h, w_, ch = dims
+            x = r(n, ch, h, w_).contiguous(memory_format=torch.channels_last)
+            if k == "maxpool2d_forward":
+                ops[key] = ("F.max_pool2d(return_indices) (channels_last)",
+                            lambda x=x: F.max_pool2d(x, 2, return_indices=True))
+            else:
+                out, idx = F.max_pool2d(x, 2, return_indices=True)
+                dy = r(*out.shape).contiguous(memory_format=torch.channels_last)
+                ops[key] = ("aten.max_pool2d_with_indices_backward",
+                            lambda x=x, dy=dy, idx=idx: aten.max_pool2d_with_indices_backward(
+                                dy, x, [2, 2], [2, 2], [0, 0], [1, 1], False, idx))
+        elif k == "dropout_forward":
+            x = r(*dims)
+            ops[key] = ("F.dropout", lambda x=x: F.dropout(x, 0.5, training=True))
+        elif k == "gather_rows":
+            n, kk, m = dims
+            src = r(n, m); idx = torch.randint(0, n, (kk,), generator=g)
+            out = torch.empty(kk, m, dtype=dt)
+            ops[key] = ("torch.index_select(out=)", lambda src=src, idx=idx, out=out:
+                        torch.index_select(src, 0, idx, out=out))
+        elif k == "dropout_backward":
+            dy = r(*dims); mask = torch.rand(*dims, generator=g) < 0.5
+            ops[key] = ("aten.native_dropout_backward",
+                        lambda dy=dy, mask=mask: aten.native_dropout_backward(dy, mask, 2.0))
+    except Exception as exc:
+        print(f"{key}: {exc!r}", file=sys.stderr)
+res = {}
+with torch.inference_mode():
+    for key, (label, fn) in ops.items():
+        for _ in range(20):
+            fn()
+    samples = {key: [] for key in ops}
+    keys = list(ops)
+    clock = time.perf_counter_ns
+    gc.disable()
+    for i in range(cfg["calls"]):
+        j = i % max(len(keys), 1)
+        for key in keys[j:] + keys[:j]:
+            fn = ops[key][1]
+            t0 = clock()
+            fn()
+            samples[key].append(clock() - t0)
+for key, (label, fn) in ops.items():
+    res[key] = [statistics.median(samples[key]) * 1e-9, label]
+print("RESULT " + json.dumps(res))
+"""
+
+
+def torch_calls(cases, dtype="float32", calls=OVERHEAD_CALLS, threads=None, timeout=600):
+    """PyTorch's equivalent op of each case (where there is one) timed per call,
+    interleaved, in its own process.
+
+    Returns
+    -------
+    dict
+        ``{case.id: (seconds, op label)}``.
+    """
+    cfg = {"dtype": dtype, "calls": calls, "threads": threads or fastnn.get_num_threads(),
+           "cases": [{"kernel": c.kernel, "variant": c.variant, "dims": list(c.dims),
+                      "id": c.id} for c in cases]}
+    proc = subprocess.run([sys.executable, "-c", TORCH_CALLS_SCRIPT, json.dumps(cfg)],
+                          capture_output=True, text=True, timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return {k: tuple(v) for k, v in json.loads(line[7:]).items()}
+    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+    raise RuntimeError(f"PyTorch subprocess failed (exit {proc.returncode}): {tail}")
+
+
 # ======================================================================= formatting
 
 def fmt_time(s):

@@ -1,7 +1,7 @@
 """``python -m fastnn bench [--quick] [--out DIR]``: run benchmarks, write a report.
 
-Writes ``DIR/report.md`` (the machine line and tables: kernels, training,
-start-up), ``DIR/speedup.png`` (speed-ups over NumPy, log scale, one colour
+Writes ``DIR/report.md`` (the machine line and tables: kernels, per-call
+overhead of ``fastnn.ops``, training, start-up), ``DIR/speedup.png`` (speed-ups over NumPy, log scale, one colour
 per backend; needs matplotlib, the ``bench`` extra) and ``DIR/results.json``.
 The measuring is ``fastnn._bench``; see its docstring for the method.
 """
@@ -17,7 +17,7 @@ from dataclasses import asdict
 
 from . import _bench
 
-SECTIONS = ("kernels", "training", "startup")
+SECTIONS = ("kernels", "overhead", "training", "startup")
 
 #: One colour per backend and peer (Okabe-Ito, readable by colour-blind readers).
 COLOURS = {"numpy": "#999999", "cython": "#0072B2", "numba": "#E69F00", "cuda": "#009E73",
@@ -34,8 +34,8 @@ def add_arguments(parser):
                              "(default: %(default)s)")
     parser.add_argument("--only", default=None, metavar="PATTERNS",
                         help="comma-separated substrings: run only the kernel cases whose name "
-                             "contains one (e.g. softmax,adam), and the training / startup "
-                             "sections only when named")
+                             "contains one (e.g. softmax,adam), and the overhead / training / "
+                             "startup sections only when named")
     parser.add_argument("--backends", default=None, metavar="NAMES",
                         help="comma-separated backends (default: every available one; numpy, "
                              "the baseline, always runs)")
@@ -52,7 +52,8 @@ def add_arguments(parser):
 
 
 def _select(args):
-    """(kernel cases, run training?, run start-up?, backends, start-up modes)."""
+    """(kernel cases, run training?, run start-up?, backends, start-up modes); the
+    overhead section: ``_overhead_selected``."""
     backends = _bench.available_backends(args.backends.split(",") if args.backends else None)
     if "numpy" not in backends:
         backends.insert(0, "numpy")
@@ -73,6 +74,14 @@ def _select(args):
     return cases, training, startup, backends, modes
 
 
+def _overhead_selected(args):
+    """Whether the per-call overhead table runs: always, unless ``--only`` names
+    other things only."""
+    if not args.only:
+        return True
+    return any(p.strip() and p.strip() in "overhead" for p in args.only.split(","))
+
+
 def run(args):
     """Run the chosen benchmarks and write the report; returns the exit code."""
     import fastnn
@@ -83,6 +92,8 @@ def run(args):
     started = time.perf_counter()
     info = _bench.machine_info()
     cases, training, startup, backends, modes = _select(args)
+    overhead = _overhead_selected(args)
+    overhead_backends = [b for b in backends if b != "numpy"]
     repeats = args.repeats or (5 if args.quick else 9)
     min_time = 0.01 if args.quick else 0.05
     max_time = 1.5 if args.quick else 5.0
@@ -91,6 +102,8 @@ def run(args):
     torch_ok = peers and _bench.torch_available()[0]
 
     total = len(cases)
+    if overhead:
+        total += len(_bench.overhead_cases()) * len(overhead_backends)
     if training:
         total += len(_bench.TRAIN_BATCHES) + (1 if torch_ok else 0)
     if startup:
@@ -98,7 +111,7 @@ def run(args):
     bar = tqdm(total=total, desc="fastnn bench", unit="run", disable=args.no_progress,
                file=sys.stderr, dynamic_ncols=True)
 
-    kernel_rows, train_rows, start_rows, notes = [], [], [], []
+    kernel_rows, overhead_rows, train_rows, start_rows, notes = [], [], [], [], []
     spent = {}
     t0 = time.perf_counter()
     for case in cases:
@@ -106,6 +119,13 @@ def run(args):
         kernel_rows += _bench.run_case(case, backends, repeats, min_time, max_time)
         bar.update()
     spent["kernels"] = time.perf_counter() - t0
+    if overhead:
+        t0 = time.perf_counter()
+        bar.set_postfix_str("per-call overhead", refresh=True)
+        overhead_rows, skipped = _bench.run_overhead(overhead_backends, peers=peers,
+                                                     progress=bar.update)
+        notes += skipped
+        spent["overhead"] = time.perf_counter() - t0
     if training:
         t0 = time.perf_counter()
         bar.set_postfix_str("training epochs", refresh=True)
@@ -128,11 +148,12 @@ def run(args):
                                                     else [])
     fallbacks = {b: fastnn.backends()[b].fallbacks for b in backends if b != "numpy"}
     report = render_report(info, kernel_rows, train_rows, start_rows, notes, fallbacks,
-                           repeats, elapsed, command.strip(), spent)
+                           repeats, elapsed, command.strip(), spent, overhead_rows)
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(report)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"machine": info, "kernels": [asdict(r) for r in kernel_rows],
+                   "overhead": [asdict(r) for r in overhead_rows],
                    "training": [asdict(r) for r in train_rows],
                    "startup": [asdict(r) for r in start_rows], "notes": notes,
                    "seconds": elapsed, "sections": spent}, f, indent=1)
@@ -164,6 +185,36 @@ def kernel_table(rows):
                   right=("time", "vs NumPy", "vs probe"),
                   rows=[[r.name, r.shape, r.dtype, r.backend, _bench.fmt_time(r.seconds),
                     _bench.fmt_ratio(r.speedup), _bench.fmt_probe(r)] for r in rows])
+
+
+def overhead_table(rows):
+    """The per-call table in Markdown: ``fn.ops``, the backend's kernel directly,
+    their difference, the NumPy reference, PyTorch's op."""
+    us = lambda s: "" if s is None else f"{s * 1e6:.2f}"  # noqa: E731
+    return _table(["kernel", "shape", "dtype", "backend", "fn.ops us", "direct us",
+                   "fn.ops - direct", "fn.ops path", "NumPy ref. us", "PyTorch us", "PyTorch op"],
+                  right=("fn.ops us", "direct us", "fn.ops - direct", "NumPy ref. us",
+                         "PyTorch us"),
+                  rows=[[r.name, r.shape, r.dtype, r.backend, us(r.ops_s), us(r.direct_s),
+                         f"{(r.ops_s - r.direct_s) * 1e6:+.2f}", r.path, us(r.numpy_s),
+                         us(r.torch_s), r.torch_op] for r in rows])
+
+
+def overhead_summary(rows):
+    """One sentence per backend: the largest fn.ops - direct, and the rows where
+    fn.ops is slower than the NumPy reference or PyTorch's op."""
+    out = []
+    for backend in dict.fromkeys(r.backend for r in rows):
+        mine = [r for r in rows if r.backend == backend]
+        worst = max(mine, key=lambda r: r.ops_s - r.direct_s)
+        slower = [r.name for r in mine if r.ops_s > r.numpy_s or
+                  (r.torch_s is not None and r.ops_s > r.torch_s)]
+        out.append(f"{backend}: fn.ops costs at most {(worst.ops_s - worst.direct_s) * 1e6:+.2f} "
+                   f"us over the kernel called directly ({worst.name}); "
+                   + (f"slower than the NumPy reference or PyTorch in {', '.join(slower)}."
+                      if slower else "as fast as the NumPy reference and PyTorch or faster "
+                      "in every row."))
+    return out
 
 
 def training_table(rows):
@@ -218,7 +269,7 @@ def summary_tables(kernel_rows, train_rows):
 
 
 def render_report(info, kernel_rows, train_rows, start_rows, notes, fallbacks, repeats,
-                  elapsed, command, spent=None):
+                  elapsed, command, spent=None, overhead_rows=()):
     """report.md as a string."""
     split = ""
     if spent:
@@ -260,6 +311,21 @@ def render_report(info, kernel_rows, train_rows, start_rows, notes, fallbacks, r
             lines += ["Not measured, because the backend runs the NumPy reference there:", ""]
             lines += [f"- {b}: {', '.join(f)}" for b, f in partial.items()]
             lines.append("")
+    if overhead_rows:
+        lines += [
+            "## Per-call overhead of fastnn.ops", "",
+            f"One call at a small size, median of {_bench.OVERHEAD_CALLS:,} calls each timed "
+            "alone (`perf_counter_ns`, whose own ~0.05 us is in every figure), the "
+            "contenders of a row interleaved call by call: through `fastnn.ops` (checked, "
+            "then dispatched), the backend's kernel called directly (unchecked), the NumPy "
+            "reference kernel called directly, and PyTorch's nearest op in its own process "
+            "(where it computes less, the op column says so). *fn.ops path*: *C entry* (the "
+            "compiled gate hands the checked pointers to the kernel's C code, so fn.ops can "
+            "be faster than the Python-level kernel), *compiled gate* (checked in C, then "
+            "the backend's kernel), *Python gate*.", "",
+            overhead_table(overhead_rows), "",
+        ]
+        lines += [f"- {line}" for line in overhead_summary(overhead_rows)] + [""]
     if train_rows:
         lines += [
             "## Training: 784-256-128-10 ReLU MLP, Adam, float32", "",

@@ -77,3 +77,60 @@ def test_case_sets():
         seen.add(case.name)
         args = case.make(np.random.default_rng(0))
         getattr(reference, case.kernel)(*args)
+
+
+@pytest.fixture(scope="module")
+def overhead_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("overhead")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastnn", "bench", "--quick", "--only", "overhead",
+         "--backends", "cython", "--no-progress", "--no-peers", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+def test_overhead_cases_cover_the_contract():
+    from fastnn import _bench
+    from fastnn.kernels import reference
+
+    cases = _bench.overhead_cases()
+    assert {c.kernel for c in cases} == set(reference.CONTRACT)
+    sizes = {c.kernel: c.dims for c in cases}
+    assert sizes["dense_forward"] == (32, 128, 10) and sizes["adam_step"] == (1000,)
+    assert sizes["activation_forward"] == (32, 256) and sizes["softmax_cross_entropy"] == (32, 10)
+
+
+def test_overhead_table_written(overhead_out):
+    """``bench --only overhead``: the per-call table of every contract kernel through
+    fn.ops, directly and as the NumPy reference (no timed assertion)."""
+    from fastnn.kernels import reference
+
+    report = (overhead_out / "report.md").read_text()
+    assert "## Per-call overhead of fastnn.ops" in report
+    assert ("| kernel | shape | dtype | backend | fn.ops us | direct us | fn.ops - direct | "
+            "fn.ops path | NumPy ref. us | PyTorch us | PyTorch op |") in report
+    assert "| activation_forward[relu] | 32x256 | float32 | cython |" in report
+    assert "## Kernels" not in report and "## Training" not in report
+    rows = json.loads((overhead_out / "results.json").read_text())["overhead"]
+    assert {r["kernel"] for r in rows} == set(reference.CONTRACT)
+    for r in rows:
+        assert r["backend"] == "cython" and r["torch_s"] is None      # --no-peers
+        assert r["ops_s"] > 0 and r["direct_s"] > 0 and r["numpy_s"] > 0
+        assert r["path"] in ("C entry", "compiled gate", "Python gate")
+    assert any(r["path"] == "C entry" for r in rows)
+
+
+def test_torch_per_call_ops():
+    """PyTorch's op of each overhead case, timed in its own process (skipped
+    without torch, the peers extra)."""
+    from fastnn import _bench
+
+    ok, why = _bench.torch_available()
+    if not ok:
+        pytest.skip(why)
+    cases = [c for c in _bench.overhead_cases() if c.kernel != "rmsprop_step"]
+    times = _bench.torch_calls(cases, calls=20)
+    assert set(times) == {c.id for c in cases}, set(c.id for c in cases) - set(times)
+    for seconds, label in times.values():
+        assert seconds > 0 and label
