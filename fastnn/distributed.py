@@ -295,9 +295,9 @@ class _Comm:
         total, correct = model._eval_sums(be, x[lo:hi], y[lo:hi], batch_size) if hi > lo \
             else (0.0, 0)
         total, correct = self.sum([total, correct])
-        result = {"loss": total / n}
+        result = {"loss": float(total) / n}
         if model.loss.classification:
-            result["accuracy"] = correct / n
+            result["accuracy"] = float(correct) / n
         return result
 
 
@@ -454,7 +454,7 @@ class _Trainer:
                         post["accuracy"] = f"{correct / seen:.4f}"
                     bar.set_postfix(post, refresh=False)
             if batch_cbs:
-                batch_loss = c.sum([loss * nb])[0] / rows
+                batch_loss = float(c.sum([loss * nb])[0]) / rows
                 logs = {"batch": i, "size": rows, "loss": batch_loss}
                 for cb in batch_cbs:
                     cb.on_batch_end(i, logs)
@@ -462,4 +462,4 @@ class _Trainer:
                 if model.stop_training:
                     break
         total_loss, correct = c.sum([total_loss, correct])
-        return total_loss, int(correct), step_time, seen_all
+        return float(total_loss), int(correct), step_time, seen_all
