@@ -197,7 +197,11 @@ def _entry(fn, *tags):
     params = ", ".join(inspect.signature(fn).parameters)
     make = _entry_makers.get(params)
     if make is None:
-        namespace = {}
+        # __name__: numba pickles a compiled function's environment with the
+        # name of its globals' module and imports it when it loads the entry
+        # from the cache (without it: "'NoneType' object has no attribute
+        # 'startswith'" in a second process)
+        namespace = {"__name__": __name__}
         exec(compile(_ENTRY.format(params=params), __file__, "exec"), namespace)
         make = _entry_makers[params] = namespace["make"]
     return njit(**_JIT)(_named(make(fn, _SOURCE), fn.__name__, *tags))
