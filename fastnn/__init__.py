@@ -20,7 +20,7 @@ from ._backend import (  # noqa: E402
     BackendInfo, BackendUnavailable, backends, get_backend, set_backend, use_backend,
 )
 from ._threads import get_num_threads, num_threads, set_num_threads  # noqa: E402
-from . import callbacks, datasets, losses, optim, schedules  # noqa: E402
+from . import callbacks, datasets, distributed, losses, optim, schedules  # noqa: E402
 from .layers import (  # noqa: E402
     Conv2D, Dense, Dropout, Flatten, MaxPool2D, MaxPooling2D,
 )
@@ -35,5 +35,5 @@ __all__ = [
     "__version__",
     "Sequential", "Dense", "Conv2D", "MaxPool2D", "MaxPooling2D", "Flatten", "Dropout",
     "History", "load_model", "SGD", "Adam", "AdamW", "RMSprop",
-    "losses", "optim", "schedules", "callbacks", "datasets",
+    "losses", "optim", "schedules", "callbacks", "datasets", "distributed",
 ]
