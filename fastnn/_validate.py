@@ -603,8 +603,8 @@ def gather_rows(src, index, out):
         raise ValueError(f"src must be at least 1-D and not empty, got shape {s.shape}")
     if isinstance(src, np.ndarray):
         if not _rows_contiguous(src):
-            raise ValueError("src's rows (all axes after the first) must each be one "
-                             "C-contiguous block (the rows themselves may lie at any stride); "
+            raise ValueError("src must be C-contiguous within each row (the axes after the "
+                             "first; the rows themselves may lie at any stride): "
                              "numpy.ascontiguousarray(src) makes a copy")
     elif not s.c_contiguous:
         raise ValueError("src must be C-contiguous (a device array)")

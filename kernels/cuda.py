@@ -44,6 +44,7 @@ __all__ = [
     "rmsprop_step", "softmax",
     "conv2d_forward", "conv2d_backward", "conv2d_backprop",
     "maxpool2d_forward", "maxpool2d_backward", "dropout_forward", "dropout_backward",
+    "gather_rows",
     "available", "info", "empty", "zeros", "from_host", "to_host", "copy_from_host",
     "count_correct", "synchronize", "set_gemm", "gemm_engine",
 ]
@@ -872,6 +873,107 @@ def dropout_backward(dy, rate, seed, out):
     """Backward pass of :func:`dropout_forward`: the same mask and scale on
     ``dy`` (``out`` may be ``dy``)."""
     _dropout(dy, rate, seed, out)
+
+
+# ------------------------------------------------------------------ data movement (issue 17)
+#
+# ``fit`` gathers each batch from the user's data, which lives in host memory
+# (a NumPy array or a memmap): the rows are gathered and converted on the host
+# into a per-thread pinned buffer (the fastest CPU gather there is: the Cython
+# backend's when built), then copied to the device in one transfer. A source
+# already on the device is gathered there by ``_cuda_data.gather_rows``.
+
+
+class _PinnedStage(threading.local):
+    """Per-thread pinned host buffers, one per dtype, grown on demand and then
+    reused: the gathered batch waits there for its copy to the device (which
+    is synchronous, so the next call may overwrite it)."""
+
+    def __init__(self):
+        self.arrays = {}
+
+    def get(self, shape, dtype):
+        """A pinned host array of ``shape`` and ``dtype`` (a view of the buffer)."""
+        dtype = np.dtype(dtype)
+        count = math.prod(shape)
+        a = self.arrays.get(dtype)
+        if a is None or a.shape[0] < count:
+            self.arrays[dtype] = None
+            a = self.arrays[dtype] = _cuda.pinned_array(max(count, 1), dtype)
+        return a[:count].reshape(shape)
+
+
+_pinned = _PinnedStage()
+_host_gather_fn = None
+_kd = None   # the _cuda_data module, imported on first use (it imports numba)
+
+
+def _host_gather(src, index, out):
+    """``gather_rows`` on host arrays: the Cython backend's kernel when it is
+    built (serial below its threshold, as fastnn's threads allow above), else
+    the NumPy reference."""
+    global _host_gather_fn
+    if _host_gather_fn is None:
+        try:
+            from ._cy_data import gather_rows as fn
+        except ImportError:
+            from .reference import gather_rows as fn
+        _host_gather_fn = fn
+    _host_gather_fn(src, index, out)
+
+
+def gather_rows(src, index, out):
+    """Gather rows by index, converting to ``out``'s dtype: ``out[i] = src[index[i]]``.
+
+    A row is everything after the first axis; values are converted as
+    ``src.astype(out.dtype)`` converts them (see
+    ``fastnn.kernels.reference.gather_rows``). ``src`` is never written.
+
+    * ``src`` on the host (NumPy array, memmap), ``out`` on the device: the
+      rows are gathered and converted on the host into a reusable pinned
+      buffer, then copied to ``out`` in one transfer (this waits for the
+      device's queued work and the copy).
+    * both on the host: gathered on the host straight into ``out``.
+    * ``src`` on the device (C-contiguous): one kernel gathers on the device
+      (an ``index`` or ``out`` on the host is staged; a NaN converted from
+      float64 to float32 there is the canonical NaN, not NumPy's).
+
+    Parameters
+    ----------
+    src : ndarray (n, *shape) or device array, real dtype
+        IN
+    index : ndarray or device array (k,), integer dtype, values in ``[0, n)``
+        IN
+    out : device array or ndarray (k, *shape), float32 or float64
+        OUT
+    """
+    if isinstance(src, np.ndarray):
+        host_index = index if isinstance(index, np.ndarray) else to_host(index)
+        if isinstance(out, np.ndarray):
+            _host_gather(src, host_index, out)
+            return
+        _ready()
+        stage = _pinned.get(tuple(out.shape), out.dtype)
+        _host_gather(src, host_index, stage)
+        dout = out if _is_device(out) else _cuda.as_cuda_array(out)
+        dout.copy_to_device(stage)
+        return
+    global _kd
+    if _kd is None:
+        _ready()
+        from . import _cuda_data
+
+        _kd = _cuda_data
+    s = _Staging()
+    dsrc, didx = _flat(s(src)), s(index)
+    dout = _flat(s(out, out=True, fresh=True))
+    k = didx.shape[0]
+    row = dout.shape[0] // k
+    kernel = _kd.gather_rows
+    if dsrc.dtype == np.bool_:
+        dsrc, kernel = dsrc.view(np.uint8), _kd.gather_rows_bool
+    _launch(kernel, _blocks(dout.shape[0]), _k.BLOCK)(dsrc, didx, dout, row)
+    s.finish()
 
 
 # ------------------------------------------------------------------ array hooks

@@ -892,3 +892,103 @@ def test_foreign_device_arrays_on_gpu():
             tried += 1
     if not tried:
         pytest.skip("neither CuPy nor PyTorch CUDA is installed")
+
+
+# ------------------------------------------------------------------ gather_rows (issue 17)
+
+def _gather_src(rng, dtype, shape=(30, 2, 3)):
+    if np.dtype(dtype) == np.bool_:
+        return rng.integers(0, 3, shape).astype(np.uint8).view(np.bool_)   # bytes 0, 1, 2
+    if np.dtype(dtype).kind in "iu":
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
+    return rand(rng, shape, dtype, 10.0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("src_dtype", [np.uint8, np.int16, np.int64, np.float32, np.float64,
+                                       np.bool_, np.float16])
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_gather_rows_host_src_into_device_out(src_dtype, out_dtype):
+    """``fit``'s case: the user's host array gathered and converted on the host
+    into the pinned stage, then one copy into the device buffer; the stage
+    grows with the batch and is reused."""
+    rng = np.random.default_rng(0)
+    src = _gather_src(rng, src_dtype)
+    before = src.tobytes()
+    for k in (4, 9, 2):                       # grows, then a smaller view of it
+        index = rng.integers(0, 30, k)
+        index[0] = index[-1]                  # a repeat
+        out = C.empty((k, 2, 3), out_dtype)
+        C.gather_rows(src, index, out)
+        np.testing.assert_array_equal(C.to_host(out), src[index].astype(out_dtype))
+    assert src.tobytes() == before
+
+
+@needs_cuda
+@pytest.mark.parametrize("src_dtype", [np.uint8, np.int32, np.float32, np.float64, np.bool_])
+def test_gather_rows_device_src(src_dtype):
+    """A source already on the device is gathered there, into a device or a
+    host ``out``, from a host or a device index of any integer dtype."""
+    rng = np.random.default_rng(1)
+    src = _gather_src(rng, src_dtype)
+    dsrc = dev(src)
+    for index in (np.array([29, 0, 29, 5]), np.array([3, 3], np.int32), np.array([7], np.uint8)):
+        want = src[index.astype(np.intp)].astype(np.float32)
+        out = C.empty(want.shape, np.float32)
+        C.gather_rows(dsrc, index, out)
+        np.testing.assert_array_equal(C.to_host(out), want)
+        host_out = np.empty_like(want)
+        C.gather_rows(dsrc, dev(index), host_out)
+        np.testing.assert_array_equal(host_out, want)
+    np.testing.assert_array_equal(C.to_host(dsrc), src)
+
+
+@needs_cuda
+def test_gather_rows_through_ops_on_cuda(tmp_path):
+    """Through the gate on the cuda backend: a read-only memmap into a device
+    array, and the errors of a bad index."""
+    import fastnn
+
+    rng = np.random.default_rng(2)
+    data = rng.integers(0, 256, (20, 4, 4), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", data)
+    mm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    out = C.empty((3, 4, 4), np.float32)
+    with fastnn.use_backend("cuda"):
+        fastnn.ops.gather_rows(mm, np.array([19, 0, 19]), out)
+        np.testing.assert_array_equal(C.to_host(out), data[[19, 0, 19]].astype(np.float32))
+        with pytest.raises(ValueError, match=r"index must hold row numbers of src in \[0, 20\)"):
+            fastnn.ops.gather_rows(mm, np.array([19, 20, 0]), out)
+        with pytest.raises(TypeError, match="index must have an integer dtype"):
+            fastnn.ops.gather_rows(mm, dev(np.array([1.0, 2.0, 0.0])), out)
+
+
+@pytest.mark.skipif(not HAS_NUMBA_CUDA or SIMULATOR, reason="needs numba-cuda, not the simulator")
+def test_gather_kernels_compile_for_a_real_gpu(monkeypatch):
+    """The device gather compiles to PTX for the (source, index, output) types
+    it meets; into float32 it converts without float64 arithmetic (except from
+    a float64 source)."""
+    from numba import cuda
+    import numba.cuda.dispatcher as dispatcher
+    from types import SimpleNamespace
+    from fastnn.kernels import _cuda_data as D
+
+    monkeypatch.setattr(dispatcher, "get_current_device",
+                        lambda: SimpleNamespace(compute_capability=(8, 0)))
+    for src in (cuda.uint8, cuda.int16, cuda.int64, cuda.float32, cuda.float64):
+        for index in (cuda.int64, cuda.int32):
+            for out in (cuda.float32, cuda.float64):
+                for kernel in (D.gather_rows, D.gather_rows_bool) if src == cuda.uint8 else \
+                        (D.gather_rows,):
+                    sig = (src[::1], index[::1], out[::1], cuda.int64)
+                    try:
+                        ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(8, 0))
+                    except Exception as exc:
+                        if "NVVM" in type(exc).__name__ or "libnvvm" in str(exc).lower():
+                            pytest.skip(f"NVVM is not installed: {exc}")
+                        raise
+                    if out == cuda.float32 and src != cuda.float64:
+                        f64 = [ln for ln in ptx.splitlines()
+                               if ".f64" in ln and not ln.strip().startswith("//")]
+                        assert not f64, f"{src} -> float32 computes in float64: {f64[:3]}"

@@ -93,6 +93,9 @@ class Call:
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 LABEL_DTYPES = tuple(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.int32, np.int64,
                                            np.uint32, np.uint64, np.intp))
+#: gather_rows' sources besides the floats: any real dtype, converted into out's
+GATHER_SOURCES = tuple(np.dtype(t) for t in (np.bool_, np.uint8, np.int8, np.uint16, np.int16,
+                                             np.int32, np.uint64, np.int64, np.float16, ">f4"))
 
 
 def _dim(draw):
@@ -163,6 +166,15 @@ def _spec(draw, kernel):
         return Call(kernel, ("z", "out"), dict(z=F(B, O), out=F(B, O, out=True)), {}, ("out",))
     if kernel in ref.CONV_KERNELS:
         return _conv_spec(draw, kernel, dt, F)
+    if kernel == "gather_rows":
+        n, k = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+        row = tuple(draw(st.integers(1, 6)) for _ in range(draw(st.integers(0, 2))))
+        sdt = draw(st.sampled_from(FLOATS + GATHER_SOURCES))
+        return Call(kernel, ("src", "index", "out"),
+                    dict(src=Arr((n,) + row, sdt, values=_values(draw)),
+                         index=Arr((k,), draw(st.sampled_from(LABEL_DTYPES)), kind="labels",
+                                   classes=n),
+                         out=F(k, *row, out=True)), {}, ("out",))
     n = draw(st.one_of(st.integers(1, 40), st.integers(41, 300)))
     P = lambda **kw: F(n, **kw)  # noqa: E731
     reg = dict(lr=draw(st.sampled_from([0.0, 1e-3, 0.1])),
@@ -469,7 +481,7 @@ def _forced_parallel(backend):
         from fastnn.kernels import cython_cpu   # the extensions of the loaded CPU variant
 
         for mod in cython_cpu._EXTENSIONS:
-            ones = (1,) if "_cy_optim" in mod.__name__ else (1, 1)
+            ones = (1,) if "_cy_optim" in mod.__name__ or "_cy_data" in mod.__name__ else (1, 1)
             old = mod._set_parallel_min(*ones)
             restore.append(lambda mod=mod, old=old: mod._set_parallel_min(*(
                 old if isinstance(old, tuple) else (old,))))

@@ -408,3 +408,50 @@ def test_pool_and_dropout_non_finite(backend, dtype):
     np.testing.assert_array_equal(got, expected)
     dropped = expected == 0
     assert dropped.any() and not np.signbit(got[dropped]).any()
+
+
+GATHER_SOURCES = (np.float32, np.float64, np.uint8, np.int8, np.uint16, np.int16, np.int32,
+                  np.uint32, np.int64, np.uint64, np.bool_, np.float16)
+
+
+def _gather_source(rng, shape, dtype):
+    """Values that exercise the conversion: the full integer range, bool bytes
+    other than 0 and 1, floats with NaN, infinities, -0.0, huge and tiny ones."""
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_:
+        return rng.integers(0, 3, shape).astype(np.uint8).view(np.bool_)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
+    with np.errstate(all="ignore"):
+        a = (rng.standard_normal(shape) * rng.choice([1e-40, 1.0, 1e30], shape)).astype(dtype)
+    special = np.array([np.nan, np.inf, -np.inf, -0.0, 1e300, -1e-300], np.float64)
+    with np.errstate(all="ignore"):
+        a.flat[rng.integers(0, a.size, max(1, a.size // 8))] = rng.choice(special, max(1, a.size // 8))
+    return a
+
+
+@given(data=st.data(), src_dtype=st.sampled_from(GATHER_SOURCES),
+       index_dtype=st.sampled_from([np.intp, np.int32, np.uint8]),
+       layout=st.sampled_from(["c", "rows_strided", "reversed"]))
+def test_gather_rows(backend, data, src_dtype, index_dtype, layout):
+    """Bit for bit the reference's result (astype's conversion), for repeated
+    and out-of-order indices; src never written."""
+    rng, batch, width, width2, dtype = data.draw(case(backend))
+    n = int(rng.integers(1, 20))
+    base = _gather_source(rng, (2 * n, width, min(width2, 3)), src_dtype)
+    src = {"c": base[:n], "rows_strided": base[::2], "reversed": base[::-2]}[layout]
+    index = rng.integers(0, n, batch).astype(index_dtype)
+    index[: min(batch, 2)] = n - 1     # a repeat (batch > 1), and the last row first
+    expected = np.empty((batch,) + src.shape[1:], dtype)
+    with np.errstate(all="ignore"):
+        ref.gather_rows(src, index, expected)
+        np.testing.assert_array_equal(expected, src[index.astype(np.intp)].astype(dtype))
+    got = np.full_like(expected, 7)
+    before = base.copy()
+    with fastnn.use_backend(backend), np.errstate(all="ignore"):
+        assert fastnn.ops.gather_rows(src, index, got) is None
+    bits = np.uint32 if dtype == np.float32 else np.uint64
+    np.testing.assert_array_equal(got.view(bits), expected.view(bits),
+                                  err_msg=f"{backend}.gather_rows {src.dtype} -> {dtype}")
+    assert base.tobytes() == before.tobytes(), "src was written"

@@ -69,6 +69,8 @@ def valid(kernel):
         return dict(x=a(3, 5), rate=0.5, seed=7, out=a(3, 5))
     if kernel == "dropout_backward":
         return dict(dy=a(3, 5), rate=0.5, seed=7, out=a(3, 5))
+    if kernel == "gather_rows":
+        return dict(src=a(8, 4), index=np.array([7, 0, 7]), out=a(3, 4))
     raise AssertionError(kernel)
 
 
@@ -82,8 +84,17 @@ OUTPUTS = {
     "conv2d_forward": ["out", "preact"], "conv2d_backward": ["dw", "db"],
     "conv2d_backprop": ["out"], "maxpool2d_forward": ["out", "argmax"],
     "maxpool2d_backward": ["out"], "dropout_forward": ["out"], "dropout_backward": ["out"],
+    "gather_rows": ["out"],
 }
-FLOAT_ARRAYS = {k: [n for n in v if n not in ("labels", "argmax")] for k, v in ARRAYS.items()}
+FLOAT_ARRAYS = {k: [n for n in v if n not in ("labels", "argmax", "src", "index")]
+                for k, v in ARRAYS.items()}
+#: gather_rows converts (any real src into out's float dtype), takes any number of
+#: source rows and reads its index at any stride: left out of those generic cases
+#: (its own tests are below)
+SAME_DTYPE_ARRAYS = {k: [] if k == "gather_rows" else v for k, v in FLOAT_ARRAYS.items()}
+SHAPED_ARRAYS = {k: [n for n in v if (k, n) != ("gather_rows", "src")] for k, v in ARRAYS.items()}
+CONTIGUOUS_ARRAYS = {k: [n for n in v if (k, n) != ("gather_rows", "index")]
+                     for k, v in ARRAYS.items()}
 
 
 def check_rejected(kernel, args, exc, match):
@@ -120,14 +131,14 @@ def test_wrong_dtype(kernel, name, bad):
     check_rejected(kernel, args, TypeError, name)
 
 
-@pytest.mark.parametrize("kernel,name", _cases(FLOAT_ARRAYS))
+@pytest.mark.parametrize("kernel,name", _cases(SAME_DTYPE_ARRAYS))
 def test_mixed_dtypes(kernel, name):
     args = valid(kernel)
     args[name] = args[name].astype(np.float64)
     check_rejected(kernel, args, TypeError, "dtype")
 
 
-@pytest.mark.parametrize("kernel,name", _cases(ARRAYS))
+@pytest.mark.parametrize("kernel,name", _cases(SHAPED_ARRAYS))
 def test_wrong_shape(kernel, name):
     args = valid(kernel)
     a = args[name]
@@ -143,7 +154,7 @@ def test_wrong_ndim(kernel, name):
     check_rejected(kernel, args, ValueError, r"must be \d-D|must have shape")
 
 
-@pytest.mark.parametrize("kernel,name", _cases(ARRAYS))
+@pytest.mark.parametrize("kernel,name", _cases(CONTIGUOUS_ARRAYS))
 def test_not_contiguous(kernel, name):
     args = valid(kernel)
     a = args[name]
@@ -536,3 +547,101 @@ def test_dropout_accepted_values_and_in_place(kernel):
     args = {first: buf[:15].reshape(3, 5), "rate": 0.5, "seed": 7,
             "out": buf[5:20].reshape(3, 5)}
     check_rejected(kernel, args, ValueError, "partly overlaps")
+
+
+# ------------------------------------------------------------ gather_rows (issue 17)
+
+def _gather(src=None, index=None, out=None):
+    args = valid("gather_rows")
+    for k, v in (("src", src), ("index", index), ("out", out)):
+        if v is not None:
+            args[k] = v
+    return args
+
+
+@pytest.mark.parametrize("index,exc,match", [
+    (np.array([0.0, 1.0, 2.0]), TypeError, "index must have an integer dtype, got float64"),
+    (np.array([True, False, True]), TypeError, "index must have an integer dtype, got bool"),
+    (np.array([0, 8, 1]), ValueError, r"index must hold row numbers of src in \[0, 8\), got "
+                                      r"values in \[0, 8\]"),
+    (np.array([0, -1, 1]), ValueError, r"in \[0, 8\), got values in \[-1, 1\] \(negative "
+                                       r"indices do not count from the end\)"),
+    (np.array([0, 2**40, 1]), ValueError, "index must hold row numbers"),
+    (np.array([0, 255, 1], np.uint8), ValueError, r"got values in \[0, 255\]"),
+    (np.array([0, -128, 1], np.int8), ValueError, "negative indices"),
+    (np.array([0, 2**63, 1], np.uint64), ValueError, "index must hold row numbers"),
+    (np.array([[0, 1, 2]]), ValueError, "index must be 1-D"),
+    (np.array([], np.intp), ValueError, "index must not be empty"),
+    (np.array([0, 1]), ValueError, r"out must have shape \(2, 4\)"),
+])
+def test_gather_bad_index(index, exc, match):
+    check_rejected("gather_rows", _gather(index=index), exc, match)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32,
+                                   np.uint64, np.int64, np.float16, np.float32, np.float64,
+                                   np.longdouble, np.bool_, ">f4", ">i2"])
+def test_gather_any_real_src_dtype(dtype):
+    for out_dtype in (np.float32, np.float64):
+        args = _gather(src=np.arange(32).reshape(8, 4).astype(dtype),
+                       out=np.empty((3, 4), out_dtype))
+        fastnn.ops.gather_rows(**args)
+        np.testing.assert_array_equal(args["out"], args["src"][[7, 0, 7]].astype(out_dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, object, "U3", "M8[s]"])
+def test_gather_src_must_be_real(dtype):
+    check_rejected("gather_rows", _gather(src=np.zeros((8, 4), dtype)), TypeError,
+                   "src must have a real dtype")
+
+
+@pytest.mark.parametrize("index_dtype", [np.int8, np.uint8, np.int16, np.uint16, np.int32,
+                                         np.uint32, np.int64, np.uint64, ">i8"])
+def test_gather_any_integer_index(index_dtype):
+    args = _gather(index=np.array([7, 0, 7]).astype(index_dtype))
+    fastnn.ops.gather_rows(**args)
+    np.testing.assert_array_equal(args["out"], args["src"][[7, 0, 7]])
+
+
+def test_gather_src_rows_at_any_stride():
+    """Rows that are C-contiguous blocks are enough: a slice of rows, of
+    columns, reversed rows, a 1-D src (rows of one element); a read-only src."""
+    big = np.arange(20 * 6, dtype=F).reshape(20, 6)
+    for src in (big[::3], big[2:10, 1:5], big[::-2, :4], big[:, 2], big[:8].copy()):
+        src.flags.writeable = False if src.base is None else src.flags.writeable
+        out = np.empty((3,) + src.shape[1:], np.float64)
+        fastnn.ops.gather_rows(src, np.array([1, 0, 1]), out)
+        np.testing.assert_array_equal(out, src[[1, 0, 1]])
+    ro = big[:8].copy()
+    ro.flags.writeable = False
+    fastnn.ops.gather_rows(ro, np.array([7, 0, 7]), np.empty((3, 6), F))
+    strided_index = np.array([7, 9, 0, 9, 7, 9])[::2]
+    fastnn.ops.gather_rows(ro, strided_index, out := np.empty((3, 6), F))
+    np.testing.assert_array_equal(out, ro[[7, 0, 7]])
+
+
+def test_gather_src_rows_must_be_contiguous():
+    fortran = np.asfortranarray(np.ones((8, 4), F))
+    check_rejected("gather_rows", _gather(src=fortran), ValueError,
+                   "src must be C-contiguous within each row")
+    check_rejected("gather_rows", _gather(src=np.ones((8, 3, 4), F)[:, :, ::2].transpose(0, 2, 1),
+                                          out=np.ones((3, 2, 3), F)),
+                   ValueError, "src must be C-contiguous within each row")
+    check_rejected("gather_rows", _gather(src=np.float32(1.0)), TypeError, "src must be")
+    check_rejected("gather_rows", _gather(src=np.ones((8, 0), F), out=np.ones((3, 0), F)),
+                   ValueError, "src must be at least 1-D and not empty")
+
+
+def test_gather_out_must_not_overlap_src_or_index():
+    buf = np.zeros((12, 4), F)
+    check_rejected("gather_rows", _gather(src=buf[:8], out=buf[7:10]), ValueError,
+                   "out overlaps src")
+    check_rejected("gather_rows", _gather(src=buf[::2], out=buf[1:4]), ValueError,
+                   "out overlaps src")
+    fastnn.ops.gather_rows(buf[:8], np.array([7, 0, 7]), buf[8:11])     # disjoint: fine
+    raw = np.zeros(3 * 4 * 8, np.uint8)
+    out = raw.view(np.float64).reshape(3, 4)
+    index = raw[:24].view(np.int64)
+    index[:] = [1, 2, 3]
+    check_rejected("gather_rows", _gather(src=np.ones((8, 4)), index=index, out=out),
+                   ValueError, "out overlaps index")

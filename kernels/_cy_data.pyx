@@ -1,0 +1,280 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Data movement (Cython, OpenMP): ``gather_rows``, the batch gather of ``fit``.
+
+``out[i] = src[index[i]]`` row by row, where a row is everything after the
+first axis: one ``memcpy`` per row when ``src`` has ``out``'s dtype, else one
+converting loop per row (``out_t(value)``, the C conversion NumPy's ``astype``
+uses, so the results agree bit for bit; bool gives ``value != 0``). The rows of
+``src`` are read at its first-axis stride (a C-contiguous array, a memmap, a
+slice of rows or columns), the index at its own stride, int32 or int64 (other
+integer widths are converted to ``intp`` first: the index is small). Serial
+below ``PAR_MIN_BYTES`` moved, ``num_threads`` static chunks of rows above.
+
+Native source dtypes: bool, (u)int8/16/32/64, float32, float64 in the
+machine's byte order and aligned. Anything else the gate accepts (float16,
+longdouble, a byte-swapped or misaligned array) runs the NumPy reference.
+Inputs are trusted: ``fastnn._validate.gather_rows`` checks them first.
+"""
+
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+
+from _cy_math cimport FASTNN_OPENMP, n_chunks
+
+import numpy as np
+
+from fastnn.kernels.reference import gather_rows as _reference_gather_rows
+
+cdef extern from *:
+    """
+    #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+    """
+
+cdef extern from "numpy/arrayobject.h":
+    ctypedef Py_ssize_t npy_intp
+    ctypedef struct PyArrayObject:
+        pass
+    int PyArray_NDIM(PyArrayObject* a)
+    npy_intp* PyArray_DIMS(PyArrayObject* a)
+    npy_intp* PyArray_STRIDES(PyArrayObject* a)
+    char* PyArray_BYTES(PyArrayObject* a)
+    int PyArray_FLAGS(PyArrayObject* a)
+    int PyArray_TYPE(PyArrayObject* a)
+    npy_intp PyArray_ITEMSIZE(PyArrayObject* a)
+    npy_intp PyArray_SIZE(PyArrayObject* a)
+    bint PyArray_ISNOTSWAPPED(PyArrayObject* a)
+    bint PyTypeNum_ISINTEGER(int t)
+    bint PyTypeNum_ISSIGNED(int t)
+    int NPY_ARRAY_ALIGNED
+    int NPY_BOOL, NPY_FLOAT, NPY_DOUBLE
+    int _import_array() except -1
+
+_import_array()
+
+#: True when this extension was compiled with OpenMP.
+OPENMP = bool(FASTNN_OPENMP)
+
+# Parallel threshold in bytes moved (read + written). See set_parallel_min's
+# caller, benchmarks/gather_rows.py: a gather of random rows is bound by memory
+# latency, and a second thread overlaps its misses with the first's.
+cdef Py_ssize_t PAR_MIN_BYTES = 1 << 20
+cdef int _num_threads = 1
+
+
+def set_num_threads(int n):
+    """Set the OpenMP threads of this module's parallel loops."""
+    global _num_threads
+    _num_threads = max(1, n)
+
+
+def _set_parallel_min(Py_ssize_t n):
+    """Set the parallel threshold in bytes moved (tests, measurements);
+    returns the old one."""
+    global PAR_MIN_BYTES
+    old = PAR_MIN_BYTES
+    PAR_MIN_BYTES = n
+    return old
+
+
+# source codes (out: float32 or float64)
+cdef enum:
+    S_REF = 0     # not native here: the NumPy reference
+    S_BOOL, S_U8, S_I8, S_U16, S_I16, S_U32, S_I32, S_U64, S_I64, S_F32, S_F64
+
+# index codes
+cdef enum:
+    I_CONVERT = 0, I_32, I_U32, I_64   # I_64 also holds uint64 (values < n < 2**63)
+
+
+ctypedef fused src_t:
+    uint8_t
+    int8_t
+    uint16_t
+    int16_t
+    uint32_t
+    int32_t
+    uint64_t
+    int64_t
+    float
+    double
+
+
+ctypedef struct Gather:
+    const char* src       # row 0 of src
+    Py_ssize_t stride     # bytes from one row of src to the next (any sign)
+    const char* index
+    Py_ssize_t istride    # bytes from one index entry to the next
+    int ikind             # I_32, I_U32, I_64
+    char* out             # C-contiguous (k, row)
+    Py_ssize_t row        # elements per row
+    Py_ssize_t k          # rows gathered
+
+
+cdef inline Py_ssize_t _row_of(const Gather* g, Py_ssize_t i) noexcept nogil:
+    cdef const char* p = g.index + i * g.istride
+    if g.ikind == I_64:
+        return <Py_ssize_t>(<const int64_t*>p)[0]
+    if g.ikind == I_32:
+        return <Py_ssize_t>(<const int32_t*>p)[0]
+    return <Py_ssize_t>(<const uint32_t*>p)[0]
+
+
+cdef void _copy_rows(const Gather* g, Py_ssize_t lo, Py_ssize_t hi,
+                     Py_ssize_t row_bytes) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(lo, hi):
+        memcpy(g.out + i * row_bytes, g.src + _row_of(g, i) * g.stride, row_bytes)
+
+
+cdef void _convert_rows(const src_t* kind, floating* okind, const Gather* g,
+                        Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    # kind, okind: NULL pointers that only select the specialisation
+    cdef Py_ssize_t i, c, m = g.row
+    cdef const src_t* s
+    cdef floating* o
+    for i in range(lo, hi):
+        s = <const src_t*>(g.src + _row_of(g, i) * g.stride)
+        o = <floating*>g.out + i * m
+        for c in range(m):
+            o[c] = <floating>s[c]
+
+
+cdef void _bool_rows(floating* okind, const Gather* g, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    # NumPy's bool -> float conversion is ``value != 0`` (a byte of 2 gives 1)
+    cdef Py_ssize_t i, c, m = g.row
+    cdef const uint8_t* s
+    cdef floating* o
+    cdef floating one = 1, zero = 0
+    for i in range(lo, hi):
+        s = <const uint8_t*>(g.src + _row_of(g, i) * g.stride)
+        o = <floating*>g.out + i * m
+        for c in range(m):
+            o[c] = one if s[c] != 0 else zero
+
+
+cdef void _rows(int scode, floating* okind, const Gather* g, Py_ssize_t lo,
+                Py_ssize_t hi) noexcept nogil:
+    if (floating is float and scode == S_F32) or (floating is double and scode == S_F64):
+        _copy_rows(g, lo, hi, g.row * sizeof(floating))
+    elif scode == S_BOOL:
+        _bool_rows(okind, g, lo, hi)
+    elif scode == S_U8:
+        _convert_rows(<const uint8_t*>NULL, okind, g, lo, hi)
+    elif scode == S_I8:
+        _convert_rows(<const int8_t*>NULL, okind, g, lo, hi)
+    elif scode == S_U16:
+        _convert_rows(<const uint16_t*>NULL, okind, g, lo, hi)
+    elif scode == S_I16:
+        _convert_rows(<const int16_t*>NULL, okind, g, lo, hi)
+    elif scode == S_U32:
+        _convert_rows(<const uint32_t*>NULL, okind, g, lo, hi)
+    elif scode == S_I32:
+        _convert_rows(<const int32_t*>NULL, okind, g, lo, hi)
+    elif scode == S_U64:
+        _convert_rows(<const uint64_t*>NULL, okind, g, lo, hi)
+    elif scode == S_I64:
+        _convert_rows(<const int64_t*>NULL, okind, g, lo, hi)
+    elif scode == S_F32:
+        _convert_rows(<const float*>NULL, okind, g, lo, hi)
+    else:
+        _convert_rows(<const double*>NULL, okind, g, lo, hi)
+
+
+cdef void _gather(int scode, floating* okind, const Gather* g, Py_ssize_t chunks) noexcept nogil:
+    cdef Py_ssize_t c, lo, hi, step
+    if chunks <= 1:
+        _rows(scode, okind, g, 0, g.k)
+        return
+    step = (g.k + chunks - 1) // chunks
+    for c in prange(chunks, schedule="static", num_threads=chunks):
+        lo = c * step
+        hi = min(g.k, lo + step)
+        if lo < hi:
+            _rows(scode, okind, g, lo, hi)
+
+
+cdef int _src_code(PyArrayObject* a) noexcept:
+    cdef int t = PyArray_TYPE(a)
+    cdef npy_intp size = PyArray_ITEMSIZE(a)
+    if not PyArray_ISNOTSWAPPED(a) or not (PyArray_FLAGS(a) & NPY_ARRAY_ALIGNED):
+        return S_REF
+    if t == NPY_FLOAT:
+        return S_F32
+    if t == NPY_DOUBLE:
+        return S_F64
+    if t == NPY_BOOL:
+        return S_BOOL
+    if not PyTypeNum_ISINTEGER(t):
+        return S_REF
+    cdef bint signed = PyTypeNum_ISSIGNED(t)
+    if size == 1:
+        return S_I8 if signed else S_U8
+    if size == 2:
+        return S_I16 if signed else S_U16
+    if size == 4:
+        return S_I32 if signed else S_U32
+    if size == 8:
+        return S_I64 if signed else S_U64
+    return S_REF
+
+
+cdef int _index_code(PyArrayObject* a) noexcept:
+    cdef int t = PyArray_TYPE(a)
+    cdef npy_intp size = PyArray_ITEMSIZE(a)
+    if not PyArray_ISNOTSWAPPED(a) or not (PyArray_FLAGS(a) & NPY_ARRAY_ALIGNED):
+        return I_CONVERT
+    if size == 8:
+        return I_64
+    if size == 4:
+        return I_32 if PyTypeNum_ISSIGNED(t) else I_U32
+    return I_CONVERT
+
+
+def gather_rows(src, index, out):
+    """Gather rows by index, converting to ``out``'s dtype: ``out[i] = src[index[i]]``.
+
+    A row is everything after the first axis; values are converted as
+    ``src.astype(out.dtype)`` converts them (bit for bit). See
+    ``fastnn.kernels.reference.gather_rows``.
+
+    Parameters
+    ----------
+    src : ndarray (n, *shape), real dtype, rows C-contiguous at any stride
+        IN, never written.
+    index : ndarray (k,), integer dtype, values in ``[0, n)``
+        IN
+    out : ndarray (k, *shape), float32 or float64, C-contiguous
+        OUT
+    """
+    cdef PyArrayObject* s = <PyArrayObject*><void*>src
+    cdef PyArrayObject* ix = <PyArrayObject*><void*>index
+    cdef PyArrayObject* o = <PyArrayObject*><void*>out
+    cdef int scode = _src_code(s)
+    if scode == S_REF:
+        _reference_gather_rows(src, index, out)
+        return
+    cdef Gather g
+    g.ikind = _index_code(ix)
+    if g.ikind == I_CONVERT:
+        index = np.array(index, dtype=np.intp)    # a copy: aligned, native
+        ix = <PyArrayObject*><void*>index
+        g.ikind = I_64 if PyArray_ITEMSIZE(ix) == 8 else I_32
+    g.k = PyArray_DIMS(ix)[0]
+    g.index = PyArray_BYTES(ix)
+    g.istride = PyArray_STRIDES(ix)[0]
+    g.src = PyArray_BYTES(s)
+    g.stride = PyArray_STRIDES(s)[0]
+    g.out = PyArray_BYTES(o)
+    g.row = PyArray_SIZE(o) // g.k
+    cdef Py_ssize_t moved = PyArray_SIZE(o) * (PyArray_ITEMSIZE(s) + PyArray_ITEMSIZE(o))
+    cdef Py_ssize_t chunks = n_chunks(moved, PAR_MIN_BYTES, _num_threads)
+    if chunks > g.k:
+        chunks = g.k
+    cdef bint single = PyArray_TYPE(o) == NPY_FLOAT
+    with nogil:
+        if single:
+            _gather(scode, <float*>NULL, &g, chunks)
+        else:
+            _gather(scode, <double*>NULL, &g, chunks)
