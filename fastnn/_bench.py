@@ -68,6 +68,11 @@ CONV_SHAPES = ((128, 28, 28, 1, 32, 3), (128, 13, 13, 32, 64, 3))
 POOL_SHAPES = ((128, 26, 26, 32), (128, 11, 11, 64))
 #: (rows, cols) of dropout (rate 0.5): the convnet's flattened features, and 1 M elements.
 DROPOUT_SHAPES = ((128, 1600), (1024, 1024))
+#: (rows, batch, features) of gather_rows: batches of MNIST-sized rows picked at random
+#: from a 100,000-row array (as ``fit`` reads a shuffled epoch: rows from memory, not cache).
+GATHER_SHAPES = ((100_000, 128, 784), (100_000, 32, 784))
+#: gather_rows' source dtypes: "same" (the case's dtype: row copies) and uint8 (converted).
+GATHER_SOURCES = ("same", "uint8")
 #: The MNIST MLP of the training benchmarks.
 TRAIN_LAYERS = (784, 256, 128, 10)
 TRAIN_BATCHES = (32, 128)
@@ -384,6 +389,21 @@ def _conv_cases(dtype):
     return cases
 
 
+def _gather(variant, dims, dtype):
+    """gather_rows of ``k`` random rows of ``m`` features from ``n`` (``dims``),
+    from a source of ``variant``'s dtype ("same": the case's) into ``dtype``."""
+    n, k, m = dims
+
+    def make(rng):
+        src_dtype = np.dtype(dtype if variant == "same" else variant)
+        if src_dtype.kind == "f":
+            src = _rand(rng, (n, m), src_dtype)
+        else:
+            src = rng.integers(0, 256, (n, m)).astype(src_dtype)
+        return src, rng.integers(0, n, k), np.empty((k, m), dtype)
+    return Case("gather_rows", variant, "x".join(map(str, dims)), dtype, make, None, dims)
+
+
 def all_cases(dtypes=DTYPES):
     """Every contract kernel at the sizes users meet (the pytest suites' set).
 
@@ -413,6 +433,7 @@ def all_cases(dtypes=DTYPES):
             for n in OPTIMIZER_SIZES:
                 cases.append(_optimizer(kernel, n, dtype))
         cases += _conv_cases(dtype)
+        cases += [_gather(v, dims, dtype) for dims in GATHER_SHAPES for v in GATHER_SOURCES]
     return cases
 
 
@@ -450,6 +471,8 @@ def find_case(kernel, variant, shape, dtype):
             return _optimizer(kernel, dims[0], dtype)
         if kernel in reference.CONV_KERNELS:
             return _conv(kernel, variant, dims, dtype)
+        if kernel == "gather_rows":
+            return _gather(variant or "same", dims, dtype)
         return _loss(kernel, dims, dtype)
     for c in all_cases((dtype,)):
         if (c.kernel, c.variant, c.shape) == (kernel, variant, shape):
