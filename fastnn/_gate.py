@@ -353,8 +353,6 @@ def _param(kernel, name, words, sym, param_index):
         else:
             raise ValueError(f"{kernel}: cannot read {w!r} of {name}")
     d["dims"] = tuple(dims)
-    if kind == "ints":
-        d["flags"] &= ~_F_LIKE
     return d
 
 

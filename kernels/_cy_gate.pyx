@@ -137,6 +137,16 @@ cdef enum:
     R_LESS = 4          # a < b
 
 
+#: The codes above, for ``fastnn._gate`` (a test holds its copy to them).
+CODES = {
+    "kinds": {"float": K_FLOAT, "int32": K_INT32, "index": K_INDEX, "any": K_ANY, "act": K_ACT,
+              "real": K_REAL, "bool": K_BOOL, "int": K_INT, "uint64": K_UINT64, "ints": K_INTS},
+    "flags": {"out": F_OUT, "none": F_NONE, "if_z": F_IF_Z, "if_y": F_IF_Y, "if_pos": F_IF_POS,
+              "like": F_LIKE, "unit": F_UNIT, "below": F_BELOW, "rows": F_ROWS, "tail": F_TAIL},
+    "rules": {"blas": R_BLAS, "needs_pos": R_NEEDS_POS, "outsize": R_OUTSIZE, "less": R_LESS},
+}
+
+
 ctypedef struct PSpec:
     int kind
     int flags

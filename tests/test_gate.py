@@ -37,6 +37,18 @@ def test_every_kernel_is_described():
             _gate.compile_spec(kernel, _gate.SPECS[kernel])
 
 
+@compiled
+def test_codes_agree_with_the_compiled_module():
+    codes = _gate._cy_gate.CODES
+    assert codes["kinds"] == _gate._KINDS
+    assert list(codes["flags"].values()) == [_gate._F_OUT, _gate._F_NONE, _gate._F_IF_Z,
+                                             _gate._F_IF_Y, _gate._F_IF_POS, _gate._F_LIKE,
+                                             _gate._F_UNIT, _gate._F_BELOW, _gate._F_ROWS,
+                                             _gate._F_TAIL]
+    assert list(codes["rules"].values()) == [_gate._R_BLAS, _gate._R_NEEDS_POS,
+                                             _gate._R_OUTSIZE, _gate._R_LESS]
+
+
 def test_a_description_must_follow_the_signature():
     with pytest.raises(ValueError, match="the kernel"):
         _gate.compile_spec("softmax", "out float B C out\nz float B C")
