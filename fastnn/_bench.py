@@ -1233,7 +1233,10 @@ def overhead_cases(dtype="float32"):
 def per_call(fns, calls=OVERHEAD_CALLS, warmup=20):
     """Median seconds of one call of each zero-argument callable, each call
     timed alone (``perf_counter_ns``; its own ~50 ns are in every figure),
-    the callables interleaved call by call in a rotating order.
+    the callables interleaved call by call in a rotating order. Each timed
+    call follows an untimed call of the same callable, so that no callable
+    is timed right after another's (a reference kernel that allocates, say)
+    more often than the others.
 
     Returns
     -------
@@ -1253,6 +1256,7 @@ def per_call(fns, calls=OVERHEAD_CALLS, warmup=20):
             k = i % len(names)
             for name in names[k:] + names[:k]:
                 fn = fns[name]
+                fn()
                 t0 = clock()
                 fn()
                 samples[name].append(clock() - t0)
@@ -1482,6 +1486,7 @@ with torch.inference_mode():
         j = i % max(len(keys), 1)
         for key in keys[j:] + keys[:j]:
             fn = ops[key][1]
+            fn()
             t0 = clock()
             fn()
             samples[key].append(clock() - t0)
