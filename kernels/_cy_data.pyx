@@ -8,7 +8,9 @@ uses, so the results agree bit for bit; bool gives ``value != 0``). The rows of
 ``src`` are read at its first-axis stride (a C-contiguous array, a memmap, a
 slice of rows or columns), the index at its own stride, int32 or int64 (other
 integer widths are converted to ``intp`` first: the index is small). Serial
-below ``PAR_MIN_BYTES`` moved, ``num_threads`` static chunks of rows above.
+below ``PAR_MIN_BYTES`` moved, ``num_threads`` static chunks of rows above;
+the first lines of the row ``AHEAD`` rows on are prefetched while a row is
+copied (random rows come from memory).
 
 Native source dtypes: bool, (u)int8/16/32/64, float32, float64 in the
 machine's byte order and aligned. Anything else the gate accepts (float16,
@@ -31,6 +33,24 @@ cdef extern from *:
     """
     #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
     """
+
+cdef extern from *:
+    """
+    /* Ask for the first FASTNN_PREFETCH_BYTES of a row read soon. Rows picked at
+       random from a large array come from memory, and the hardware prefetcher
+       follows a row only after missing in it; the rest of a long row it streams
+       by itself. */
+    #define FASTNN_PREFETCH_BYTES 4096
+    static inline void fastnn_prefetch_row(const char* p, Py_ssize_t bytes) {
+    #if defined(__GNUC__) || defined(__clang__)
+        if (bytes > FASTNN_PREFETCH_BYTES) bytes = FASTNN_PREFETCH_BYTES;
+        for (Py_ssize_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
+    #else
+        (void)p; (void)bytes;
+    #endif
+    }
+    """
+    void prefetch_row "fastnn_prefetch_row"(const char* p, Py_ssize_t bytes) noexcept nogil
 
 cdef extern from "numpy/arrayobject.h":
     ctypedef Py_ssize_t npy_intp
@@ -56,10 +76,22 @@ _import_array()
 #: True when this extension was compiled with OpenMP.
 OPENMP = bool(FASTNN_OPENMP)
 
-# Parallel threshold in bytes moved (read + written). See set_parallel_min's
-# caller, benchmarks/gather_rows.py: a gather of random rows is bound by memory
-# latency, and a second thread overlaps its misses with the first's.
-cdef Py_ssize_t PAR_MIN_BYTES = 1 << 20
+# Parallel threshold in bytes moved (read + written); benchmarks/gather_rows.py
+# --threshold measures it. Serially a gather of random rows from memory moves
+# ~16 GB/s (float32 -> float32: 128 rows of 784 in 50 us) and ~26 GB/s
+# (uint8 -> float32: 19 us); back to back, two threads did 128 float32 rows
+# in 31 us against 49. But in fit the gather follows a training step, whose
+# BLAS calls leave libgomp's worker asleep, and waking it costs ~50 us here
+# (see _cy_elementwise.pyx): a second thread pays off from ~2 MB moved (75-125
+# us serial). Provisional: measured at load 12-13 on 2 shared cores, where
+# the second thread rarely found a free core.
+cdef Py_ssize_t PAR_MIN_BYTES = 1 << 21
+# Rows prefetched ahead of the one being copied. 128 random rows of 784 uint8
+# from 100,000 converted to float32 took 32 us without, 19 / 17 / 17 us with
+# 1 / 2 / 4 rows ahead (the reference: 28 us); 32 rows 8 -> 4 us. The plain
+# row copies (float32 -> float32, 50 us for 128 rows) are bound by bandwidth
+# and neither gain nor lose (one thread, load ~11 on 2 cores, provisional).
+cdef Py_ssize_t AHEAD = 4
 cdef int _num_threads = 1
 
 
@@ -121,10 +153,20 @@ cdef inline Py_ssize_t _row_of(const Gather* g, Py_ssize_t i) noexcept nogil:
     return <Py_ssize_t>(<const uint32_t*>p)[0]
 
 
+cdef inline void _prefetch_rows(const Gather* g, Py_ssize_t lo, Py_ssize_t hi,
+                                Py_ssize_t row_bytes) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(lo, hi):
+        prefetch_row(g.src + _row_of(g, i) * g.stride, row_bytes)
+
+
 cdef void _copy_rows(const Gather* g, Py_ssize_t lo, Py_ssize_t hi,
                      Py_ssize_t row_bytes) noexcept nogil:
     cdef Py_ssize_t i
+    _prefetch_rows(g, lo, min(hi, lo + AHEAD), row_bytes)
     for i in range(lo, hi):
+        if i + AHEAD < hi:
+            prefetch_row(g.src + _row_of(g, i + AHEAD) * g.stride, row_bytes)
         memcpy(g.out + i * row_bytes, g.src + _row_of(g, i) * g.stride, row_bytes)
 
 
@@ -134,7 +176,11 @@ cdef void _convert_rows(const src_t* kind, floating* okind, const Gather* g,
     cdef Py_ssize_t i, c, m = g.row
     cdef const src_t* s
     cdef floating* o
+    cdef Py_ssize_t row_bytes = m * sizeof(src_t)
+    _prefetch_rows(g, lo, min(hi, lo + AHEAD), row_bytes)
     for i in range(lo, hi):
+        if i + AHEAD < hi:
+            prefetch_row(g.src + _row_of(g, i + AHEAD) * g.stride, row_bytes)
         s = <const src_t*>(g.src + _row_of(g, i) * g.stride)
         o = <floating*>g.out + i * m
         for c in range(m):
@@ -147,7 +193,10 @@ cdef void _bool_rows(floating* okind, const Gather* g, Py_ssize_t lo, Py_ssize_t
     cdef const uint8_t* s
     cdef floating* o
     cdef floating one = 1, zero = 0
+    _prefetch_rows(g, lo, min(hi, lo + AHEAD), m)
     for i in range(lo, hi):
+        if i + AHEAD < hi:
+            prefetch_row(g.src + _row_of(g, i + AHEAD) * g.stride, m)
         s = <const uint8_t*>(g.src + _row_of(g, i) * g.stride)
         o = <floating*>g.out + i * m
         for c in range(m):
