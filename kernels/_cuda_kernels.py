@@ -316,15 +316,16 @@ def build(dtype):
     @kernel
     def column_sum(a, out):
         """``out = a.sum(0)`` for a 2-D ``a``: ``(CW, RW)`` threads per block,
-        a column per x-lane, rows split over the y-lanes, then a shared-memory sum."""
-        sh = cuda.shared.array((RW, CW), DT)
+        a column per x-lane, rows split over the y-lanes, then a shared-memory
+        sum; accumulated in float64, rounded once."""
+        sh = cuda.shared.array((RW, CW), F64)
         tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
         j = cuda.blockIdx.x * CW + tx
         rows, cols = a.shape
-        s = ZERO
+        s = ZERO64
         if j < cols:
             for r in range(ty, rows, RW):
-                s += a[r, j]
+                s += F64(a[r, j])
         sh[ty, tx] = s
         cuda.syncthreads()
         h = RW // 2
@@ -334,7 +335,7 @@ def build(dtype):
             cuda.syncthreads()
             h //= 2
         if ty == 0 and j < cols:
-            out[j] = sh[0, tx]
+            out[j] = F(sh[0, tx])
 
     # ------------------------------------------------------------ GEMM
 

@@ -186,21 +186,33 @@ cdef void _dense_backward(const floating[:, ::1] x,   # IN (batch, in)
                           dz.shape[1])
 
 
+cdef enum:
+    SUM_COLUMNS = 64   # column sums: float64 accumulators (on the stack) per pass
+
+
 cdef void _dense_backward_p(const floating* x, const floating* dz, floating* dw, floating* s,
                             int m, int k, int n) noexcept nogil:
-    """``dw = x.T @ dz``, ``s = dz.sum(0)`` for ``x`` (m, k), ``dz`` (m, n)."""
-    cdef Py_ssize_t r, j
+    """``dw = x.T @ dz``, ``s = dz.sum(0)`` for ``x`` (m, k), ``dz`` (m, n);
+    ``s`` accumulated in float64 and rounded once."""
+    cdef Py_ssize_t r, j, j0, w
     cdef const floating* row
+    cdef double acc[SUM_COLUMNS]
     gemm(c'N', c'T', n, k, m, dz, n, x, k, dw, n)
-    # column sums, row after row in order (as NumPy's axis-0 sum); the inner
-    # loop runs along a row, so it vectorizes without reordering a sum
-    row = dz
-    for j in range(n):
-        s[j] = row[j]
-    for r in range(1, m):
-        row = dz + <Py_ssize_t>r * n
-        for j in range(n):
-            s[j] = s[j] + row[j]
+    # column sums, row after row in order (as NumPy's axis-0 sum), SUM_COLUMNS
+    # columns at a time; the inner loop runs along a row, so it vectorizes
+    # without reordering a sum
+    j0 = 0
+    while j0 < n:
+        w = min(<Py_ssize_t>SUM_COLUMNS, n - j0)
+        for j in range(w):
+            acc[j] = 0
+        for r in range(m):
+            row = dz + <Py_ssize_t>r * n + j0
+            for j in range(w):
+                acc[j] = acc[j] + row[j]
+        for j in range(w):
+            s[j0 + j] = <floating>acc[j]
+        j0 += SUM_COLUMNS
 
 
 _EMPTY2 = {4: __import__("numpy").empty((0, 0), "float32"),

@@ -107,3 +107,64 @@ def test_centered_rmsprop_stays_finite(backend):
     else:   # a GPU may fuse multiply-adds: p, divided by sqrt(~0) + eps, is then another
         assert_close(sq, sq_ref, np.float32)
         assert_close(cm, cm_ref, np.float32)
+
+
+# ------------------------------------------------------------ float64 accumulation (item 12)
+
+def _within_one_ulp(actual, exact, what):
+    """float32 ``actual`` is ``exact`` (float64) rounded, give or take one ulp."""
+    rounded = exact.astype(np.float32)
+    ulp = np.spacing(np.abs(rounded))
+    err = np.abs(actual.astype(np.float64) - exact)
+    assert np.all(err <= ulp), (f"{what}: {np.max(err / np.abs(exact)):.2e} relative "
+                                f"(one ulp: {np.max(ulp / np.abs(exact)):.2e})")
+
+
+def _small(backend):
+    """The CUDA simulator runs every GPU thread as a Python thread: small sizes."""
+    return getattr(fastnn._backend.load(backend).module, "PARITY_SHAPES", None) is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_db_of_float32_is_summed_in_float64(backend):
+    """``db = dz.sum(0)`` over batch 2^20 (2^11 on the simulator) of one-signed
+    ``dz``: summed in float32, the rounding errors add up (2.5e-5 relative in
+    the issue, 6e-6 here); accumulated in float64 and rounded once, ``db`` is
+    the exact sum (``math.fsum``) rounded to float32, within one ulp."""
+    batch = 1 << (11 if _small(backend) else 20)
+    rng = np.random.default_rng(12)
+    dz = rng.uniform(0.5, 1.0, (batch, 3)).astype(np.float32)
+    dz[:, 2] *= -1e-3
+    x = rng.standard_normal((batch, 1)).astype(np.float32)
+    exact = np.array([math.fsum(dz[:, j].astype(np.float64)) for j in range(dz.shape[1])])
+    dw, db = np.empty((1, 3), np.float32), np.empty(3, np.float32)
+    with fastnn.use_backend(backend):
+        fastnn.ops.dense_backward(x, dz, dw, db)
+    _within_one_ulp(db, exact, f"{backend} db")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_means_of_float32_are_summed_in_float64(backend):
+    """The three losses over 2^20 rows (64 on the simulator): the mean of the
+    per-element losses (each in float32) is accumulated in float64, so it
+    differs from the exact mean of the backend's own terms only by their
+    float32 rounding, which averages out: 1e-7 relative at most."""
+    rows = 64 if _small(backend) else 1 << 20
+    rng = np.random.default_rng(14)
+    z = (rng.standard_normal((rows, 2)) + 3).astype(np.float32)
+    labels = rng.integers(0, 2, rows)
+    z1 = (rng.standard_normal((rows, 1)) + 2).astype(np.float32)
+    t = rng.uniform(0, 1, (rows, 1)).astype(np.float32)
+    with fastnn.use_backend(backend):
+        ce = fastnn.ops.softmax_cross_entropy(z, labels, np.empty_like(z))
+        bce = fastnn.ops.sigmoid_binary_cross_entropy(z1, t, np.empty_like(z1))
+        mse = fastnn.ops.mse(z1, t, np.empty_like(z1))
+    z64, z164, t64 = z.astype(np.float64), z1.astype(np.float64), t.astype(np.float64)
+    m = z64.max(axis=1)
+    per_ce = np.log(np.exp(z64 - m[:, None]).sum(axis=1)) - (z64[np.arange(rows), labels] - m)
+    per_bce = np.maximum(z164, 0) - z164 * t64 + np.log1p(np.exp(-np.abs(z164)))
+    per_mse = (z164 - t64) ** 2
+    for name, loss, per in (("softmax CE", ce, per_ce), ("BCE", bce, per_bce),
+                            ("MSE", mse, per_mse)):
+        exact = math.fsum(per.ravel()) / per.size
+        assert abs(loss / exact - 1) < 1e-7, f"{backend} {name}: {abs(loss / exact - 1):.1e}"

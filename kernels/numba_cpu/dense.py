@@ -59,13 +59,15 @@ def backprop_delta(dy, w, z, y, act, out):
 
 
 def _column_sums(lo, hi, dz, db):
-    """``db[j] = sum_i dz[i, j]`` for columns ``lo..hi``, row by row (NumPy's order)."""
+    """``db[j] = sum_i dz[i, j]`` for columns ``lo..hi``, row by row (NumPy's
+    order), accumulated in float64 and rounded once."""
     dz, db = dz[:, lo:hi], db[lo:hi]
-    for j in range(db.size):
-        db[j] = 0
+    acc = np.zeros(db.size)
     for i in range(dz.shape[0]):
         for j in range(db.size):
-            db[j] += dz[i, j]
+            acc[j] += np.float64(dz[i, j])
+    for j in range(db.size):
+        db[j] = acc[j]
 
 
 _COLUMN_SUMS = None
@@ -75,7 +77,7 @@ def dense_backward(x, dz, dw, db):
     """Parameter gradients of a dense layer: ``dw = x.T @ dz``, ``db = dz.sum(0)``.
 
     ``x.T @ dz`` is one BLAS call on the transposed view (no copy); ``db`` sums
-    the rows of ``dz`` in a loop vectorized along the columns.
+    the rows of ``dz`` in a loop vectorized along the columns, in float64.
 
     Parameters
     ----------
