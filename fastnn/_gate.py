@@ -103,6 +103,7 @@ SPECS = {
         pred    float ...
         target  float ...
         grad    float ... out
+        in_place
         returns_float
     """,
     "softmax": """

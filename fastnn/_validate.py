@@ -300,7 +300,7 @@ def mse(pred, target, grad):
     shape = c.float_array("pred", pred, (None,) * max(_ndim("pred", pred), 1))
     c.float_array("target", target, shape)
     c.float_array("grad", grad, shape, out=True)
-    c.no_overlap()
+    c.no_overlap(allow_identical=True)   # grad may be pred or target (elementwise)
 
 
 def softmax(z, out):

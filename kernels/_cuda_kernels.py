@@ -476,7 +476,7 @@ def build(dtype):
     @kernel
     def mse(pred, target, grad, scale, partials):
         """Grid-stride over flat arrays: ``d = pred - target``;
-        ``grad = d*scale`` (``scale = 2/n``; ``grad`` may be ``pred``);
+        ``grad = d*scale`` (``scale = 2/n``; ``grad`` may be ``pred`` or ``target``);
         ``partials[block]`` = block sum of ``d^2`` in float64."""
         sh = cuda.shared.array(BLOCK, F64)
         start, stride = cuda.grid(1), cuda.gridsize(1)

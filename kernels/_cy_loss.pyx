@@ -346,7 +346,7 @@ def mse(pred, target, grad):
     pred, target : ndarray, same shape and dtype
         IN
     grad : ndarray, same shape and dtype
-        OUT; may be ``pred``.
+        OUT; may be ``pred`` or ``target``.
 
     Returns
     -------

@@ -538,7 +538,7 @@ def sigmoid_binary_cross_entropy(logits, targets, grad):
 
 def mse(pred, target, grad):
     """Mean squared error ``mean((pred - target)^2)`` and
-    ``grad = 2*(pred - target) / pred.size`` (``grad`` may be ``pred``).
+    ``grad = 2*(pred - target) / pred.size`` (``grad`` may be ``pred`` or ``target``).
 
     Returns
     -------

@@ -403,7 +403,8 @@ def mse(pred, target, grad):
     pred, target : ndarray, same shape and dtype
         IN
     grad : ndarray, same shape and dtype
-        OUT; may be ``pred``.
+        OUT; may be ``pred`` or ``target`` (each element of both is read
+        before the gradient is written).
 
     Returns
     -------

@@ -168,3 +168,38 @@ def test_loss_means_of_float32_are_summed_in_float64(backend):
                             ("MSE", mse, per_mse)):
         exact = math.fsum(per.ravel()) / per.size
         assert abs(loss / exact - 1) < 1e-7, f"{backend} {name}: {abs(loss / exact - 1):.1e}"
+
+
+# ------------------------------------------------------------ mse in place (item 14)
+
+@pytest.mark.parametrize("into", ["pred", "target"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mse_gradient_in_place(backend, dtype, into):
+    """``grad`` may be ``pred`` (as mse's docstring says) or ``target``: an
+    elementwise loss reads both before it writes the gradient. Through the
+    gate, equal to the reference computed out of place."""
+    rng = np.random.default_rng(15)
+    pred = rng.standard_normal((7, 5)).astype(dtype)
+    target = rng.standard_normal((7, 5)).astype(dtype)
+    expected_grad = np.empty_like(pred)
+    expected = ref.mse(pred, target, expected_grad)
+    assert expected == pytest.approx(np.mean((pred.astype(np.float64) - target) ** 2), rel=1e-6)
+    p, t = pred.copy(), target.copy()
+    grad = p if into == "pred" else t
+    with fastnn.use_backend(backend):
+        loss = fastnn.ops.mse(p, t, grad)
+    assert loss == pytest.approx(expected, rel=1e-12 if dtype == np.float64 else 1e-6)
+    assert_close(grad, expected_grad, dtype)
+    if into == "pred":
+        np.testing.assert_array_equal(t, target)
+    else:
+        np.testing.assert_array_equal(p, pred)
+
+
+def test_mse_gradient_must_not_partly_overlap_an_input():
+    pred = np.zeros(12, np.float32)
+    target = np.ones(12, np.float32)
+    with pytest.raises(ValueError, match="overlap"):
+        fastnn.ops.mse(pred[:10], target[:10], pred[2:])
+    np.testing.assert_array_equal(pred, 0)

@@ -223,7 +223,7 @@ def mse(pred, target, grad):
     Parameters
     ----------
     pred, target : ndarray, same shape and dtype. IN
-    grad : ndarray like ``pred``. OUT
+    grad : ndarray like ``pred``; may be ``pred`` or ``target``. OUT
 
     Returns
     -------
