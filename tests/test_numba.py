@@ -11,6 +11,7 @@
 * parallel kernels called from several Python threads at once (omp layer).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -570,3 +571,389 @@ def test_forked_child_runs_serially():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["0"], proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------ convolution, pooling, dropout
+#
+# What the parity suite does not reach: the parallel paths, chunk boundaries
+# of the im2col workspace, the direct loop of kernels with few taps next to
+# the im2col path, no allocation after the first call, and the cached
+# activation variants of the conv kernels shared by processes.
+
+from fastnn.kernels.numba_cpu import conv as nb_conv  # noqa: E402
+
+#: (n, h, w, c, o, kh, kw, stride, padding), each reaching one code path
+CONV_GEOMETRIES = [
+    (2, 9, 8, 1, 5, 3, 3, (1, 1), (0, 0, 0, 0)),       # few taps: the direct loop
+    (3, 9, 8, 1, 5, 3, 3, (2, 1), (1, 2, 2, 0)),       # direct loop, windows in the padding
+    (3, 10, 9, 6, 7, 3, 3, (1, 1), (1, 1, 1, 1)),      # im2col + GEMM, "same" padding
+    (2, 11, 7, 5, 4, 2, 4, (3, 2), (1, 0, 3, 2)),      # im2col, asymmetric pads, strides
+    (2, 6, 5, 20, 3, 1, 1, (1, 1), (0, 0, 0, 0)),      # 1x1: x is its own im2col
+    (2, 5, 5, 3, 4, 5, 5, (1, 1), (0, 0, 0, 0)),       # kernel = image: one output pixel
+]
+GEOMETRY_IDS = ["direct", "direct-padded", "im2col-same", "im2col-strided", "1x1", "whole"]
+
+
+def _conv_arrays(geometry, dtype, act, seed=0):
+    n, h, w, c, o, kh, kw, stride, pads = geometry
+    rng = np.random.default_rng(seed)
+    p = (h + pads[0] + pads[1] - kh) // stride[0] + 1
+    q = (w + pads[2] + pads[3] - kw) // stride[1] + 1
+    x = rng.standard_normal((n, h, w, c)).astype(dtype)
+    zb = (rng.standard_normal((n, h, w, c)) * 2).astype(dtype)
+    yb = np.empty_like(zb)
+    ref.activation_forward(act, zb, yb)
+    return dict(x=x, w=(rng.standard_normal((kh, kw, c, o)) / np.sqrt(kh * kw * c)).astype(dtype),
+                b=rng.standard_normal(o).astype(dtype), dz=rng.standard_normal((n, p, q, o)).astype(dtype),
+                zb=zb, yb=yb, stride=stride, pads=pads, shape=(n, p, q, o))
+
+
+def _conv_outputs(k, a, act):
+    """The three conv kernels of module ``k`` on the arrays ``a``: every output."""
+    out, pre, out2 = (np.empty(a["shape"], a["x"].dtype) for _ in range(3))
+    k.conv2d_forward(a["x"], a["w"], a["b"], act, out, pre, a["stride"], a["pads"])
+    k.conv2d_forward(a["x"], a["w"], a["b"], act, out2, None, a["stride"], a["pads"])
+    dw, db = np.empty_like(a["w"]), np.empty_like(a["b"])
+    k.conv2d_backward(a["x"], a["dz"], dw, db, a["stride"], a["pads"])
+    dx = np.empty_like(a["x"])
+    k.conv2d_backprop(a["dz"], a["w"], a["zb"], a["yb"], act, dx, a["stride"], a["pads"])
+    return {"out": out, "preact": pre, "out (no preact)": out2, "dw": dw, "db": db, "dx": dx}
+
+
+def _check_conv(got, expected, a, dtype):
+    n, p, q, o = a["shape"]
+    kh, kw, c, _ = a["w"].shape
+    reduction = {"out": kh * kw * c, "preact": kh * kw * c, "out (no preact)": kh * kw * c,
+                 "dw": n * p * q, "db": n * p * q, "dx": kh * kw * o}
+    for name, value in expected.items():
+        assert_close(got[name], value, dtype, reduction[name], err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES, ids=GEOMETRY_IDS)
+def test_conv_serial_and_parallel_paths_agree(force_parallel, geometry, act, dtype):
+    """Every loop of the conv kernels on its prange path (2 threads, odd row
+    counts) gives the serial path's results bit for bit, and both the
+    reference's."""
+    a = _conv_arrays(geometry, dtype, act)
+    serial, parallel = _both_paths(force_parallel, lambda: _conv_outputs(nb, a, act))
+    for name in serial:
+        np.testing.assert_array_equal(parallel[name], serial[name], err_msg=name)
+    _check_conv(parallel, _conv_outputs(ref, a, act), a, dtype)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES, ids=GEOMETRY_IDS)
+def test_conv_chunk_boundaries(monkeypatch, geometry, dtype, threads):
+    """Workspace chunks of 1, 2, 5 and 7 GEMM rows (a chunk ends inside an
+    output row and inside an image: conv2d_backprop zeroes an image in one
+    chunk and multiplies its derivative in another) and one image of rows:
+    the reference's results."""
+    if threads > numba.config.NUMBA_NUM_THREADS:
+        pytest.skip("one core")
+    for k in nb.PARALLEL_MIN:
+        monkeypatch.setitem(nb.PARALLEL_MIN, k, 1 if threads > 1 else 1 << 62)
+    previous = nb.info()["numba_threads"]
+    nb.set_num_threads(threads)
+    try:
+        a = _conv_arrays(geometry, dtype, "tanh", seed=3)
+        expected = _conv_outputs(ref, a, "tanh")
+        n, p, q, o = a["shape"]
+        kh, kw, c, _ = a["w"].shape
+        row_bytes = kh * kw * c * np.dtype(dtype).itemsize
+        for rows in (1, 2, 5, 7, p * q):
+            monkeypatch.setattr(nb_conv, "_CHUNK_BYTES", rows * row_bytes)
+            _check_conv(_conv_outputs(nb, a, "tanh"), expected, a, dtype)
+    finally:
+        nb.set_num_threads(previous)
+
+
+def test_conv_direct_loop_and_im2col_agree(monkeypatch):
+    """A kernel with few taps runs as the direct loop; forced onto the im2col
+    path (its tap-by-tap copy) it gives the same results within rounding."""
+    for geometry in CONV_GEOMETRIES[:2]:
+        for dtype in DTYPES:
+            a = _conv_arrays(geometry, dtype, "silu", seed=5)
+            direct = _conv_outputs(nb, a, "silu")
+            monkeypatch.setattr(nb_conv, "_DIRECT_FWD", False)
+            _check_conv(_conv_outputs(nb, a, "silu"), direct, a, dtype)
+            monkeypatch.setattr(nb_conv, "_DIRECT_FWD", True)
+
+
+#: (n, h, w, c, pool, stride): side by side, overlapping, with gaps, rows left over
+POOL_GEOMETRIES = [(3, 8, 8, 5, (2, 2), None), (2, 9, 7, 3, (3, 2), (1, 1)),
+                   (2, 11, 10, 4, (2, 3), (3, 4)), (4, 7, 9, 6, (3, 3), (2, 2))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geometry", POOL_GEOMETRIES)
+def test_pooling_parallel_path_bit_for_bit(force_parallel, geometry, dtype):
+    """maxpool2d_forward on ties and NaN, and maxpool2d_backward with an exact
+    derivative (relu, leaky_relu: one product), on the prange path: the
+    reference's results bit for bit (the backward pass adds the windows'
+    dy in the reference's order)."""
+    n, h, w, c, pool, stride = geometry
+    sh, sw = pool if stride is None else stride
+    p, q = (h - pool[0]) // sh + 1, (w - pool[1]) // sw + 1
+    rng = np.random.default_rng(9)
+    x = np.round(rng.standard_normal((n, h, w, c)) * 2).astype(dtype)   # ties
+    x.reshape(-1)[rng.integers(0, x.size, 7)] = np.nan
+    out, argmax = np.empty((n, p, q, c), dtype), np.empty((n, p, q, c), np.int32)
+    e_out, e_arg = np.empty_like(out), np.empty_like(argmax)
+    nb.maxpool2d_forward(x, out, argmax, pool, stride)
+    ref.maxpool2d_forward(x, e_out, e_arg, pool, stride)
+    np.testing.assert_array_equal(out, e_out)
+    np.testing.assert_array_equal(argmax, e_arg)
+    dy = rng.standard_normal((n, p, q, c)).astype(dtype)
+    z = rng.standard_normal((n, h, w, c)).astype(dtype)
+    for act in ("identity", "relu", "leaky_relu"):
+        y = np.empty_like(z)
+        ref.activation_forward(act, z, y)
+        got, expected = np.empty_like(z), np.empty_like(z)
+        nb.maxpool2d_backward(dy, argmax, z, y, act, got, pool, stride)
+        ref.maxpool2d_backward(dy, argmax, z, y, act, expected, pool, stride)
+        np.testing.assert_array_equal(got, expected, err_msg=act)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_parallel_in_place_bit_for_bit(force_parallel, dtype):
+    """Dropout on the prange path (odd length: the chunks' flat indices
+    continue), in place and not, forward and backward, seeds at both ends
+    of uint64 (the hash wraps) and as NumPy integers: the reference's mask and
+    values bit for bit; rate 0 copies (or leaves ``out`` alone in place)."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((37, 7, 11)).astype(dtype)
+    for rate in (0.0, 0.1, 0.5, 0.875):
+        for seed in (0, 1, 2**63, 2**64 - 1, np.uint64(2**64 - 2), np.int64(12345)):
+            expected = np.empty_like(x)
+            ref.dropout_forward(x, rate, int(seed), expected)
+            got = np.empty_like(x)
+            nb.dropout_forward(x, rate, seed, got)
+            np.testing.assert_array_equal(got, expected)
+            inplace = x.copy()
+            nb.dropout_backward(inplace, rate, seed, inplace)
+            np.testing.assert_array_equal(inplace, expected)
+            assert not np.signbit(got[expected == 0]).any()
+
+
+NO_ALLOCATION = textwrap.dedent(r"""
+    import re
+    import tracemalloc
+    import numpy as np
+    from numba.core.registry import CPUDispatcher
+    import fastnn
+    from fastnn.kernels import numba_cpu as nb
+    from fastnn.kernels.numba_cpu import conv
+    nb.set_num_threads(int(__import__("sys").argv[1]))
+    if __import__("sys").argv[1] != "1":
+        for k in nb.PARALLEL_MIN:
+            nb.PARALLEL_MIN[k] = 1
+    conv._CHUNK_BYTES = 1 << 16          # several chunks per call
+    rng = np.random.default_rng(0)
+    F = np.float32
+    x1 = rng.standard_normal((8, 28, 28, 1)).astype(F)
+    w1, b1 = rng.standard_normal((3, 3, 1, 32)).astype(F), np.zeros(32, F)
+    y1, z1 = np.empty((8, 26, 26, 32), F), np.empty((8, 26, 26, 32), F)
+    p1, a1 = np.empty((8, 13, 13, 32), F), np.empty((8, 13, 13, 32), np.int32)
+    w2, b2 = rng.standard_normal((3, 3, 32, 16)).astype(F), np.zeros(16, F)
+    y2, z2 = np.empty((8, 11, 11, 16), F), np.empty((8, 11, 11, 16), F)
+    d2 = rng.standard_normal(y2.shape).astype(F)
+    dw2, db2, dw1, db1 = np.empty_like(w2), np.empty_like(b2), np.empty_like(w1), np.empty_like(b1)
+    dp1, dy1 = np.empty_like(p1), np.empty_like(y1)
+    drop = np.empty_like(y2)
+
+    def step():
+        nb.conv2d_forward(x1, w1, b1, "relu", y1, z1)              # direct loop
+        nb.conv2d_forward(x1, w1, b1, "gelu", y1)
+        nb.maxpool2d_forward(y1, p1, a1, (2, 2))
+        nb.conv2d_forward(p1, w2, b2, "relu", y2, z2, (1, 1), (1, 0, 1, 0))   # im2col
+        nb.dropout_forward(y2, 0.5, 7, drop)
+        nb.dropout_backward(d2, 0.5, 7, d2)
+        nb.conv2d_backward(p1, d2, dw2, db2, (1, 1), (1, 0, 1, 0))
+        nb.conv2d_backprop(d2, w2, None, p1, "relu", dp1, (1, 1), (1, 0, 1, 0))
+        nb.maxpool2d_backward(dp1, a1, None, y1, "relu", dy1, (2, 2))
+        nb.conv2d_backward(x1, dy1, dw1, db1)                       # im2col, few taps
+
+    step()
+    buffers = dict(conv._local.buffers)
+    tracemalloc.start()
+    step()
+    step()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    same = all(conv._local.buffers[k] is v for k, v in buffers.items()) and \
+        len(buffers) == len(conv._local.buffers)
+
+    # the compiled loops that ran (fresh cache: their LLVM IR can be read)
+    from fastnn.kernels.numba_cpu import _runtime, elementwise
+    found = []
+    def collect(obj):
+        for d in (obj, getattr(obj, "run", None), getattr(obj, "par", None)):
+            if isinstance(d, CPUDispatcher) and d.signatures:
+                found.append(d)
+    for mod in (conv, elementwise):
+        for v in vars(mod).values():
+            collect(v)
+    for v in _runtime._built.values():
+        for a in (vars(v).values() if hasattr(v, "__dict__") else [v]):
+            collect(a)
+    allocating = sorted({d.py_func.__name__ for d in found for sig in d.signatures
+                         if re.search(r"NRT_MemInfo_alloc|NRT_Allocate",
+                                      d.inspect_llvm(sig))})
+    print("RESULT", peak, same, sum(v.nbytes for v in buffers.values()), len(found),
+          ",".join(allocating) or "-")
+""")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv_kernels_allocate_nothing_after_the_first_call(tmp_path, threads):
+    """A convnet's kernel calls, repeated: the workspace buffers are the
+    same objects, NumPy allocates no array (tracemalloc: a few KiB of views
+    and arguments, against a workspace of tens of KiB) and no compiled loop
+    that ran calls numba's allocator (its LLVM IR, read in a process that
+    compiled it)."""
+    if threads > numba.config.NUMBA_NUM_THREADS:
+        pytest.skip("one core")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-c", NO_ALLOCATION, str(threads)], env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    peak, same, workspace, loops, allocating = proc.stdout.split("RESULT")[-1].split()
+    assert same == "True"
+    assert int(workspace) > 40_000
+    assert int(peak) < 8_000, f"{peak} bytes traced"
+    assert int(loops) >= 10
+    assert allocating == "-", f"compiled loops that allocate: {allocating}"
+
+
+#: Runs the cases ``kernel:act:k`` named in argv[1:] on the parallel path
+#: (float32), one kernel each: the loops specialised per activation and per
+#: tap count (the direct loop of a k x k kernel on one channel, im2col's
+#: tap-by-tap copy of it, col2im, the pooling backward pass); prints
+#: ``{case: [[what, normwise difference], ...]}``.
+CONV_WORKER = textwrap.dedent(r"""
+    import json, sys, zlib
+    import numpy as np
+    from fastnn.kernels import numba_cpu as nb, reference as ref
+
+    assert nb.info()["numba_threads"] > 1
+    for key in nb.PARALLEL_MIN:
+        nb.PARALLEL_MIN[key] = 1                 # every loop on its prange path
+    F = np.float32
+
+    def rel(a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+    def both(kernel, arrays, scalars, outputs):
+        mine = {k: v.copy() for k, v in arrays.items()}
+        theirs = {k: v.copy() for k, v in arrays.items()}
+        getattr(nb, kernel)(**mine, **scalars)
+        getattr(ref, kernel)(**theirs, **scalars)
+        return [[f"{kernel}.{k}", rel(mine[k], theirs[k])] for k in outputs]
+
+    report = {}
+    for case in sys.argv[1:]:
+        kernel, act, k = case.split(":")
+        k = int(k)
+        rng = np.random.default_rng(zlib.crc32(case.encode()))
+        geo = dict(stride=(1, 1), padding=(0, 0, 0, 0))
+        z = (rng.standard_normal((3, 9, 8, 5)) * 2).astype(F)
+        y = np.empty_like(z)
+        ref.activation_forward(act, z, y)
+        if kernel == "forward":          # the direct loop of a k x k kernel on one channel
+            x = rng.standard_normal((3, 9, 8, 1)).astype(F)
+            w = rng.standard_normal((k, k, 1, 6)).astype(F)
+            b = rng.standard_normal(6).astype(F)
+            out = np.empty((3, 10 - k, 9 - k, 6), F)
+            results = both("conv2d_forward", dict(x=x, w=w, b=b, out=out, preact=out.copy()),
+                           dict(act=act, **geo), ["out", "preact"])
+            results += both("conv2d_forward", dict(x=x, w=w, b=b, out=out),
+                            dict(act=act, preact=None, **geo), ["out"])
+        elif kernel == "backward":       # im2col tap by tap (k x k on one channel)
+            x = rng.standard_normal((3, 9, 8, 1)).astype(F)
+            dz = rng.standard_normal((3, 10 - k, 9 - k, 6)).astype(F)
+            results = both("conv2d_backward", dict(x=x, dz=dz, dw=np.empty((k, k, 1, 6), F),
+                                                   db=np.empty(6, F)), geo, ["dw", "db"])
+        elif kernel == "backprop":       # col2im with the derivative
+            w = rng.standard_normal((k, k, 5, 4)).astype(F)
+            dz = rng.standard_normal((3, 10 - k, 9 - k, 4)).astype(F)
+            results = both("conv2d_backprop", dict(dz=dz, w=w, z=z, y=y, out=np.empty_like(z)),
+                           dict(act=act, **geo), ["out"])
+        else:                            # the pooling backward pass with the derivative
+            dy = rng.standard_normal((3, 9 // k, 8 // k, 5)).astype(F)
+            argmax = rng.integers(0, k * k, dy.shape).astype(np.int32)
+            results = both("maxpool2d_backward", dict(dy=dy, argmax=argmax, z=z, y=y,
+                                                       out=np.empty_like(z)),
+                           dict(act=act, pool=(k, k), stride=None), ["out"])
+        report[case] = results
+    print("REPORT" + json.dumps(report))
+""")
+
+
+def _no_aslr():
+    """``setarch <arch> -R`` (address-space randomisation off) where it works,
+    else nothing: numba names each prange loop after its object's address,
+    which randomisation alone keeps apart between processes (see
+    tests/test_numba_cache.py)."""
+    import shutil
+
+    setarch = shutil.which("setarch")
+    if setarch is None:
+        return ()
+    prefix = (setarch, os.uname().machine, "-R")
+    ok = subprocess.run([*prefix, sys.executable, "-c", "pass"], capture_output=True)
+    return prefix if ok.returncode == 0 else ()
+
+
+def _conv_shared_cache(cases, tmp_path):
+    """Each case cached by a process of its own, one after the other, then all
+    of them loaded by one process (address-space randomisation off where
+    possible): the differences from the reference above rounding (float32:
+    1e-6; a wrong variant differs by 1e-2 or more)."""
+    cache = tmp_path / "numba-cache"
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
+    env.pop("FASTNN_NUM_THREADS", None)
+    prefix = _no_aslr()
+
+    def run(names):
+        proc = subprocess.run([*prefix, sys.executable, "-c", CONV_WORKER, *names], env=env,
+                              capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT")][-1]
+        return json.loads(line[len("REPORT"):])
+
+    for case in cases:
+        run([case])
+    report = run(cases)
+    assert set(report) == set(cases)
+    return {case: [(what, d) for what, d in results if d > 1e-4]
+            for case, results in report.items() if any(d > 1e-4 for _, d in results)}
+
+
+def test_conv_shared_cache_activation_and_taps_variants(tmp_path):
+    """issue 13 item 1 for the conv kernels: relu's and leaky_relu's col2im,
+    the direct loops of a 3x3 and a 2x2 kernel, each cached by its own
+    process, then loaded together by one: every result is the reference's."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: no parallel path")
+    wrong = _conv_shared_cache(["backprop:relu:3", "backprop:leaky_relu:3",
+                                "forward:relu:3", "forward:relu:2"], tmp_path)
+    assert not wrong, wrong
+
+
+@pytest.mark.slow
+def test_conv_shared_cache_every_activation(tmp_path):
+    """Every activation's conv loops (direct conv, col2im, pooling backward),
+    and the direct loop and im2col of kernels of 4, 9 and 16 taps, each cached
+    by its own process, loaded together by one."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: no parallel path")
+    cases = [f"{kernel}:{act}:3" for kernel in ("forward", "backprop", "pool")
+             for act in ref.ACTIVATIONS]
+    cases += [f"{kernel}:relu:{k}" for kernel in ("forward", "backward") for k in (2, 4)]
+    cases += ["backward:relu:3", "pool:relu:2"]
+    wrong = _conv_shared_cache(cases, tmp_path)
+    assert not wrong, wrong
