@@ -79,13 +79,15 @@ OPENMP = bool(FASTNN_OPENMP)
 # Parallel threshold in bytes moved (read + written); benchmarks/gather_rows.py
 # --threshold measures it. Serially a gather of random rows from memory moves
 # ~16 GB/s (float32 -> float32: 128 rows of 784 in 50 us) and ~26 GB/s
-# (uint8 -> float32: 19 us); back to back, two threads did 128 float32 rows
-# in 31 us against 49. But in fit the gather follows a training step, whose
-# BLAS calls leave libgomp's worker asleep, and waking it costs ~50 us here
-# (see _cy_elementwise.pyx): a second thread pays off from ~2 MB moved (75-125
-# us serial). Provisional: measured at load 12-13 on 2 shared cores, where
-# the second thread rarely found a free core.
-cdef Py_ssize_t PAR_MIN_BYTES = 1 << 21
+# (uint8 -> float32: 19 us). Back to back, with a core free, two threads did
+# 128 float32 rows in 31 us against 49 and 128 uint8 rows in 13 against 18.
+# But in fit the gather follows a training step, whose BLAS calls leave
+# libgomp's worker asleep (waking it costs ~50 us here, see
+# _cy_elementwise.pyx), and right after a 256x256 SGEMM two threads lost at
+# every size measured, 200 KB to 26 MB (6.4 MB: 558 us against 462; load 5-6
+# on 2 shared cores, so provisional). Parallel from 8 MB moved (~500 us
+# serial), where a wake-up costs at most a tenth: batches of fit stay serial.
+cdef Py_ssize_t PAR_MIN_BYTES = 1 << 23
 # Rows prefetched ahead of the one being copied. 128 random rows of 784 uint8
 # from 100,000 converted to float32 took 32 us without, 19 / 17 / 17 us with
 # 1 / 2 / 4 rows ahead (the reference: 28 us); 32 rows 8 -> 4 us. The plain

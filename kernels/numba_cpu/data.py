@@ -13,7 +13,7 @@ from ._runtime import PARALLEL_MIN, _Kernel, _launch
 # Bytes moved (read + written) from which the rows are gathered in parallel,
 # kept with the package's other thresholds (``PARALLEL_MIN``, which tests set
 # to 1 to force every parallel path): the Cython backend's threshold.
-PARALLEL_MIN.setdefault("gather_bytes", 1 << 21)
+PARALLEL_MIN.setdefault("gather_bytes", 1 << 23)
 
 #: Rows prefetched ahead of the one being copied, and the bytes of each (as the
 #: Cython backend's ``_cy_data``): 128 random rows of 784 uint8 from 100,000
