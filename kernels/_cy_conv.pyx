@@ -64,12 +64,13 @@ from libc.string cimport memcpy, memset
 
 from _cy_blas cimport blas_t, gemm_with, get_threads_t, set_threads_t
 from _cy_math cimport (
-    FASTNN_OPENMP, act_backward_range, act_code, act_forward_range, bias_act_rows, chunk_step,
-    n_chunks,
+    ACT_RELU, FASTNN_OPENMP, act_backward_range, act_code, act_forward_range, bias_act_rows,
+    chunk_step, n_chunks,
 )
 
 cdef extern from *:
     """
+    #include <string.h>
     #ifdef _OPENMP
     #include <omp.h>
     #endif
@@ -120,59 +121,276 @@ cdef extern from *:
     typedef float fnn_vf __attribute__((vector_size(64)));
     typedef double fnn_vd __attribute__((vector_size(128)));
     #define FNN_TILES(T, V, SUF)                                                        \
-    /* acc[r][0:16] = sum_k col[r*K + k] * w[k*ldw + 0:16], r < 8 */                  \
-    static inline void fnn_fwd_tile_##SUF(const T* col, Py_ssize_t K, const T* w,      \
-                                          Py_ssize_t ldw, T* acc) {                    \
+    /* z[r*ldz + l] = b[l] + sum_k c(r, k) * w[k*ldw + l] for r < rows (<= 8) and    \
+       l < lanes (<= 16): the sum first, in k order, then the bias; the column     \
+       element c(r, k) = src[r*rs + off[k]] (off NULL: src[r*rs + k]) */          \
+    static inline __attribute__((always_inline)) void fnn_fwd_tile_##SUF(              \
+            const T* src, Py_ssize_t rs, const Py_ssize_t* off, Py_ssize_t K,         \
+            const T* w, Py_ssize_t ldw, const T* b, T* z, Py_ssize_t ldz, int rows,   \
+            int lanes) {                                                               \
         V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0}; \
+        V bv = {0};                                                                    \
+        T buf[16];                                                                     \
         for (Py_ssize_t k = 0; k < K; k++) {                                           \
             V wv;                                                                      \
             __builtin_memcpy(&wv, w + k * ldw, sizeof(V));                             \
-            const T* c = col + k;                                                      \
-            a0 = a0 + c[0] * wv; a1 = a1 + c[K] * wv;                                  \
-            a2 = a2 + c[2 * K] * wv; a3 = a3 + c[3 * K] * wv;                          \
-            a4 = a4 + c[4 * K] * wv; a5 = a5 + c[5 * K] * wv;                          \
-            a6 = a6 + c[6 * K] * wv; a7 = a7 + c[7 * K] * wv;                          \
+            const T* c = src + (off ? off[k] : k);                                     \
+            a0 = a0 + c[0] * wv; a1 = a1 + c[rs] * wv;                                 \
+            a2 = a2 + c[2 * rs] * wv; a3 = a3 + c[3 * rs] * wv;                        \
+            a4 = a4 + c[4 * rs] * wv; a5 = a5 + c[5 * rs] * wv;                        \
+            a6 = a6 + c[6 * rs] * wv; a7 = a7 + c[7 * rs] * wv;                        \
         }                                                                              \
-        __builtin_memcpy(acc, &a0, sizeof(V)); __builtin_memcpy(acc + 16, &a1, sizeof(V)); \
-        __builtin_memcpy(acc + 32, &a2, sizeof(V)); __builtin_memcpy(acc + 48, &a3, sizeof(V)); \
-        __builtin_memcpy(acc + 64, &a4, sizeof(V)); __builtin_memcpy(acc + 80, &a5, sizeof(V)); \
-        __builtin_memcpy(acc + 96, &a6, sizeof(V)); __builtin_memcpy(acc + 112, &a7, sizeof(V)); \
+        if (lanes == 16 && rows == 8) {                                                \
+            __builtin_memcpy(&bv, b, sizeof(V));                                       \
+            a0 = a0 + bv; a1 = a1 + bv; a2 = a2 + bv; a3 = a3 + bv;                    \
+            a4 = a4 + bv; a5 = a5 + bv; a6 = a6 + bv; a7 = a7 + bv;                    \
+            __builtin_memcpy(z, &a0, sizeof(V)); __builtin_memcpy(z + ldz, &a1, sizeof(V)); \
+            __builtin_memcpy(z + 2 * ldz, &a2, sizeof(V)); __builtin_memcpy(z + 3 * ldz, &a3, sizeof(V)); \
+            __builtin_memcpy(z + 4 * ldz, &a4, sizeof(V)); __builtin_memcpy(z + 5 * ldz, &a5, sizeof(V)); \
+            __builtin_memcpy(z + 6 * ldz, &a6, sizeof(V)); __builtin_memcpy(z + 7 * ldz, &a7, sizeof(V)); \
+            return;                                                                    \
+        }                                                                              \
+        V acc[8] = {a0, a1, a2, a3, a4, a5, a6, a7};                                   \
+        for (int r = 0; r < rows; r++) {                                               \
+            __builtin_memcpy(buf, &acc[r], sizeof(V));                                 \
+            for (int l = 0; l < lanes; l++) z[r * ldz + l] = buf[l] + b[l];            \
+        }                                                                              \
     }                                                                                  \
-    /* acc[kk*ldacc + 0:16] += sum_r col[r*K + kk] * dz[r*ldz + 0:16], kk < KB */      \
-    static inline __attribute__((always_inline)) void fnn_dw_tile_##SUF(               \
-            const T* col, Py_ssize_t K, const T* dz, Py_ssize_t ldz, Py_ssize_t rows,  \
-            T* acc, Py_ssize_t ldacc, const int KB) {                                  \
-        V a[8];                                                                        \
-        for (int kk = 0; kk < KB; kk++) __builtin_memcpy(&a[kk], acc + kk * ldacc, sizeof(V)); \
+    /* acc[kk*ldacc + 0:16] += sum_r c(r, kk) * dz[r*ldz + 0:16], kk < KB, rows in    \
+       order; c(r, kk) = src[r*rs + off[kk]] (off NULL: src[r*rs + kk]) */           \
+    static inline __attribute__((always_inline)) void fnn_dw_block_##SUF(              \
+            const T* src, Py_ssize_t rs, const Py_ssize_t* off, const T* dz,          \
+            Py_ssize_t ldz, Py_ssize_t rows, T* acc, Py_ssize_t ldacc, const int KB) { \
+        V a[12];                                                                       \
+        Py_ssize_t ok[12];                                                             \
+        for (int kk = 0; kk < KB; kk++) {                                              \
+            __builtin_memcpy(&a[kk], acc + kk * ldacc, sizeof(V));                     \
+            ok[kk] = off ? off[kk] : kk;                                               \
+        }                                                                              \
         for (Py_ssize_t r = 0; r < rows; r++) {                                        \
             V d;                                                                       \
             __builtin_memcpy(&d, dz + r * ldz, sizeof(V));                             \
-            const T* c = col + r * K;                                                  \
-            for (int kk = 0; kk < KB; kk++) a[kk] = a[kk] + c[kk] * d;                 \
+            const T* c = src + r * rs;                                                 \
+            for (int kk = 0; kk < KB; kk++) a[kk] = a[kk] + c[ok[kk]] * d;             \
         }                                                                              \
         for (int kk = 0; kk < KB; kk++) __builtin_memcpy(acc + kk * ldacc, &a[kk], sizeof(V)); \
+    }                                                                                  \
+    /* the same for any KB in 1..12, each a block with its accumulators in registers */ \
+    static void fnn_dw_tile_##SUF(const T* src, Py_ssize_t rs, const Py_ssize_t* off,  \
+                                  const T* dz, Py_ssize_t ldz, Py_ssize_t rows, T* acc, \
+                                  Py_ssize_t ldacc, int KB) {                          \
+        switch (KB) {                                                                  \
+        case 1: fnn_dw_block_##SUF(src, rs, off, dz, ldz, rows, acc, ldacc, 1); break; \
+        case 2: fnn_dw_block_##SUF(src, rs, off, dz, ldz, rows, acc, ldacc, 2); break; \
+        case 3: fnn_dw_block_##SUF(src, rs, off, dz, ldz, rows, acc, ldacc, 3); break; \
+        case 4: fnn_dw_block_##SUF(src, rs, off, dz, ldz, rows, acc, ldacc, 4); break; \
+        case 5: fnn_dw_block_##SUF(src, rs, off, dz, ldz, rows, acc, ldacc, 5); break; \
+        case 6: fnn_dw_block_##SUF(src, rs, off, dz, ldz, rows, acc, ldacc, 6); break; \
+        case 7: fnn_dw_block_##SUF(src, rs, off, dz, ldz, rows, acc, ldacc, 7); break; \
+        case 8: fnn_dw_block_##SUF(src, rs, off, dz, ldz, rows, acc, ldacc, 8); break; \
+        case 9: fnn_dw_block_##SUF(src, rs, off, dz, ldz, rows, acc, ldacc, 9); break; \
+        case 10: fnn_dw_block_##SUF(src, rs, off, dz, ldz, rows, acc, ldacc, 10); break; \
+        case 11: fnn_dw_block_##SUF(src, rs, off, dz, ldz, rows, acc, ldacc, 11); break; \
+        default: fnn_dw_block_##SUF(src, rs, off, dz, ldz, rows, acc, ldacc, 12); break; \
+        }                                                                              \
     }
     #else
     #define FNN_TILES(T, V, SUF)                                                        \
-    static void fnn_fwd_tile_##SUF(const T* col, Py_ssize_t K, const T* w,             \
-                                   Py_ssize_t ldw, T* acc) {                           \
-        for (int i = 0; i < 128; i++) acc[i] = 0;                                      \
-        for (Py_ssize_t k = 0; k < K; k++)                                             \
-            for (int r = 0; r < 8; r++)                                                \
-                for (int l = 0; l < 16; l++)                                           \
-                    acc[r * 16 + l] = acc[r * 16 + l] + col[r * K + k] * w[k * ldw + l]; \
+    static void fnn_fwd_tile_##SUF(const T* src, Py_ssize_t rs, const Py_ssize_t* off, \
+                                   Py_ssize_t K, const T* w, Py_ssize_t ldw, const T* b, \
+                                   T* z, Py_ssize_t ldz, int rows, int lanes) {        \
+        for (int r = 0; r < rows; r++)                                                 \
+            for (int l = 0; l < lanes; l++) {                                          \
+                T acc = 0;                                                             \
+                for (Py_ssize_t k = 0; k < K; k++)                                     \
+                    acc = acc + src[r * rs + (off ? off[k] : k)] * w[k * ldw + l];     \
+                z[r * ldz + l] = acc + b[l];                                           \
+            }                                                                          \
     }                                                                                  \
-    static void fnn_dw_tile_##SUF(const T* col, Py_ssize_t K, const T* dz,             \
-                                  Py_ssize_t ldz, Py_ssize_t rows, T* acc,             \
-                                  Py_ssize_t ldacc, const int KB) {                    \
+    static void fnn_dw_tile_##SUF(const T* src, Py_ssize_t rs, const Py_ssize_t* off,  \
+                                  const T* dz, Py_ssize_t ldz, Py_ssize_t rows, T* acc, \
+                                  Py_ssize_t ldacc, int KB) {                          \
         for (Py_ssize_t r = 0; r < rows; r++)                                          \
             for (int kk = 0; kk < KB; kk++)                                            \
                 for (int l = 0; l < 16; l++)                                           \
-                    acc[kk * ldacc + l] = acc[kk * ldacc + l] + col[r * K + kk] * dz[r * ldz + l]; \
+                    acc[kk * ldacc + l] = acc[kk * ldacc + l]                          \
+                        + src[r * rs + (off ? off[kk] : kk)] * dz[r * ldz + l];        \
     }
     #endif
     FNN_TILES(float, fnn_vf, f)
     FNN_TILES(double, fnn_vd, d)
+
+    /* acc[o] += sum_r d[r*ld + o] in float64, rows in order, eight columns at a
+       time with the partial sums in registers (a loop over rows that loads
+       and stores acc each time is bound by store-to-load latency) */
+    #define FNN_COLSUM(T, SUF)                                                          \
+    static void fnn_colsum_##SUF(const T* d, Py_ssize_t ld, Py_ssize_t rows, Py_ssize_t O, \
+                                 double* acc) {                                        \
+        Py_ssize_t o = 0, r;                                                           \
+        for (; o + 32 <= O; o += 32) {                                                 \
+            double a[32];                                                              \
+            for (int k = 0; k < 32; k++) a[k] = acc[o + k];                            \
+            for (r = 0; r < rows; r++) {                                               \
+                const T* x = d + r * ld + o;                                           \
+                for (int k = 0; k < 32; k++) a[k] += (double)x[k];                     \
+            }                                                                          \
+            for (int k = 0; k < 32; k++) acc[o + k] = a[k];                            \
+        }                                                                              \
+        for (; o + 8 <= O; o += 8) {                                                   \
+            double a[8];                                                               \
+            for (int k = 0; k < 8; k++) a[k] = acc[o + k];                             \
+            for (r = 0; r < rows; r++) {                                               \
+                const T* x = d + r * ld + o;                                           \
+                for (int k = 0; k < 8; k++) a[k] += (double)x[k];                      \
+            }                                                                          \
+            for (int k = 0; k < 8; k++) acc[o + k] = a[k];                             \
+        }                                                                              \
+        for (; o < O; o++) {                                                           \
+            double a = acc[o];                                                         \
+            for (r = 0; r < rows; r++) a += (double)d[r * ld + o];                     \
+            acc[o] = a;                                                                \
+        }                                                                              \
+    }
+    FNN_COLSUM(float, f)
+    FNN_COLSUM(double, d)
+
+    /* n elements (n < 16 the common case: a row segment of a narrow im2col)
+       copied with fixed-size moves instead of a library call */
+    #define FNN_CP(T, N) case N: memcpy(d, s, N * sizeof(T)); break;
+    #define FNN_COPY(T, SUF)                                                            \
+    static inline void fnn_copy_##SUF(T* d, const T* s, Py_ssize_t n) {                \
+        switch (n) {                                                                   \
+        FNN_CP(T, 1) FNN_CP(T, 2) FNN_CP(T, 3) FNN_CP(T, 4) FNN_CP(T, 5) FNN_CP(T, 6)   \
+        FNN_CP(T, 7) FNN_CP(T, 8) FNN_CP(T, 9) FNN_CP(T, 10) FNN_CP(T, 11)             \
+        FNN_CP(T, 12) FNN_CP(T, 13) FNN_CP(T, 14) FNN_CP(T, 15) FNN_CP(T, 16)          \
+        default: memcpy(d, s, (size_t)n * sizeof(T));                                  \
+        }                                                                              \
+    }
+    FNN_COPY(float, f)
+    FNN_COPY(double, d)
+
+    /* Winograd F(2x2, 3x3) transforms (Lavin & Gray 2016), one channel vector
+       at a time (the channel loop vectorizes; NHWC keeps it contiguous):
+       input  V = B^T d B,  B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]
+       output Y = A^T M A,  A^T = [1 1 1 0; 0 1 -1 -1]
+       dz     D = A g A^T   (the adjoint of the output transform, for dw)
+       plane: the distance between the 16 matrices xi = 4*i + j. */
+    #if defined(__GNUC__)
+    #define FNN_RESTRICT __restrict__
+    #else
+    #define FNN_RESTRICT
+    #endif
+    /* the 16 streams of a transform never overlap its outputs: without this
+       GCC gives up on the 17 pointers and runs the loops scalar (measured: the
+       input transform took 56% of a Winograd conv2d_backprop) */
+    #if defined(__clang__)
+    #define FNN_IVDEP _Pragma("clang loop vectorize(assume_safety)")
+    #elif defined(__GNUC__)
+    #define FNN_IVDEP _Pragma("GCC ivdep")
+    #else
+    #define FNN_IVDEP
+    #endif
+    #define FNN_WINO(T, SUF)                                                            \
+    static void fnn_wino_in_##SUF(const T* const* p, Py_ssize_t C, T* FNN_RESTRICT v,  \
+                                  Py_ssize_t plane) {                                  \
+        const T *p0 = p[0], *p1 = p[1], *p2 = p[2], *p3 = p[3], *p4 = p[4], *p5 = p[5], \
+                *p6 = p[6], *p7 = p[7], *p8 = p[8], *p9 = p[9], *p10 = p[10],          \
+                *p11 = p[11], *p12 = p[12], *p13 = p[13], *p14 = p[14], *p15 = p[15];  \
+        FNN_IVDEP for (Py_ssize_t c = 0; c < C; c++) {                                 \
+            T t00 = p0[c] - p8[c], t01 = p1[c] - p9[c], t02 = p2[c] - p10[c], t03 = p3[c] - p11[c]; \
+            T t10 = p4[c] + p8[c], t11 = p5[c] + p9[c], t12 = p6[c] + p10[c], t13 = p7[c] + p11[c]; \
+            T t20 = p8[c] - p4[c], t21 = p9[c] - p5[c], t22 = p10[c] - p6[c], t23 = p11[c] - p7[c]; \
+            T t30 = p4[c] - p12[c], t31 = p5[c] - p13[c], t32 = p6[c] - p14[c], t33 = p7[c] - p15[c]; \
+            v[c] = t00 - t02; v[plane + c] = t01 + t02;                                \
+            v[2 * plane + c] = t02 - t01; v[3 * plane + c] = t01 - t03;                \
+            v[4 * plane + c] = t10 - t12; v[5 * plane + c] = t11 + t12;                \
+            v[6 * plane + c] = t12 - t11; v[7 * plane + c] = t11 - t13;                \
+            v[8 * plane + c] = t20 - t22; v[9 * plane + c] = t21 + t22;                \
+            v[10 * plane + c] = t22 - t21; v[11 * plane + c] = t21 - t23;              \
+            v[12 * plane + c] = t30 - t32; v[13 * plane + c] = t31 + t32;              \
+            v[14 * plane + c] = t32 - t31; v[15 * plane + c] = t31 - t33;              \
+        }                                                                              \
+    }                                                                                  \
+    /* y0 = Y[0][0], y1 = Y[0][1], y2 = Y[1][0], y3 = Y[1][1] (+ b[o] when b) */      \
+    static void fnn_wino_out_##SUF(const T* FNN_RESTRICT m, Py_ssize_t plane, Py_ssize_t O, \
+                                   const T* b, T* FNN_RESTRICT y0, T* FNN_RESTRICT y1, \
+                                   T* FNN_RESTRICT y2, T* FNN_RESTRICT y3) {          \
+        FNN_IVDEP for (Py_ssize_t o = 0; o < O; o++) {                                 \
+            T r00 = (m[o] + m[4 * plane + o]) + m[8 * plane + o];                      \
+            T r01 = (m[plane + o] + m[5 * plane + o]) + m[9 * plane + o];              \
+            T r02 = (m[2 * plane + o] + m[6 * plane + o]) + m[10 * plane + o];         \
+            T r03 = (m[3 * plane + o] + m[7 * plane + o]) + m[11 * plane + o];         \
+            T r10 = (m[4 * plane + o] - m[8 * plane + o]) - m[12 * plane + o];         \
+            T r11 = (m[5 * plane + o] - m[9 * plane + o]) - m[13 * plane + o];         \
+            T r12 = (m[6 * plane + o] - m[10 * plane + o]) - m[14 * plane + o];        \
+            T r13 = (m[7 * plane + o] - m[11 * plane + o]) - m[15 * plane + o];        \
+            T a = (r00 + r01) + r02, c = (r01 - r02) - r03;                            \
+            T d = (r10 + r11) + r12, e = (r11 - r12) - r13;                            \
+            if (b) { T bo = b[o]; a = a + bo; c = c + bo; d = d + bo; e = e + bo; }  \
+            y0[o] = a; y1[o] = c; y2[o] = d; y3[o] = e;                                \
+        }                                                                              \
+    }                                                                                  \
+    /* g0 = dz(y, x), g1 = dz(y, x+1), g2 = dz(y+1, x), g3 = dz(y+1, x+1); db += all four */ \
+    static void fnn_wino_dz_##SUF(const T* g0, const T* g1, const T* g2, const T* g3,  \
+                                  Py_ssize_t O, T* FNN_RESTRICT d, Py_ssize_t plane,   \
+                                  double* FNN_RESTRICT db) {                           \
+        FNN_IVDEP for (Py_ssize_t o = 0; o < O; o++) {                                 \
+            T a = g0[o], b = g1[o], c = g2[o], e = g3[o];                              \
+            T t1 = a + c, t2 = a - c, t3 = -c, u1 = b + e, u2 = b - e, u3 = -e;        \
+            d[o] = a; d[plane + o] = a + b; d[2 * plane + o] = a - b; d[3 * plane + o] = -b; \
+            d[4 * plane + o] = t1; d[5 * plane + o] = t1 + u1;                         \
+            d[6 * plane + o] = t1 - u1; d[7 * plane + o] = -u1;                        \
+            d[8 * plane + o] = t2; d[9 * plane + o] = t2 + u2;                         \
+            d[10 * plane + o] = t2 - u2; d[11 * plane + o] = -u2;                      \
+            d[12 * plane + o] = t3; d[13 * plane + o] = t3 + u3;                       \
+            d[14 * plane + o] = t3 - u3; d[15 * plane + o] = -u3;                      \
+            db[o] += (((double)a + (double)b) + (double)c) + (double)e;                \
+        }                                                                              \
+    }
+    FNN_WINO(float, f)
+    FNN_WINO(double, d)
+    /* U[xi][c][o] = (G g G^T)[xi], G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1], for
+       g[i][j] = w[i][j][c][o], or w[2-i][2-j][c][o] with flip */
+    #define FNN_WKER(T, SUF)                                                            \
+    static void fnn_wino_kernel_##SUF(const T* w, Py_ssize_t C, Py_ssize_t O, int flip,\
+                                      T* FNN_RESTRICT u) {                             \
+        const Py_ssize_t CO = C * O;                                                   \
+        const T half = 0.5;                                                            \
+        for (Py_ssize_t c = 0; c < C; c++) {                                           \
+            const T* g[9];                                                             \
+            for (int t = 0; t < 9; t++) g[t] = w + (flip ? 8 - t : t) * CO + c * O;    \
+            const T *g0 = g[0], *g1 = g[1], *g2 = g[2], *g3 = g[3], *g4 = g[4],       \
+                    *g5 = g[5], *g6 = g[6], *g7 = g[7], *g8 = g[8];                    \
+            T* v = u + c * O;                                                          \
+            FNN_IVDEP for (Py_ssize_t o = 0; o < O; o++) {                             \
+                T t[4][3];                                                             \
+                t[0][0] = g0[o]; t[0][1] = g1[o]; t[0][2] = g2[o];                     \
+                t[1][0] = ((g0[o] + g3[o]) + g6[o]) * half;                            \
+                t[1][1] = ((g1[o] + g4[o]) + g7[o]) * half;                            \
+                t[1][2] = ((g2[o] + g5[o]) + g8[o]) * half;                            \
+                t[2][0] = ((g0[o] - g3[o]) + g6[o]) * half;                            \
+                t[2][1] = ((g1[o] - g4[o]) + g7[o]) * half;                            \
+                t[2][2] = ((g2[o] - g5[o]) + g8[o]) * half;                            \
+                t[3][0] = g6[o]; t[3][1] = g7[o]; t[3][2] = g8[o];                     \
+                for (int a = 0; a < 4; a++) {                                          \
+                    v[(4 * a) * CO + o] = t[a][0];                                     \
+                    v[(4 * a + 1) * CO + o] = ((t[a][0] + t[a][1]) + t[a][2]) * half;  \
+                    v[(4 * a + 2) * CO + o] = ((t[a][0] - t[a][1]) + t[a][2]) * half;  \
+                    v[(4 * a + 3) * CO + o] = t[a][2];                                 \
+                }                                                                      \
+            }                                                                          \
+        }                                                                              \
+    }                                                                                  \
+    /* dst[xi][o][c] = src[xi][c][o] */                                                \
+    static void fnn_transpose16_##SUF(const T* src, Py_ssize_t C, Py_ssize_t O,        \
+                                      T* FNN_RESTRICT dst) {                           \
+        for (Py_ssize_t xi = 0; xi < 16; xi++)                                         \
+            for (Py_ssize_t c = 0; c < C; c++)                                         \
+                for (Py_ssize_t o = 0; o < O; o++)                                     \
+                    dst[(xi * O + o) * C + c] = src[(xi * C + c) * O + o];             \
+    }
+    FNN_WKER(float, f)
+    FNN_WKER(double, d)
     """
     ctypedef void (*fnn_set_threads_t)(int) noexcept nogil
     ctypedef int (*fnn_get_threads_t)() noexcept nogil
@@ -185,14 +403,41 @@ cdef extern from *:
     enum:
         FNN_VL
         FNN_RG
-    void fnn_fwd_tile_f(const float* col, Py_ssize_t K, const float* w, Py_ssize_t ldw,
-                        float* acc) noexcept nogil
-    void fnn_fwd_tile_d(const double* col, Py_ssize_t K, const double* w, Py_ssize_t ldw,
-                        double* acc) noexcept nogil
-    void fnn_dw_tile_f(const float* col, Py_ssize_t K, const float* dz, Py_ssize_t ldz,
-                       Py_ssize_t rows, float* acc, Py_ssize_t ldacc, int KB) noexcept nogil
-    void fnn_dw_tile_d(const double* col, Py_ssize_t K, const double* dz, Py_ssize_t ldz,
-                       Py_ssize_t rows, double* acc, Py_ssize_t ldacc, int KB) noexcept nogil
+    void fnn_fwd_tile_f(const float* src, Py_ssize_t rs, const Py_ssize_t* off, Py_ssize_t K,
+                        const float* w, Py_ssize_t ldw, const float* b, float* z,
+                        Py_ssize_t ldz, int rows, int lanes) noexcept nogil
+    void fnn_fwd_tile_d(const double* src, Py_ssize_t rs, const Py_ssize_t* off, Py_ssize_t K,
+                        const double* w, Py_ssize_t ldw, const double* b, double* z,
+                        Py_ssize_t ldz, int rows, int lanes) noexcept nogil
+    void fnn_dw_tile_f(const float* src, Py_ssize_t rs, const Py_ssize_t* off, const float* dz,
+                       Py_ssize_t ldz, Py_ssize_t rows, float* acc, Py_ssize_t ldacc,
+                       int KB) noexcept nogil
+    void fnn_dw_tile_d(const double* src, Py_ssize_t rs, const Py_ssize_t* off,
+                       const double* dz, Py_ssize_t ldz, Py_ssize_t rows, double* acc,
+                       Py_ssize_t ldacc, int KB) noexcept nogil
+    void fnn_wino_kernel_f(const float* w, Py_ssize_t C, Py_ssize_t O, int flip,
+                           float* u) noexcept nogil
+    void fnn_wino_kernel_d(const double* w, Py_ssize_t C, Py_ssize_t O, int flip,
+                           double* u) noexcept nogil
+    void fnn_transpose16_f(const float* src, Py_ssize_t C, Py_ssize_t O, float* dst) noexcept nogil
+    void fnn_transpose16_d(const double* src, Py_ssize_t C, Py_ssize_t O,
+                           double* dst) noexcept nogil
+    void fnn_colsum_f(const float* d, Py_ssize_t ld, Py_ssize_t rows, Py_ssize_t O,
+                      double* acc) noexcept nogil
+    void fnn_colsum_d(const double* d, Py_ssize_t ld, Py_ssize_t rows, Py_ssize_t O,
+                      double* acc) noexcept nogil
+    void fnn_copy_f(float* d, const float* s, Py_ssize_t n) noexcept nogil
+    void fnn_copy_d(double* d, const double* s, Py_ssize_t n) noexcept nogil
+    void fnn_wino_in_f(const float** p, Py_ssize_t C, float* v, Py_ssize_t plane) noexcept nogil
+    void fnn_wino_in_d(const double** p, Py_ssize_t C, double* v, Py_ssize_t plane) noexcept nogil
+    void fnn_wino_out_f(const float* m, Py_ssize_t plane, Py_ssize_t O, const float* b,
+                        float* y0, float* y1, float* y2, float* y3) noexcept nogil
+    void fnn_wino_out_d(const double* m, Py_ssize_t plane, Py_ssize_t O, const double* b,
+                        double* y0, double* y1, double* y2, double* y3) noexcept nogil
+    void fnn_wino_dz_f(const float* g0, const float* g1, const float* g2, const float* g3,
+                       Py_ssize_t O, float* d, Py_ssize_t plane, double* db) noexcept nogil
+    void fnn_wino_dz_d(const double* g0, const double* g1, const double* g2, const double* g3,
+                       Py_ssize_t O, double* d, Py_ssize_t plane, double* db) noexcept nogil
 
 fnn_blas_lock_init()
 
@@ -209,6 +454,11 @@ cdef Py_ssize_t CHUNK_BYTES = 1 << 18
 # Column widths up to which the forward pass and dw run the register-blocked
 # loop instead of a GEMM.
 cdef Py_ssize_t DIRECT_MAX_K = 32
+# Winograd F(2x2, 3x3) for 3x3 kernels at stride 1 with at least this many
+# channels in and out (the GEMMs' K and N); its chunks: bytes of transformed
+# tiles (input and output planes) per thread.
+cdef Py_ssize_t WINOGRAD_MIN_CHANNELS = 16
+cdef Py_ssize_t WINOGRAD_CHUNK_BYTES = 3 << 18
 cdef int _num_threads = 1
 cdef const blas_t* _blas = NULL
 
@@ -231,16 +481,22 @@ def _set_parallel_min(double flops, Py_ssize_t pool, dropout=None):
     return old
 
 
-def _set_tuning(chunk_bytes=None, direct_max_k=None):
-    """Set the chunk size (bytes of columns per chunk and thread) and the widest
-    column that runs the register-blocked loop (tests, measurements); returns
-    the old pair."""
-    global CHUNK_BYTES, DIRECT_MAX_K
-    old = (CHUNK_BYTES, DIRECT_MAX_K)
+def _set_tuning(chunk_bytes=None, direct_max_k=None, winograd_min_channels=None,
+                winograd_chunk_bytes=None):
+    """Set the chunk size (bytes of columns per chunk and thread), the widest
+    column that runs the register-blocked loop, the fewest channels for
+    Winograd (a huge number turns it off) and its chunk size (tests,
+    measurements); returns the old values in that order."""
+    global CHUNK_BYTES, DIRECT_MAX_K, WINOGRAD_MIN_CHANNELS, WINOGRAD_CHUNK_BYTES
+    old = (CHUNK_BYTES, DIRECT_MAX_K, WINOGRAD_MIN_CHANNELS, WINOGRAD_CHUNK_BYTES)
     if chunk_bytes is not None:
         CHUNK_BYTES = max(1, chunk_bytes)
     if direct_max_k is not None:
         DIRECT_MAX_K = direct_max_k
+    if winograd_min_channels is not None:
+        WINOGRAD_MIN_CHANNELS = winograd_min_channels
+    if winograd_chunk_bytes is not None:
+        WINOGRAD_CHUNK_BYTES = max(1, winograd_chunk_bytes)
     return old
 
 
@@ -293,7 +549,6 @@ ctypedef struct geom:
     Py_ssize_t k                  # kh*kw*c: the width of a column row
     Py_ssize_t m                  # n*p*q: the column rows
     bint identity                 # 1x1, stride 1, no padding: the columns are x
-    bint small_seg                # kw*c below 16: gather through offsets, not memcpy
 
 
 cdef int _geometry(geom* g, tuple xshape, tuple wshape, tuple oshape, stride, padding) except -1:
@@ -308,7 +563,6 @@ cdef int _geometry(geom* g, tuple xshape, tuple wshape, tuple oshape, stride, pa
     g.m = g.n * g.p * g.q
     g.identity = (g.kh == 1 and g.kw == 1 and g.sh == 1 and g.sw == 1 and top == 0
                   and bottom == 0 and left == 0 and right == 0)
-    g.small_seg = g.kw * g.c < 16
     return 0
 
 
@@ -319,18 +573,7 @@ cdef inline int _threads_for(double work, double min_work, Py_ssize_t parts) noe
     return <int>min(<Py_ssize_t>_num_threads, parts)
 
 
-cdef void _offsets(const geom* g, Py_ssize_t* off) noexcept nogil:
-    """``off[(i*kw + j)*c + ch] = (i*w + j)*c + ch``: the column's elements
-    relative to the window's first one, for a window inside the image."""
-    cdef Py_ssize_t i, j, ch, t = 0
-    for i in range(g.kh):
-        for j in range(g.kw):
-            for ch in range(g.c):
-                off[t] = (i * g.w + j) * g.c + ch
-                t += 1
-
-
-cdef void _im2col(const geom* g, const floating* x, const Py_ssize_t* off, floating* col,
+cdef void _im2col(const geom* g, const floating* x, floating* col,
                   Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
     """Column rows ``r0 <= r < r1`` into ``col`` (``(r1 - r0, k)``, row-major)."""
     cdef Py_ssize_t r, n, p, q, i, j, t, y, x0, xx, pq = g.p * g.q
@@ -347,12 +590,11 @@ cdef void _im2col(const geom* g, const floating* x, const Py_ssize_t* off, float
         x0 = q * g.sw - g.left
         if y >= 0 and y + g.kh <= g.h and x0 >= 0 and x0 + g.kw <= g.w:
             base = x + ((n * g.h + y) * g.w + x0) * C
-            if g.small_seg:
-                for t in range(K):
-                    dst[t] = base[off[t]]
-            else:
-                for i in range(g.kh):
-                    memcpy(dst + i * seg, base + i * rowstride, seg * sizeof(floating))
+            for i in range(g.kh):
+                if floating is float:
+                    fnn_copy_f(dst + i * seg, base + i * rowstride, seg)
+                else:
+                    fnn_copy_d(dst + i * seg, base + i * rowstride, seg)
         else:
             for i in range(g.kh):
                 if y + i < 0 or y + i >= g.h:
@@ -427,7 +669,7 @@ cdef inline Py_ssize_t _chunk_rows(Py_ssize_t width, Py_ssize_t itemsize) noexce
 # ------------------------------------------------------------------ forward
 
 cdef void _fwd_gemm_rows(int act, const geom* g, const floating* x, const floating* w,
-                         const floating* b, floating* z, floating* out, const Py_ssize_t* off,
+                         const floating* b, floating* z, floating* out,
                          floating* col, Py_ssize_t chunk, Py_ssize_t r0,
                          Py_ssize_t r1) noexcept nogil:
     """Rows ``[r0, r1)`` of the forward pass, GEMM path: per chunk, columns,
@@ -440,7 +682,7 @@ cdef void _fwd_gemm_rows(int act, const geom* g, const floating* x, const floati
         if g.identity:
             a = x + r0 * K
         else:
-            _im2col(g, x, off, col, r0, e)
+            _im2col(g, x, col, r0, e)
             a = col
         gemm_with(_blas, c'N', c'N', <int>O, <int>m, <int>K, w, <int>O, a, <int>K, 0,
                   z + r0 * O, <int>O)
@@ -448,105 +690,194 @@ cdef void _fwd_gemm_rows(int act, const geom* g, const floating* x, const floati
         r0 = e
 
 
+cdef inline Py_ssize_t _buffer_rows(const geom* g, Py_ssize_t itemsize) noexcept nogil:
+    """Column rows a thread's buffer holds: a GEMM chunk, or an output row
+    (and a group of 8) for the register-blocked loops."""
+    return max(_chunk_rows(g.k, itemsize), g.q + FNN_RG)
+
+
+cdef void _offsets(const geom* g, Py_ssize_t* off) noexcept nogil:
+    """``off[(i*kw + j)*c + ch] = (i*w + j)*c + ch``: a column's elements
+    relative to its window's first one, for a window inside the image."""
+    cdef Py_ssize_t i, j, ch, t = 0
+    for i in range(g.kh):
+        for j in range(g.kw):
+            for ch in range(g.c):
+                off[t] = (i * g.w + j) * g.c + ch
+                t += 1
+
+
+cdef inline bint _row_inside(const geom* g, Py_ssize_t p) noexcept nogil:
+    cdef Py_ssize_t y0 = p * g.sh - g.top
+    return y0 >= 0 and y0 + g.kh <= g.h
+
+
+cdef inline bint _cols_inside(const geom* g, Py_ssize_t q0, Py_ssize_t q1) noexcept nogil:
+    """Whether the windows of output columns ``q0 <= q < q1`` lie inside the image."""
+    return q0 * g.sw - g.left >= 0 and (q1 - 1) * g.sw - g.left + g.kw <= g.w
+
+
 cdef void _fwd_direct_rows(int act, const geom* g, const floating* x, const floating* wpad,
                            Py_ssize_t ldw, const floating* b, floating* z, floating* out,
-                           const Py_ssize_t* off, floating* col, Py_ssize_t chunk,
-                           Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
-    """Rows ``[r0, r1)`` of the forward pass, small-K path: per chunk, columns,
-    then tiles of 8 rows x 16 channels of ``cols @ w`` (``wpad``: ``w`` with
-    its columns padded to ``ldw``, a multiple of 16), ``z = tile + b`` and
-    ``out = act(z)`` per group of 8 rows."""
-    cdef Py_ssize_t e, m, mp, rb, ob, rr, l, nv, lanes, O = g.o, K = g.k
-    cdef floating acc[FNN_RG * FNN_VL]
-    cdef floating* zr
-    while r0 < r1:
-        e = min(r1, r0 + chunk)
-        m = e - r0
-        _im2col(g, x, off, col, r0, e)
-        mp = (m + FNN_RG - 1) // FNN_RG * FNN_RG
-        for l in range(m * K, mp * K):
-            col[l] = 0
-        for rb in range(0, mp, 8):          # FNN_RG
-            nv = min(<Py_ssize_t>FNN_RG, m - rb)
-            for ob in range(0, O, 16):      # FNN_VL
-                if floating is float:
-                    fnn_fwd_tile_f(col + rb * K, K, wpad + ob, ldw, acc)
-                else:
-                    fnn_fwd_tile_d(col + rb * K, K, wpad + ob, ldw, acc)
-                lanes = min(<Py_ssize_t>FNN_VL, O - ob)
-                for rr in range(nv):
-                    zr = z + (r0 + rb + rr) * O + ob
-                    for l in range(lanes):
-                        zr[l] = acc[rr * FNN_VL + l] + b[ob + l]
-            act_forward_range(act, z + (r0 + rb) * O, out + (r0 + rb) * O, 0, nv * O)
-        r0 = e
+                           const Py_ssize_t* off, floating* col, Py_ssize_t a,
+                           Py_ssize_t e) noexcept nogil:
+    """Output rows ``a <= n*p + p < e`` of the forward pass, small-K path: tiles
+    of 8 pixels x 16 channels of ``cols @ w`` (``wpad``: ``w`` with its
+    columns padded to ``ldw``, a multiple of 16) and ``z = tile + b``, the
+    column elements read from ``x`` itself (through ``off``) where the 8
+    windows lie inside the image, from im2col rows in ``col`` elsewhere; the
+    last group of a row overlaps the one before (the same values written
+    again) rather than running short; then ``out = act(z)`` over the row."""
+    cdef Py_ssize_t row, n, p, qs, q0, nv, ob, l, O = g.o, K = g.k, Q = g.q, rs = g.sw * g.c
+    cdef bint rowin
+    cdef const floating* xb
+    for row in range(a, e):
+        n = row // g.p
+        p = row - n * g.p
+        rowin = _row_inside(g, p)
+        qs = 0
+        while qs < Q:
+            q0 = Q - FNN_RG if qs + FNN_RG > Q and Q >= FNN_RG else qs
+            nv = min(<Py_ssize_t>FNN_RG, Q - q0)
+            if rowin and nv == FNN_RG and _cols_inside(g, q0, q0 + FNN_RG):
+                xb = x + ((n * g.h + p * g.sh - g.top) * g.w + q0 * g.sw - g.left) * g.c
+                for ob in range(0, O, 16):      # FNN_VL
+                    if floating is float:
+                        fnn_fwd_tile_f(xb, rs, off, K, wpad + ob, ldw, b + ob,
+                                       z + (row * Q + q0) * O + ob, O, FNN_RG,
+                                       <int>min(<Py_ssize_t>FNN_VL, O - ob))
+                    else:
+                        fnn_fwd_tile_d(xb, rs, off, K, wpad + ob, ldw, b + ob,
+                                       z + (row * Q + q0) * O + ob, O, FNN_RG,
+                                       <int>min(<Py_ssize_t>FNN_VL, O - ob))
+            else:
+                _im2col(g, x, col, row * Q + q0, row * Q + q0 + nv)
+                for l in range(nv * K, FNN_RG * K):
+                    col[l] = 0
+                for ob in range(0, O, 16):      # FNN_VL
+                    if floating is float:
+                        fnn_fwd_tile_f(col, K, NULL, K, wpad + ob, ldw, b + ob,
+                                       z + (row * Q + q0) * O + ob, O, <int>nv,
+                                       <int>min(<Py_ssize_t>FNN_VL, O - ob))
+                    else:
+                        fnn_fwd_tile_d(col, K, NULL, K, wpad + ob, ldw, b + ob,
+                                       z + (row * Q + q0) * O + ob, O, <int>nv,
+                                       <int>min(<Py_ssize_t>FNN_VL, O - ob))
+            qs += FNN_RG
+        act_forward_range(act, z + row * Q * O, out + row * Q * O, 0, Q * O)
 
 
 cdef void _conv_forward(int act, const geom* g, const floating* x, const floating* w,
                         const floating* b, floating* z, floating* out, char* ws) noexcept nogil:
-    cdef Py_ssize_t itemsize = sizeof(floating), K = g.k, O = g.o
+    cdef wgeom wg
+    if _winograd_fits(g):
+        _wgeom(&wg, g.n, g.h, g.w, g.c, g.p, g.q, g.o, g.top, g.left, sizeof(floating))
+        _wino_run(0, act, &wg, x, w, False, b, z, out, NULL, NULL, ws)
+        return
+    cdef Py_ssize_t itemsize = sizeof(floating), K = g.k, O = g.o, rows = g.n * g.p
     cdef bint direct = K <= DIRECT_MAX_K and not g.identity
     cdef Py_ssize_t chunk = _chunk_rows(K, itemsize)
     cdef Py_ssize_t ldw = (O + FNN_VL - 1) // FNN_VL * FNN_VL
-    cdef Py_ssize_t shared = _align(K * sizeof(Py_ssize_t)) + (_align(K * ldw * itemsize) if direct else 0)
-    cdef Py_ssize_t per = _align(chunk * K * itemsize)
-    cdef int T = _threads_for(<double>g.m * K * O, PAR_MIN_FLOPS, (g.m + FNN_RG - 1) // FNN_RG)
+    cdef Py_ssize_t shared = _align(K * sizeof(Py_ssize_t)) + _align(K * ldw * itemsize)
+    cdef Py_ssize_t per = _align(_buffer_rows(g, itemsize) * K * itemsize)
+    cdef int T
     cdef Py_ssize_t* off = <Py_ssize_t*>ws
     cdef floating* wpad = <floating*>(ws + _align(K * sizeof(Py_ssize_t)))
     cdef Py_ssize_t t, i, j, step
-    _offsets(g, off)
     if direct:
+        _offsets(g, off)
         for i in range(K):
             for j in range(ldw):
                 wpad[i * ldw + j] = w[i * O + j] if j < O else 0
-    if T == 1:
-        if direct:
+        T = _threads_for(<double>g.m * K * O, PAR_MIN_FLOPS, rows)
+        step = (rows + T - 1) // T
+        if T == 1:
             _fwd_direct_rows(act, g, x, wpad, ldw, b, z, out, off, <floating*>(ws + shared),
-                             chunk, 0, g.m)
-        else:
-            _fwd_gemm_rows(act, g, x, w, b, z, out, off, <floating*>(ws + shared), chunk, 0, g.m)
+                             0, rows)
+            return
+        for t in prange(T, schedule="static", num_threads=T):
+            _fwd_direct_rows(act, g, x, wpad, ldw, b, z, out, off,
+                             <floating*>(ws + shared + t * per),
+                             min(rows, t * step), min(rows, (t + 1) * step))
+        return
+    T = _threads_for(<double>g.m * K * O, PAR_MIN_FLOPS, (g.m + FNN_RG - 1) // FNN_RG)
+    if T == 1:
+        _fwd_gemm_rows(act, g, x, w, b, z, out, <floating*>(ws + shared), chunk, 0, g.m)
         return
     step = (g.m + T - 1) // T
     step = (step + FNN_RG - 1) // FNN_RG * FNN_RG
-    if not direct and _blas.set_threads != NULL:
+    if _blas.set_threads != NULL:
         fnn_blas_enter(<fnn_set_threads_t>_blas.set_threads, <fnn_get_threads_t>_blas.get_threads)
     for t in prange(T, schedule="static", num_threads=T):
-        if direct:
-            _fwd_direct_rows(act, g, x, wpad, ldw, b, z, out, off,
-                             <floating*>(ws + shared + t * per), chunk,
-                             min(g.m, t * step), min(g.m, (t + 1) * step))
-        else:
-            _fwd_gemm_rows(act, g, x, w, b, z, out, off, <floating*>(ws + shared + t * per),
-                           chunk, min(g.m, t * step), min(g.m, (t + 1) * step))
-    if not direct and _blas.set_threads != NULL:
+        _fwd_gemm_rows(act, g, x, w, b, z, out, <floating*>(ws + shared + t * per),
+                       chunk, min(g.m, t * step), min(g.m, (t + 1) * step))
+    if _blas.set_threads != NULL:
         fnn_blas_leave(<fnn_set_threads_t>_blas.set_threads)
 
 
 cdef Py_ssize_t _forward_workspace(const geom* g, Py_ssize_t itemsize) noexcept nogil:
+    cdef wgeom wg
+    if _winograd_fits(g):
+        _wgeom(&wg, g.n, g.h, g.w, g.c, g.p, g.q, g.o, g.top, g.left, itemsize)
+        return _wino_workspace(&wg, itemsize, False)
     cdef Py_ssize_t K = g.k, ldw = (g.o + FNN_VL - 1) // FNN_VL * FNN_VL
-    cdef Py_ssize_t chunk = _chunk_rows(K, itemsize)
     return (_align(K * sizeof(Py_ssize_t)) + _align(K * ldw * itemsize)
-            + _num_threads * _align(chunk * K * itemsize))
+            + _num_threads * _align(_buffer_rows(g, itemsize) * K * itemsize))
 
 
 # ------------------------------------------------------------------ dw, db
 
-cdef void _dw_rows(const geom* g, const floating* x, const floating* dz, const Py_ssize_t* off,
+cdef void _dw_block_rows(const floating* src, Py_ssize_t rs, const Py_ssize_t* off,
+                         Py_ssize_t K, const floating* dp, Py_ssize_t ldz, Py_ssize_t m,
+                         floating* dwt, Py_ssize_t lddw) noexcept nogil:
+    """``dwt += cols.T @ dz`` over ``m`` rows by the register-blocked tiles: 16
+    channels by at most 12 rows of ``dw`` at a time (blocks as even as they
+    come), the column element ``(r, k)`` at ``src[r*rs + off[k]]`` (``off``
+    NULL: ``src[r*rs + k]``)."""
+    cdef Py_ssize_t ob, kb, nb
+    for ob in range(0, lddw, 16):   # FNN_VL
+        kb = 0
+        while kb < K:
+            nb = K - kb
+            nb = (nb + (nb + 11) // 12 - 1) // ((nb + 11) // 12)
+            if floating is float:
+                fnn_dw_tile_f(src + (0 if off != NULL else kb), rs,
+                              off + kb if off != NULL else NULL, dp + ob, ldz, m,
+                              dwt + kb * lddw + ob, lddw, <int>nb)
+            else:
+                fnn_dw_tile_d(src + (0 if off != NULL else kb), rs,
+                              off + kb if off != NULL else NULL, dp + ob, ldz, m,
+                              dwt + kb * lddw + ob, lddw, <int>nb)
+            kb += nb
+
+
+cdef const floating* _padded_dz(const floating* d, Py_ssize_t m, Py_ssize_t O, Py_ssize_t lddw,
+                                floating* dzbuf) noexcept nogil:
+    """``m`` rows of ``dz``, padded to ``lddw`` channels (whole tiles of 16) when
+    ``O`` is not a multiple of 16."""
+    cdef Py_ssize_t r, o
+    if O == lddw:
+        return d
+    for r in range(m):
+        for o in range(lddw):
+            dzbuf[r * lddw + o] = d[r * O + o] if o < O else 0
+    return dzbuf
+
+
+cdef void _dw_rows(const geom* g, const floating* x, const floating* dz,
                    floating* dwt, Py_ssize_t lddw, double* dbt, floating* col, floating* dzbuf,
-                   Py_ssize_t chunk, bint direct, Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
+                   Py_ssize_t chunk, Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
     """This thread's share of ``dw`` (into ``dwt``, ``(k, lddw)``) and ``db``
-    (into ``dbt``, float64) over the rows ``[r0, r1)``."""
-    cdef Py_ssize_t e, m, r, o, ob, kb, nb, ldz, O = g.o, K = g.k
+    (into ``dbt``, float64) over the column rows ``[r0, r1)``, GEMM path:
+    per chunk, columns and ``dwt += cols.T @ dz`` (BLAS, ``beta = 1`` after
+    the first)."""
+    cdef Py_ssize_t e, m, r, o, O = g.o, K = g.k
     cdef const floating* a
     cdef const floating* d
-    cdef const floating* dp
     cdef bint first = True
     for o in range(O):
         dbt[o] = 0
-    if direct:
-        for r in range(K * lddw):
-            dwt[r] = 0
-    elif r0 >= r1:
+    if r0 >= r1:
         for r in range(K * lddw):
             dwt[r] = 0
     while r0 < r1:
@@ -556,95 +887,106 @@ cdef void _dw_rows(const geom* g, const floating* x, const floating* dz, const P
         if g.identity:
             a = x + r0 * K
         else:
-            _im2col(g, x, off, col, r0, e)
+            _im2col(g, x, col, r0, e)
             a = col
-        if direct:
-            if O % FNN_VL == 0:
-                dp, ldz = d, O
-            else:   # rows padded to whole tiles of 16 channels
-                ldz = lddw
-                for r in range(m):
-                    for o in range(lddw):
-                        dzbuf[r * ldz + o] = d[r * O + o] if o < O else 0
-                dp = dzbuf
-            for ob in range(0, lddw, 16):   # FNN_VL
-                kb = 0
-                while kb < K:
-                    nb = K - kb
-                    if nb >= 8:
-                        if floating is float:
-                            fnn_dw_tile_f(a + kb, K, dp + ob, ldz, m, dwt + kb * lddw + ob, lddw, 8)
-                        else:
-                            fnn_dw_tile_d(a + kb, K, dp + ob, ldz, m, dwt + kb * lddw + ob, lddw, 8)
-                        nb = 8
-                    elif nb >= 4:
-                        if floating is float:
-                            fnn_dw_tile_f(a + kb, K, dp + ob, ldz, m, dwt + kb * lddw + ob, lddw, 4)
-                        else:
-                            fnn_dw_tile_d(a + kb, K, dp + ob, ldz, m, dwt + kb * lddw + ob, lddw, 4)
-                        nb = 4
-                    elif nb >= 2:
-                        if floating is float:
-                            fnn_dw_tile_f(a + kb, K, dp + ob, ldz, m, dwt + kb * lddw + ob, lddw, 2)
-                        else:
-                            fnn_dw_tile_d(a + kb, K, dp + ob, ldz, m, dwt + kb * lddw + ob, lddw, 2)
-                        nb = 2
-                    else:
-                        if floating is float:
-                            fnn_dw_tile_f(a + kb, K, dp + ob, ldz, m, dwt + kb * lddw + ob, lddw, 1)
-                        else:
-                            fnn_dw_tile_d(a + kb, K, dp + ob, ldz, m, dwt + kb * lddw + ob, lddw, 1)
-                        nb = 1
-                    kb += nb
+        gemm_with(_blas, c'N', c'T', <int>O, <int>K, <int>m, d, <int>O, a, <int>K,
+                  0 if first else 1, dwt, <int>lddw)
+        if floating is float:
+            fnn_colsum_f(d, O, m, O, dbt)
         else:
-            gemm_with(_blas, c'N', c'T', <int>O, <int>K, <int>m, d, <int>O, a, <int>K,
-                      0 if first else 1, dwt, <int>lddw)
-        for r in range(m):
-            for o in range(O):
-                dbt[o] += d[r * O + o]
+            fnn_colsum_d(d, O, m, O, dbt)
         first = False
         r0 = e
 
 
+cdef void _dw_direct_rows(const geom* g, const floating* x, const floating* dz,
+                          const Py_ssize_t* off, floating* dwt, Py_ssize_t lddw, double* dbt,
+                          floating* col, floating* dzbuf, Py_ssize_t a,
+                          Py_ssize_t e) noexcept nogil:
+    """This thread's share of ``dw`` and ``db`` over the output rows ``a <= n*p + p
+    < e``, small-K path: per output row, the register-blocked tiles read the
+    columns from ``x`` itself where every window of the row lies inside the
+    image, from im2col rows elsewhere."""
+    cdef Py_ssize_t row, n, p, r, o, O = g.o, K = g.k, Q = g.q
+    cdef const floating* d
+    cdef const floating* dp
+    for o in range(O):
+        dbt[o] = 0
+    for r in range(K * lddw):
+        dwt[r] = 0
+    for row in range(a, e):
+        n = row // g.p
+        p = row - n * g.p
+        d = dz + row * Q * O
+        dp = _padded_dz(d, Q, O, lddw, dzbuf)
+        if _row_inside(g, p) and _cols_inside(g, 0, Q):
+            _dw_block_rows(x + ((n * g.h + p * g.sh - g.top) * g.w - g.left) * g.c,
+                           g.sw * g.c, off, K, dp, lddw, Q, dwt, lddw)
+        else:
+            _im2col(g, x, col, row * Q, row * Q + Q)
+            _dw_block_rows(col, K, <const Py_ssize_t*>NULL, K, dp, lddw, Q, dwt, lddw)
+        if floating is float:
+            fnn_colsum_f(d, O, Q, O, dbt)
+        else:
+            fnn_colsum_d(d, O, Q, O, dbt)
+
+
 cdef void _conv_backward(const geom* g, const floating* x, const floating* dz, floating* dw,
                          floating* db, char* ws) noexcept nogil:
-    cdef Py_ssize_t itemsize = sizeof(floating), K = g.k, O = g.o
+    cdef wgeom wg
+    if _winograd_fits(g):
+        _wgeom(&wg, g.n, g.h, g.w, g.c, g.p, g.q, g.o, g.top, g.left, sizeof(floating))
+        _wino_backward(&wg, x, dz, dw, db, ws)
+        return
+    cdef Py_ssize_t itemsize = sizeof(floating), K = g.k, O = g.o, rows = g.n * g.p
     cdef bint direct = K <= DIRECT_MAX_K and not g.identity
-    cdef Py_ssize_t chunk = _chunk_rows(K, itemsize)
+    cdef Py_ssize_t chunk = _chunk_rows(K, itemsize), nrows = _buffer_rows(g, itemsize)
     cdef Py_ssize_t lddw = (O + FNN_VL - 1) // FNN_VL * FNN_VL if direct else O
-    cdef Py_ssize_t per = (_align(K * lddw * itemsize) + _align(O * sizeof(double))
-                           + _align(chunk * K * itemsize) + _align(chunk * lddw * itemsize))
+    cdef Py_ssize_t sdw = _align(K * lddw * itemsize), sdb = _align(O * sizeof(double))
+    cdef Py_ssize_t scol = _align(nrows * K * itemsize)
+    cdef Py_ssize_t per = sdw + sdb + scol + _align(nrows * lddw * itemsize)
     cdef Py_ssize_t base = _align(K * sizeof(Py_ssize_t))
-    cdef int T = _threads_for(<double>g.m * K * O, PAR_MIN_FLOPS, (g.m + FNN_RG - 1) // FNN_RG)
+    cdef Py_ssize_t parts = rows if direct else (g.m + FNN_RG - 1) // FNN_RG
+    cdef int T = _threads_for(<double>g.m * K * O, PAR_MIN_FLOPS, parts)
     cdef Py_ssize_t* off = <Py_ssize_t*>ws
     cdef Py_ssize_t t, i, o, step
     cdef char* mine
     cdef floating s
     cdef double sd
-    _offsets(g, off)
-    step = (g.m + T - 1) // T
-    step = (step + FNN_RG - 1) // FNN_RG * FNN_RG
+    if direct:
+        _offsets(g, off)
+        step = (rows + T - 1) // T
+    else:
+        step = (g.m + T - 1) // T
+        step = (step + FNN_RG - 1) // FNN_RG * FNN_RG
     if T == 1:
         mine = ws + base
-        _dw_rows(g, x, dz, off, <floating*>mine, lddw,
-                 <double*>(mine + _align(K * lddw * itemsize)),
-                 <floating*>(mine + _align(K * lddw * itemsize) + _align(O * sizeof(double))),
-                 <floating*>(mine + _align(K * lddw * itemsize) + _align(O * sizeof(double))
-                             + _align(chunk * K * itemsize)),
-                 chunk, direct, 0, g.m)
+        if direct:
+            _dw_direct_rows(g, x, dz, off, <floating*>mine, lddw, <double*>(mine + sdw),
+                            <floating*>(mine + sdw + sdb), <floating*>(mine + sdw + sdb + scol),
+                            0, rows)
+        else:
+            _dw_rows(g, x, dz, <floating*>mine, lddw, <double*>(mine + sdw),
+                     <floating*>(mine + sdw + sdb), <floating*>(mine + sdw + sdb + scol),
+                     chunk, 0, g.m)
+    elif direct:
+        for t in prange(T, schedule="static", num_threads=T):
+            _dw_direct_rows(g, x, dz, off, <floating*>(ws + base + t * per), lddw,
+                            <double*>(ws + base + t * per + sdw),
+                            <floating*>(ws + base + t * per + sdw + sdb),
+                            <floating*>(ws + base + t * per + sdw + sdb + scol),
+                            min(rows, t * step), min(rows, (t + 1) * step))
     else:
-        if not direct and _blas.set_threads != NULL:
+        if _blas.set_threads != NULL:
             fnn_blas_enter(<fnn_set_threads_t>_blas.set_threads,
                            <fnn_get_threads_t>_blas.get_threads)
         for t in prange(T, schedule="static", num_threads=T):
-            _dw_rows(g, x, dz, off, <floating*>(ws + base + t * per), lddw,
-                     <double*>(ws + base + t * per + _align(K * lddw * itemsize)),
-                     <floating*>(ws + base + t * per + _align(K * lddw * itemsize)
-                                 + _align(O * sizeof(double))),
-                     <floating*>(ws + base + t * per + _align(K * lddw * itemsize)
-                                 + _align(O * sizeof(double)) + _align(chunk * K * itemsize)),
-                     chunk, direct, min(g.m, t * step), min(g.m, (t + 1) * step))
-        if not direct and _blas.set_threads != NULL:
+            _dw_rows(g, x, dz, <floating*>(ws + base + t * per), lddw,
+                     <double*>(ws + base + t * per + sdw),
+                     <floating*>(ws + base + t * per + sdw + sdb),
+                     <floating*>(ws + base + t * per + sdw + sdb + scol),
+                     chunk, min(g.m, t * step), min(g.m, (t + 1) * step))
+        if _blas.set_threads != NULL:
             fnn_blas_leave(<fnn_set_threads_t>_blas.set_threads)
     # the threads' partial sums, in thread order
     for i in range(K):
@@ -654,18 +996,22 @@ cdef void _conv_backward(const geom* g, const floating* x, const floating* dz, f
                 s = s + (<floating*>(ws + base + t * per))[i * lddw + o]
             dw[i * O + o] = s
     for o in range(O):
-        sd = (<double*>(ws + base + _align(K * lddw * itemsize)))[o]
+        sd = (<double*>(ws + base + sdw))[o]
         for t in range(1, T):
-            sd = sd + (<double*>(ws + base + t * per + _align(K * lddw * itemsize)))[o]
+            sd = sd + (<double*>(ws + base + t * per + sdw))[o]
         db[o] = <floating>sd
 
 
 cdef Py_ssize_t _backward_workspace(const geom* g, Py_ssize_t itemsize) noexcept nogil:
+    cdef wgeom wg
+    if _winograd_fits(g):
+        _wgeom(&wg, g.n, g.h, g.w, g.c, g.p, g.q, g.o, g.top, g.left, itemsize)
+        return _wino_workspace(&wg, itemsize, True)
     cdef Py_ssize_t K = g.k, O = g.o, lddw = (O + FNN_VL - 1) // FNN_VL * FNN_VL
-    cdef Py_ssize_t chunk = _chunk_rows(K, itemsize)
+    cdef Py_ssize_t nrows = _buffer_rows(g, itemsize)
     return _align(K * sizeof(Py_ssize_t)) + _num_threads * (
-        _align(K * lddw * itemsize) + _align(O * sizeof(double)) + _align(chunk * K * itemsize)
-        + _align(chunk * lddw * itemsize))
+        _align(K * lddw * itemsize) + _align(O * sizeof(double)) + _align(nrows * K * itemsize)
+        + _align(nrows * lddw * itemsize))
 
 
 # ------------------------------------------------------------------ backprop
@@ -708,6 +1054,11 @@ cdef void _backprop_images(int act, const geom* g, const floating* dz, const flo
 cdef void _conv_backprop(int act, const geom* g, const floating* dz, const floating* w,
                          const floating* zb, const floating* yb, floating* dx,
                          char* ws) noexcept nogil:
+    cdef wgeom wg
+    if _winograd_fits(g):   # dz convolved with the flipped kernel, the pads turned around
+        _wgeom(&wg, g.n, g.p, g.q, g.o, g.h, g.w, g.c, 2 - g.top, 2 - g.left, sizeof(floating))
+        _wino_run(1, act, &wg, dz, w, True, NULL, dx, dx, zb, yb, ws)
+        return
     cdef Py_ssize_t itemsize = sizeof(floating), K = g.k, O = g.o
     cdef Py_ssize_t chunk = _chunk_rows(K, itemsize)
     cdef Py_ssize_t per = _align(chunk * K * itemsize)
@@ -723,6 +1074,314 @@ cdef void _conv_backprop(int act, const geom* g, const floating* dz, const float
                          min(g.n, t * step), min(g.n, (t + 1) * step))
     if _blas.set_threads != NULL:
         fnn_blas_leave(<fnn_set_threads_t>_blas.set_threads)
+
+
+
+# ------------------------------------------------------------------ Winograd F(2x2, 3x3)
+#
+# A 3x3 convolution at stride 1 in 2x2 output tiles: each tile's 4x4 input
+# patch transformed (V = B^T d B), 16 GEMMs per chunk of tiles, one per
+# position xi of the 4x4 transform (M[xi] = V[xi] @ U[xi], U = G w G^T, K =
+# input channels), and the inverse transform (Y = A^T M A): 16*4 = 64
+# multiplications per tile and channel pair instead of 9*4 = 36... per output
+# 16/4 = 4 instead of 9, 2.25x fewer (less where tiles hang over the edge).
+# The weight gradient is the adjoint: S[xi] = sum over tiles of V[xi].T @
+# D[xi], D = A dz A^T, then dw = G^T S G; the delta below is the forward
+# algorithm on dz with the kernel flipped and its channels swapped.
+#
+# Rounding: the transforms add and subtract up to 4 terms (and halve, exactly)
+# before and after the GEMM, so a float32 result carries a few more roundings
+# than im2col's dot product: tests/test_cython.py measures both against
+# float64 (test_winograd_rounding).
+
+ctypedef struct wgeom:
+    Py_ssize_t n, h, w, ci      # the input of the transformed convolution
+    Py_ssize_t p, q, co         # its output
+    Py_ssize_t pt, pl           # zeros before the first input row / column
+    Py_ssize_t th, tw           # tiles down / across an image
+    Py_ssize_t tiles            # n*th*tw
+    Py_ssize_t tt               # tiles per chunk
+
+
+cdef void _wgeom(wgeom* g, Py_ssize_t n, Py_ssize_t h, Py_ssize_t w, Py_ssize_t ci, Py_ssize_t p,
+                 Py_ssize_t q, Py_ssize_t co, Py_ssize_t pt, Py_ssize_t pl,
+                 Py_ssize_t itemsize) noexcept nogil:
+    g.n, g.h, g.w, g.ci, g.p, g.q, g.co, g.pt, g.pl = n, h, w, ci, p, q, co, pt, pl
+    g.th = (p + 1) // 2
+    g.tw = (q + 1) // 2
+    g.tiles = n * g.th * g.tw
+    g.tt = WINOGRAD_CHUNK_BYTES // (16 * (ci + co) * itemsize)
+    if g.tt < 8:
+        g.tt = 8
+
+
+cdef inline bint _winograd_fits(const geom* g) noexcept nogil:
+    return (g.kh == 3 and g.kw == 3 and g.sh == 1 and g.sw == 1
+            and g.c >= WINOGRAD_MIN_CHANNELS and g.o >= WINOGRAD_MIN_CHANNELS)
+
+
+cdef void _wino_patch(const wgeom* g, const floating* x, const floating* zero, Py_ssize_t t,
+                      const floating** ptr) noexcept nogil:
+    """The 16 rows (channel vectors) of tile ``t``'s 4x4 input patch; ``zero``
+    where the patch hangs over the image."""
+    cdef Py_ssize_t per = g.th * g.tw, n = t // per, ty = (t - n * per) // g.tw
+    cdef Py_ssize_t tx = t - n * per - ty * g.tw, y0 = 2 * ty - g.pt, x0 = 2 * tx - g.pl
+    cdef Py_ssize_t a, b, yy, xx
+    for a in range(4):
+        yy = y0 + a
+        for b in range(4):
+            xx = x0 + b
+            if yy >= 0 and yy < g.h and xx >= 0 and xx < g.w:
+                ptr[4 * a + b] = x + ((n * g.h + yy) * g.w + xx) * g.ci
+            else:
+                ptr[4 * a + b] = zero
+
+
+cdef void _wino_in_chunk(const wgeom* g, const floating* x, const floating* zero,
+                         floating* V, Py_ssize_t t0, Py_ssize_t e) noexcept nogil:
+    cdef const floating* ptr[16]
+    cdef Py_ssize_t t, m = e - t0
+    for t in range(t0, e):
+        _wino_patch(g, x, zero, t, ptr)
+        if floating is float:
+            fnn_wino_in_f(ptr, g.ci, V + (t - t0) * g.ci, m * g.ci)
+        else:
+            fnn_wino_in_d(ptr, g.ci, V + (t - t0) * g.ci, m * g.ci)
+
+
+cdef void _wino_conv_tiles(int mode, int act, const wgeom* g, const floating* x,
+                           const floating* U, const floating* b, floating* z, floating* out,
+                           const floating* zb, const floating* yb, const floating* zero,
+                           floating* V, floating* M, floating* scratch, Py_ssize_t t0,
+                           Py_ssize_t t1) noexcept nogil:
+    """Output tiles ``[t0, t1)`` of the Winograd convolution. ``mode`` 0 (the
+    forward pass): ``z = y + b``, ``out = act(z)``; mode 1 (the delta below):
+    ``out = y * act'(zb or yb)``."""
+    cdef Py_ssize_t e, m, t, xi, per = g.th * g.tw, n, ty, tx, yy, xx, k, CO = g.co
+    cdef floating* ys[4]
+    cdef floating* zrow
+    cdef Py_ssize_t off
+    cdef bint right
+    while t0 < t1:
+        e = min(t1, t0 + g.tt)
+        m = e - t0
+        _wino_in_chunk(g, x, zero, V, t0, e)
+        for xi in range(16):
+            gemm_with(_blas, c'N', c'N', <int>CO, <int>m, <int>g.ci, U + xi * g.ci * CO, <int>CO,
+                      V + xi * m * g.ci, <int>g.ci, 0, M + xi * m * CO, <int>CO)
+        for t in range(t0, e):
+            n = t // per
+            ty = (t - n * per) // g.tw
+            tx = t - n * per - ty * g.tw
+            right = 2 * tx + 1 < g.q
+            for k in range(4):
+                yy = 2 * ty + k // 2
+                xx = 2 * tx + k % 2
+                if yy < g.p and xx < g.q:
+                    ys[k] = z + ((n * g.p + yy) * g.q + xx) * CO
+                else:
+                    ys[k] = scratch + k * CO
+            if floating is float:
+                fnn_wino_out_f(M + (t - t0) * CO, m * CO, CO, b if mode == 0 else NULL,
+                               ys[0], ys[1], ys[2], ys[3])
+            else:
+                fnn_wino_out_d(M + (t - t0) * CO, m * CO, CO, b if mode == 0 else NULL,
+                               ys[0], ys[1], ys[2], ys[3])
+            for k in range(2):          # the tile's one or two rows of outputs
+                yy = 2 * ty + k
+                if yy >= g.p:
+                    break
+                off = ((n * g.p + yy) * g.q + 2 * tx) * CO
+                if mode == 0:
+                    act_forward_range(act, z + off, out + off, 0, (2 if right else 1) * CO)
+                else:
+                    act_backward_range(act, z + off, zb + off if zb != NULL else NULL,
+                                       yb + off if yb != NULL else NULL, z + off, 0,
+                                       (2 if right else 1) * CO)
+        t0 = e
+
+
+cdef void _wino_dw_tiles(const wgeom* g, const floating* x, const floating* dz,
+                         const floating* zero, floating* V, floating* D, floating* S, double* dbt,
+                         Py_ssize_t t0, Py_ssize_t t1) noexcept nogil:
+    """This thread's ``S[xi] = sum V[xi].T @ D[xi]`` and ``db`` over tiles ``[t0, t1)``
+    (``g`` is the forward geometry: ``x`` in, ``dz`` out)."""
+    cdef Py_ssize_t e, m, t, xi, per = g.th * g.tw, n, ty, tx, yy, xx, k, CO = g.co
+    cdef const floating* gp[4]
+    cdef bint first = True
+    for k in range(CO):
+        dbt[k] = 0
+    if t0 >= t1:
+        for k in range(16 * g.ci * CO):
+            S[k] = 0
+    while t0 < t1:
+        e = min(t1, t0 + g.tt)
+        m = e - t0
+        _wino_in_chunk(g, x, zero, V, t0, e)
+        for t in range(t0, e):
+            n = t // per
+            ty = (t - n * per) // g.tw
+            tx = t - n * per - ty * g.tw
+            for k in range(4):
+                yy = 2 * ty + k // 2
+                xx = 2 * tx + k % 2
+                gp[k] = dz + ((n * g.p + yy) * g.q + xx) * CO if yy < g.p and xx < g.q else zero
+            if floating is float:
+                fnn_wino_dz_f(gp[0], gp[1], gp[2], gp[3], CO, D + (t - t0) * CO, m * CO, dbt)
+            else:
+                fnn_wino_dz_d(gp[0], gp[1], gp[2], gp[3], CO, D + (t - t0) * CO, m * CO, dbt)
+        for xi in range(16):
+            gemm_with(_blas, c'N', c'T', <int>CO, <int>g.ci, <int>m, D + xi * m * CO, <int>CO,
+                      V + xi * m * g.ci, <int>g.ci, 0 if first else 1, S + xi * g.ci * CO,
+                      <int>CO)
+        first = False
+        t0 = e
+
+
+cdef void _wino_kernel(const floating* w, Py_ssize_t C, Py_ssize_t O, bint flip,
+                       floating* U, floating* tmp) noexcept nogil:
+    """``U[xi] = (G g G^T)[xi]`` for every channel pair: ``U`` is ``(16, C, O)``
+    with ``g = w[:, :, c, o]``, or with ``flip`` ``(16, O, C)`` with ``g =
+    w[::-1, ::-1, c, o]`` (the transposed convolution's kernel, through ``tmp``)."""
+    if floating is float:
+        if flip:
+            fnn_wino_kernel_f(w, C, O, 1, tmp)
+            fnn_transpose16_f(tmp, C, O, U)
+        else:
+            fnn_wino_kernel_f(w, C, O, 0, U)
+    else:
+        if flip:
+            fnn_wino_kernel_d(w, C, O, 1, tmp)
+            fnn_transpose16_d(tmp, C, O, U)
+        else:
+            fnn_wino_kernel_d(w, C, O, 0, U)
+
+
+cdef void _wino_dw_out(const floating* S, Py_ssize_t C, Py_ssize_t O, floating* dw) noexcept nogil:
+    """``dw[:, :, c, o] = G^T S[:, c, o] G``, G^T = [1 .5 .5 0; 0 .5 -.5 0; 0 .5 .5 1]."""
+    cdef Py_ssize_t c, o, a, k, CO = C * O
+    cdef floating s[16]
+    cdef floating t[3][4]
+    cdef floating half = 0.5
+    for k in range(CO):
+        for a in range(16):
+            s[a] = S[a * CO + k]
+        for a in range(4):
+            t[0][a] = s[a] + (s[4 + a] + s[8 + a]) * half
+            t[1][a] = (s[4 + a] - s[8 + a]) * half
+            t[2][a] = (s[4 + a] + s[8 + a]) * half + s[12 + a]
+        for a in range(3):
+            dw[(3 * a) * CO + k] = t[a][0] + (t[a][1] + t[a][2]) * half
+            dw[(3 * a + 1) * CO + k] = (t[a][1] - t[a][2]) * half
+            dw[(3 * a + 2) * CO + k] = (t[a][1] + t[a][2]) * half + t[a][3]
+
+
+cdef Py_ssize_t _wino_workspace(const wgeom* g, Py_ssize_t itemsize, bint dw) noexcept nogil:
+    """Bytes: shared ``U`` (or the threads' ``S``) and zero row; per thread ``V``,
+    ``M``/``D``, scratch, ``db``."""
+    cdef Py_ssize_t shared = (2 * _align(16 * g.ci * g.co * itemsize)
+                              + _align(max(g.ci, g.co) * itemsize))
+    cdef Py_ssize_t per = (_align(16 * g.tt * g.ci * itemsize) + _align(16 * g.tt * g.co * itemsize)
+                           + _align(4 * g.co * itemsize) + _align(g.co * sizeof(double))
+                           + (_align(16 * g.ci * g.co * itemsize) if dw else 0))
+    return shared + _num_threads * per
+
+
+cdef void _wino_run(int mode, int act, const wgeom* g, const floating* x, const floating* w,
+                    bint flip, const floating* b, floating* z, floating* out, const floating* zb,
+                    const floating* yb, char* ws) noexcept nogil:
+    """The forward pass (mode 0) or the delta below (mode 1) by Winograd."""
+    cdef Py_ssize_t itemsize = sizeof(floating), t, k
+    cdef Py_ssize_t ushare = _align(16 * g.ci * g.co * itemsize)
+    cdef Py_ssize_t shared = 2 * ushare + _align(max(g.ci, g.co) * itemsize)
+    cdef Py_ssize_t vsz = _align(16 * g.tt * g.ci * itemsize), msz = _align(16 * g.tt * g.co * itemsize)
+    cdef Py_ssize_t per = vsz + msz + _align(4 * g.co * itemsize) + _align(g.co * sizeof(double))
+    cdef floating* U = <floating*>ws
+    cdef floating* zero = <floating*>(ws + ushare)
+    cdef int T = _threads_for(<double>g.tiles * 16 * g.ci * g.co / 2.25, PAR_MIN_FLOPS, g.tiles)
+    cdef Py_ssize_t step = (g.tiles + T - 1) // T
+    cdef char* mine
+    for k in range(max(g.ci, g.co)):
+        zero[k] = 0
+    if flip:
+        _wino_kernel(w, g.co, g.ci, True, U,
+                     <floating*>(ws + ushare + _align(max(g.ci, g.co) * itemsize)))
+    else:
+        _wino_kernel(w, g.ci, g.co, False, U, NULL)
+    if T == 1:
+        mine = ws + shared
+        _wino_conv_tiles(mode, act, g, x, U, b, z, out, zb, yb, zero, <floating*>mine,
+                         <floating*>(mine + vsz), <floating*>(mine + vsz + msz), 0, g.tiles)
+        return
+    if _blas.set_threads != NULL:
+        fnn_blas_enter(<fnn_set_threads_t>_blas.set_threads, <fnn_get_threads_t>_blas.get_threads)
+    for t in prange(T, schedule="static", num_threads=T):
+        _wino_conv_tiles(mode, act, g, x, U, b, z, out, zb, yb, zero,
+                         <floating*>(ws + shared + t * per),
+                         <floating*>(ws + shared + t * per + vsz),
+                         <floating*>(ws + shared + t * per + vsz + msz),
+                         min(g.tiles, t * step), min(g.tiles, (t + 1) * step))
+    if _blas.set_threads != NULL:
+        fnn_blas_leave(<fnn_set_threads_t>_blas.set_threads)
+
+
+cdef void _wino_backward(const wgeom* g, const floating* x, const floating* dz, floating* dw,
+                         floating* db, char* ws) noexcept nogil:
+    cdef Py_ssize_t itemsize = sizeof(floating), t, k, CO = g.co, n16 = 16 * g.ci * g.co
+    cdef Py_ssize_t shared = _align(n16 * itemsize) + _align(max(g.ci, g.co) * itemsize)
+    cdef Py_ssize_t vsz = _align(16 * g.tt * g.ci * itemsize), msz = _align(16 * g.tt * g.co * itemsize)
+    cdef Py_ssize_t ssz = _align(n16 * itemsize), dsz = _align(g.co * sizeof(double))
+    cdef Py_ssize_t per = vsz + msz + _align(4 * g.co * itemsize) + dsz + ssz
+    cdef floating* S = <floating*>ws
+    cdef floating* zero = <floating*>(ws + _align(n16 * itemsize))
+    cdef int T = _threads_for(<double>g.tiles * 16 * g.ci * g.co / 2.25, PAR_MIN_FLOPS, g.tiles)
+    cdef Py_ssize_t step = (g.tiles + T - 1) // T
+    cdef floating acc
+    cdef double sd
+    cdef char* mine
+    for k in range(max(g.ci, g.co)):
+        zero[k] = 0
+    if T == 1:
+        mine = ws + shared
+        _wino_dw_tiles(g, x, dz, zero, <floating*>mine, <floating*>(mine + vsz),
+                       <floating*>(mine + vsz + msz + _align(4 * g.co * itemsize) + dsz),
+                       <double*>(mine + vsz + msz + _align(4 * g.co * itemsize)), 0, g.tiles)
+    else:
+        if _blas.set_threads != NULL:
+            fnn_blas_enter(<fnn_set_threads_t>_blas.set_threads,
+                           <fnn_get_threads_t>_blas.get_threads)
+        for t in prange(T, schedule="static", num_threads=T):
+            _wino_dw_tiles(g, x, dz, zero, <floating*>(ws + shared + t * per),
+                           <floating*>(ws + shared + t * per + vsz),
+                           <floating*>(ws + shared + t * per + vsz + msz
+                                       + _align(4 * g.co * itemsize) + dsz),
+                           <double*>(ws + shared + t * per + vsz + msz
+                                     + _align(4 * g.co * itemsize)),
+                           min(g.tiles, t * step), min(g.tiles, (t + 1) * step))
+        if _blas.set_threads != NULL:
+            fnn_blas_leave(<fnn_set_threads_t>_blas.set_threads)
+    # the threads' sums in thread order, then dw = G^T S G
+    for k in range(n16):
+        acc = (<floating*>(ws + shared + vsz + msz + _align(4 * g.co * itemsize) + dsz))[k]
+        for t in range(1, T):
+            acc = acc + (<floating*>(ws + shared + t * per + vsz + msz
+                                     + _align(4 * g.co * itemsize) + dsz))[k]
+        S[k] = acc
+    _wino_dw_out(S, g.ci, g.co, dw)
+    for k in range(CO):
+        sd = (<double*>(ws + shared + vsz + msz + _align(4 * g.co * itemsize)))[k]
+        for t in range(1, T):
+            sd = sd + (<double*>(ws + shared + t * per + vsz + msz
+                                 + _align(4 * g.co * itemsize)))[k]
+        db[k] = <floating>sd
+
+
+cdef Py_ssize_t _backprop_workspace(const geom* g, Py_ssize_t itemsize) noexcept nogil:
+    cdef wgeom wg
+    if _winograd_fits(g):
+        _wgeom(&wg, g.n, g.p, g.q, g.o, g.h, g.w, g.c, 2 - g.top, 2 - g.left, itemsize)
+        return _wino_workspace(&wg, itemsize, False)
+    return _num_threads * _align(_chunk_rows(g.k, itemsize) * g.k * itemsize)
 
 
 # ------------------------------------------------------------------ max pooling
@@ -771,12 +1430,14 @@ cdef void _pool_back_rows(int act, const floating* dy, const int32_t* am, const 
     not overlap (``stride >= pool``): each element written once, ``0 + dy``
     where its window chose it, else 0, then times the derivative."""
     cdef Py_ssize_t row, n, h, p, i, w, q, j, c, wc = W * C
-    cdef floating zero = 0
+    cdef floating zero = 0, one = 1
     cdef floating* o
     cdef const floating* d
     cdef const int32_t* ai
+    cdef const floating* yr
     cdef int32_t k
     cdef bint rowin
+    cdef bint relu = act == ACT_RELU and yb != NULL
     for row in range(a, b):
         n = row // H
         h = row - n * H
@@ -784,20 +1445,30 @@ cdef void _pool_back_rows(int act, const floating* dy, const int32_t* am, const 
         i = h - p * sh
         rowin = p < P and i < ph
         o = out + row * wc
-        for w in range(W):
-            q = w // sw
-            j = w - q * sw
+        yr = yb + row * wc if yb != NULL else NULL
+        q = 0
+        j = 0
+        for w in range(W):      # q = w // sw, j = w % sw, kept incrementally
             if rowin and q < Q and j < pw:
                 k = <int32_t>(i * pw + j)
                 d = dy + ((n * P + p) * Q + q) * C
                 ai = am + ((n * P + p) * Q + q) * C
-                for c in range(C):
-                    o[w * C + c] = (zero + d[c]) if ai[c] == k else zero
+                if relu:        # the derivative in the same pass: g * (y > 0)
+                    for c in range(C):
+                        o[w * C + c] = ((zero + d[c]) if ai[c] == k else zero) * \
+                            (one if yr[w * C + c] > zero else zero)
+                else:
+                    for c in range(C):
+                        o[w * C + c] = (zero + d[c]) if ai[c] == k else zero
             else:
                 for c in range(C):
                     o[w * C + c] = zero
-        act_backward_range(act, o, zb + row * wc if zb != NULL else NULL,
-                           yb + row * wc if yb != NULL else NULL, o, 0, wc)
+            j += 1
+            if j == sw:
+                j = 0
+                q += 1
+        if not relu:
+            act_backward_range(act, o, zb + row * wc if zb != NULL else NULL, yr, o, 0, wc)
 
 
 cdef void _pool_back_images(int act, const floating* dy, const int32_t* am, const floating* zb,
@@ -1105,8 +1776,7 @@ def conv2d_backprop(dz, w, z, y, str act, out, stride=(1, 1), padding=(0, 0, 0, 
     cdef geom g
     cdef int size = dz.dtype.itemsize
     _geometry(&g, out.shape, w.shape, dz.shape, stride, padding)
-    cdef Py_ssize_t chunk = _chunk_rows(g.k, size)
-    cdef char* ws = _workspace(_num_threads * _align(chunk * g.k * size))
+    cdef char* ws = _workspace(_backprop_workspace(&g, size))
     empty = _EMPTY4[size]
     if z is None:
         z = empty

@@ -491,10 +491,15 @@ def _check_conv(geometry, dtype, acts=("relu", "tanh"), seed=0, exact_forward=No
 
 
 @contextlib.contextmanager
-def _conv_settings(threads=None, par_min=None, chunk_bytes=None, direct_max_k=None):
-    """Thread count, parallel thresholds and tuning of ``_cy_conv`` for the block."""
+def _conv_settings(threads=None, par_min=None, chunk_bytes=None, direct_max_k=None,
+                   winograd=None, winograd_chunk_bytes=None):
+    """Thread count, parallel thresholds and tuning of ``_cy_conv`` for the block
+    (``winograd``: True for every 3x3 stride-1 kernel, False for none, None
+    for the default)."""
     saved_min = _cy_conv._set_parallel_min(*par_min) if par_min else None
-    saved_tuning = _cy_conv._set_tuning(chunk_bytes, direct_max_k)
+    saved_tuning = _cy_conv._set_tuning(
+        chunk_bytes, direct_max_k, None if winograd is None else (1 if winograd else 10**9),
+        winograd_chunk_bytes)
     if threads is not None:
         _cy_conv.set_num_threads(threads)
     try:
@@ -525,12 +530,15 @@ CONV_GEOMETRIES = [
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("geometry", CONV_GEOMETRIES, ids=lambda g: "x".join(map(str, g[:7])))
-def test_conv_geometries_both_code_paths(geometry, dtype):
-    """Every geometry through the GEMM path and, where K = kh*kw*c allows it,
-    the register-blocked loop."""
-    with _conv_settings(direct_max_k=0):
+def test_conv_geometries_every_code_path(geometry, dtype):
+    """Every geometry through the im2col GEMM path, the register-blocked loop
+    (forward pass and dw, whatever K = kh*kw*c) and, for 3x3 kernels at stride
+    1, Winograd (whatever the channel counts)."""
+    with _conv_settings(direct_max_k=0, winograd=False):
         _check_conv(geometry, dtype)
-    with _conv_settings(direct_max_k=10**6):
+    with _conv_settings(direct_max_k=10**6, winograd=False):
+        _check_conv(geometry, dtype)
+    with _conv_settings(winograd=True):
         _check_conv(geometry, dtype)
 
 
@@ -547,20 +555,69 @@ def test_conv_on_both_blas_libraries(blas, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("chunk_bytes", [1, 1000, 40_000])
-@pytest.mark.parametrize("direct", [False, True])
-def test_conv_chunk_boundaries(chunk_bytes, direct, dtype):
-    """Chunks of 8 rows (the least), of a few rows more than a multiple of 8,
-    and of several images; rows n*p*q not a multiple of the chunk; batch 1;
-    an image bigger than a chunk (conv2d_backprop completes an image across
-    chunks); on one thread and on three (uneven ranges)."""
+@pytest.mark.parametrize("path", ["gemm", "direct", "winograd"])
+def test_conv_chunk_boundaries(chunk_bytes, path, dtype):
+    """Chunks of 8 rows or tiles (the least), of a few more than a multiple of
+    8, and of several images; rows n*p*q (tiles) not a multiple of the chunk;
+    batch 1; an image bigger than a chunk (conv2d_backprop completes an image
+    across chunks); odd output sizes (Winograd's last tiles hang over);
+    output rows shorter than the 8-pixel groups of the register-blocked loop;
+    on one thread and on three (uneven ranges)."""
     geometries = [(1, 31, 29, 3, 16, 3, 3, (1, 1), (1, 1, 1, 1)),
                   (5, 13, 13, 2, 7, 3, 3, (1, 1), (0, 0, 0, 0)),
+                  (2, 8, 6, 3, 5, 3, 3, (1, 1), (2, 0, 0, 1)),
                   (3, 10, 11, 6, 9, 2, 2, (2, 2), (1, 0, 1, 0))]
     for threads in (1, 3):
         with _conv_settings(threads=threads, par_min=(1, 1), chunk_bytes=chunk_bytes,
-                            direct_max_k=10**6 if direct else 0):
+                            direct_max_k=10**6 if path == "direct" else 0,
+                            winograd=path == "winograd", winograd_chunk_bytes=chunk_bytes):
             for geometry in geometries:
                 _check_conv(geometry, dtype, acts=("relu",))
+
+
+@pytest.mark.parametrize("scale", ["uniform", "signed", "wide"])
+def test_winograd_rounding(scale):
+    """What Winograd F(2x2, 3x3)'s transforms cost in float32, at the convnet's
+    conv2 shapes: against the float64 result, its largest error (relative to
+    the largest output) stays within 3x the im2col GEMM's and within the parity
+    tolerance (measured here: the forward pass 0.35-0.55x the GEMM's error, dw
+    1.0-1.3x, the delta below 1.7-2.0x, at most 5e-7 of the largest output)."""
+    rng = np.random.default_rng({"uniform": 1, "signed": 2, "wide": 3}[scale])
+    n = 8
+    if scale == "uniform":      # a pooled ReLU output
+        x = rng.random((n, 13, 13, 32))
+    elif scale == "signed":
+        x = rng.standard_normal((n, 13, 13, 32))
+    else:                       # magnitudes over six decades
+        x = rng.standard_normal((n, 13, 13, 32)) * 10.0 ** rng.uniform(-3, 3, (n, 13, 13, 32))
+    w = rng.standard_normal((3, 3, 32, 64)) * 0.06
+    b = rng.standard_normal(64) * 0.1
+    dz = rng.standard_normal((n, 11, 11, 64)) * 1e-2
+    exact = {}
+    exact["forward"] = np.empty((n, 11, 11, 64))
+    ref.conv2d_forward(x, w, b, "identity", exact["forward"])
+    exact["dw"], exact["db"] = np.empty_like(w), np.empty(64)
+    ref.conv2d_backward(x, dz, exact["dw"], exact["db"])
+    exact["dx"] = np.empty_like(x)
+    ref.conv2d_backprop(dz, w, None, x, "identity", exact["dx"])
+    f = np.float32
+    xf, wf, bf, dzf = x.astype(f), w.astype(f), b.astype(f), dz.astype(f)
+    errors = {}
+    for winograd in (False, True):
+        with _conv_settings(winograd=winograd):
+            got = {"forward": np.empty((n, 11, 11, 64), f), "dw": np.empty_like(wf),
+                   "db": np.empty(64, f), "dx": np.empty_like(xf)}
+            cy.conv2d_forward(xf, wf, bf, "identity", got["forward"])
+            cy.conv2d_backward(xf, dzf, got["dw"], got["db"])
+            cy.conv2d_backprop(dzf, wf, None, xf, "identity", got["dx"])
+        for key in ("forward", "dw", "dx"):
+            errors[winograd, key] = (np.abs(got[key] - exact[key]).max()
+                                     / np.abs(exact[key]).max())
+            reduction = {"forward": 288, "dw": n * 121, "dx": 576}[key]
+            assert_close(got[key], exact[key].astype(f), f, reduction=reduction,
+                         err_msg=f"winograd={winograd} {key}")
+    for key in ("forward", "dw", "dx"):
+        assert errors[True, key] <= 3 * errors[False, key] + 1e-7, (key, errors)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
