@@ -120,7 +120,7 @@ def test_cublas_arguments(ta, tb):
 
 
 F32_REDUCING = {"mean_of_partials", "softmax_cross_entropy", "sigmoid_bce", "mse",
-                "count_correct"}
+                "count_correct", "column_sum"}   # column_sum: db in float64 (issue 13)
 
 
 @pytest.mark.skipif(not HAS_NUMBA_CUDA or SIMULATOR, reason="needs numba-cuda, not the simulator")
