@@ -17,7 +17,9 @@ Launch conventions (the wrappers keep them):
   reductions rely on it); elementwise ones are grid-stride loops, so any grid
   covers any size.
 * ``gemm`` runs ``(TS, TS)`` threads per block on a grid of
-  ``(ceil(n/BM), ceil(m/BM))`` blocks.
+  ``(ceil(m/BM), min(ceil(n/BM), 65535))`` blocks (``cuda.gemm_grid``): row
+  tiles on ``x``, which takes any batch; a block strides over the column
+  tiles beyond ``gridDim.y``.
 * ``column_sum`` runs ``(CW, RW)`` threads per block on ``ceil(n/CW)`` blocks.
 * Row kernels (softmax, softmax cross-entropy) run one block per row.
 """
@@ -354,64 +356,64 @@ def build(dtype):
         acc = cuda.local.array((R, R), DT)
         tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
         tid = ty * TS + tx
-        row0 = cuda.blockIdx.y * BM
-        col0 = cuda.blockIdx.x * BM
+        row0 = cuda.blockIdx.x * BM
         if ta:
             k, m = a.shape
         else:
             m, k = a.shape
         n = b.shape[0] if tb else b.shape[1]
-        for i in range(R):
-            for j in range(R):
-                acc[i, j] = ZERO
-        for k0 in range(0, k, BK):
-            for load in range(LOADS):
-                e = tid + load * TS * TS
-                # op(a)[row0 + r, k0 + kk], read along the contiguous axis
-                if ta:
-                    r, kk = e % BM, e // BM
-                    v = ZERO
-                    if row0 + r < m and k0 + kk < k:
-                        v = a[k0 + kk, row0 + r]
-                else:
-                    kk, r = e % BK, e // BK
-                    v = ZERO
-                    if row0 + r < m and k0 + kk < k:
-                        v = a[row0 + r, k0 + kk]
-                As[kk, r] = v
-                # op(b)[k0 + kk, col0 + c]
-                if tb:
-                    kk, c = e % BK, e // BK
-                    v = ZERO
-                    if col0 + c < n and k0 + kk < k:
-                        v = b[col0 + c, k0 + kk]
-                else:
-                    c, kk = e % BM, e // BM
-                    v = ZERO
-                    if col0 + c < n and k0 + kk < k:
-                        v = b[k0 + kk, col0 + c]
-                Bs[kk, c] = v
-            cuda.syncthreads()
-            for kk in range(BK):
-                for i in range(R):
-                    av = As[kk, ty + i * TS]
-                    for j in range(R):
-                        acc[i, j] += av * Bs[kk, tx + j * TS]
-            cuda.syncthreads()
-        for i in range(R):
-            row = row0 + ty + i * TS
-            if row < m:
+        for col0 in range(cuda.blockIdx.y * BM, n, cuda.gridDim.y * BM):   # column tiles
+            for i in range(R):
                 for j in range(R):
-                    col = col0 + tx + j * TS
-                    if col < n:
-                        idx = row * n + col
-                        if epi == EPI_FORWARD:
-                            store_forward(acc[i, j], bias[col], act, out, preact,
-                                          has_preact, idx)
-                        elif epi == EPI_DELTA:
-                            store_delta(acc[i, j], act, z, y, out, idx)
-                        else:
-                            out[idx] = acc[i, j]
+                    acc[i, j] = ZERO
+            for k0 in range(0, k, BK):
+                for load in range(LOADS):
+                    e = tid + load * TS * TS
+                    # op(a)[row0 + r, k0 + kk], read along the contiguous axis
+                    if ta:
+                        r, kk = e % BM, e // BM
+                        v = ZERO
+                        if row0 + r < m and k0 + kk < k:
+                            v = a[k0 + kk, row0 + r]
+                    else:
+                        kk, r = e % BK, e // BK
+                        v = ZERO
+                        if row0 + r < m and k0 + kk < k:
+                            v = a[row0 + r, k0 + kk]
+                    As[kk, r] = v
+                    # op(b)[k0 + kk, col0 + c]
+                    if tb:
+                        kk, c = e % BK, e // BK
+                        v = ZERO
+                        if col0 + c < n and k0 + kk < k:
+                            v = b[col0 + c, k0 + kk]
+                    else:
+                        c, kk = e % BM, e // BM
+                        v = ZERO
+                        if col0 + c < n and k0 + kk < k:
+                            v = b[k0 + kk, col0 + c]
+                    Bs[kk, c] = v
+                cuda.syncthreads()
+                for kk in range(BK):
+                    for i in range(R):
+                        av = As[kk, ty + i * TS]
+                        for j in range(R):
+                            acc[i, j] += av * Bs[kk, tx + j * TS]
+                cuda.syncthreads()
+            for i in range(R):
+                row = row0 + ty + i * TS
+                if row < m:
+                    for j in range(R):
+                        col = col0 + tx + j * TS
+                        if col < n:
+                            idx = row * n + col
+                            if epi == EPI_FORWARD:
+                                store_forward(acc[i, j], bias[col], act, out, preact,
+                                              has_preact, idx)
+                            elif epi == EPI_DELTA:
+                                store_delta(acc[i, j], act, z, y, out, idx)
+                            else:
+                                out[idx] = acc[i, j]
 
     # ------------------------------------------------------------ losses
 

@@ -7,8 +7,11 @@ outputs and in-place state are copied back, which is convenient for tests but
 slow; a model on this backend allocates its buffers with the array hooks below
 (``empty``, ``zeros``, ``from_host``) and keeps them on the device for the whole
 of ``fit``: only batches go up, and only scalars (the loss, the count of correct
-predictions) come down. Work is queued on the CUDA default stream; the losses
-and ``count_correct`` wait for it, as they return host numbers.
+predictions) come down. Every GEMM, kernel and copy of a call goes on one
+stream: CuPy's current stream when CuPy is in use (its cuBLAS calls take that
+stream, so a caller's non-blocking stream orders the GEMM and the kernels
+around it), else numba's default stream; the losses and ``count_correct``
+wait for it, as they return host numbers.
 
 GEMM is cuBLAS, called through CuPy's bindings with the device pointers (no
 copies, no CuPy arrays), when CuPy and its cuBLAS are installed; otherwise a
@@ -29,6 +32,7 @@ threads, for tests only). Importing this module imports no numba;
 import importlib.util
 import math
 import os
+import sys
 import threading
 import warnings
 
@@ -177,13 +181,14 @@ class _Staging:
     allocates without copying in (an output the kernel overwrites).
     """
 
-    __slots__ = ("host", "back")
+    __slots__ = ("host", "back", "stream")
 
     def __init__(self):
         if _k is None:
             _ready()
         self.host = None
         self.back = None
+        self.stream = _stream()
 
     def __call__(self, a, out=False, fresh=False):
         if _is_device(a):
@@ -195,7 +200,8 @@ class _Staging:
         key = (a.__array_interface__["data"][0], a.shape, a.dtype.str)
         d = self.host.get(key)
         if d is None:
-            d = _cuda.device_array(a.shape, a.dtype) if fresh else _cuda.to_device(a)
+            d = (_cuda.device_array(a.shape, a.dtype) if fresh
+                 else _cuda.to_device(a, stream=self.stream or 0))
             self.host[key] = d
         if out:
             self.back.append((d, a))
@@ -205,7 +211,8 @@ class _Staging:
         """Copy the NumPy outputs back (this waits for the kernels)."""
         if self.back:
             for d, a in self.back:
-                d.copy_to_host(a)
+                d.copy_to_host(a, stream=self.stream or 0)
+            _wait(self.stream)
 
 
 def _flat(d):
@@ -237,7 +244,9 @@ class _Scratch(threading.local):
 
     def read(self):
         """The scalar in ``result`` as a Python float (waits for the kernels)."""
-        self.result.copy_to_host(self.host)
+        stream = _stream()
+        self.result.copy_to_host(self.host, stream=stream or 0)
+        _wait(stream)
         return float(self.host[0])
 
 
@@ -254,23 +263,59 @@ def _blocks(n):
     return max(1, min(-(-n // _k.BLOCK), _max_blocks))
 
 
+_streams = {}   # CUDA stream handle -> numba's object for it
+
+
+def _stream():
+    """The stream of this call: CuPy's current stream when CuPy is imported
+    (the stream its cuBLAS wrappers set on the handle before every GEMM, so
+    that the GEMM and our kernels are ordered on one stream), else None:
+    numba's default stream. Also None for CuPy's null stream, which is the
+    same legacy default stream."""
+    cupy = sys.modules.get("cupy")
+    if cupy is None or _k.SIMULATOR:
+        return None
+    return _stream_of(cupy.cuda.get_current_stream().ptr)
+
+
+def _stream_of(handle):
+    """numba's stream object for the CUDA stream ``handle`` (None for 0)."""
+    if not handle:
+        return None
+    s = _streams.get(handle)
+    if s is None:
+        if len(_streams) > 256:
+            _streams.clear()
+        s = _streams[handle] = _cuda.external_stream(handle)
+    return s
+
+
+def _wait(stream):
+    """Wait for ``stream`` (numba's default stream's copies already waited)."""
+    if stream is not None:
+        stream.synchronize()
+
+
 _launches = {}
 
 
 def _launch(kernel, grid, block):
-    """``kernel[grid, block]``, kept for reuse: a configured launch is built
-    once per shape, and without numba's low-occupancy warning, which small
-    batches trigger by design (a loss's final reduction is one block)."""
+    """``kernel[grid, block, stream]`` on this call's stream (``_stream``),
+    kept for reuse: a configured launch is built once per shape and stream,
+    and without numba's low-occupancy warning, which small batches trigger by
+    design (a loss's final reduction is one block)."""
     if _k.SIMULATOR:   # the simulator's kernels reconfigure themselves in place
         return kernel[grid, block]
-    key = (kernel, grid, block)
+    stream = _stream()
+    key = (kernel, grid, block, stream)
     launch = _launches.get(key)
     if launch is None:
         if len(_launches) > 4096:
             _launches.clear()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Grid size")
-            launch = _launches[key] = kernel[grid, block]
+            launch = _launches[key] = (kernel[grid, block] if stream is None
+                                       else kernel[grid, block, stream])
     return launch
 
 
@@ -359,6 +404,24 @@ def _ptr(d):
     return d.device_ctypes_pointer.value
 
 
+#: CUDA's largest ``gridDim.y``; ``gridDim.x`` goes to 2^31 - 1.
+GRID_Y_MAX = 65535
+
+
+def gemm_grid(m, n, bm):
+    """Blocks of the tiled GEMM for ``C (m, n)`` in ``bm x bm`` tiles: the
+    row tiles on ``x`` (a batch of any size), the column tiles on ``y``, at
+    most ``GRID_Y_MAX`` of them (the kernel strides over the rest). Before,
+    the row tiles were on ``y``: more than 65,535 * 64 = 4,194,240 rows could
+    not launch.
+
+    Returns
+    -------
+    (int, int)
+    """
+    return -(-m // bm), max(1, min(-(-n // bm), GRID_Y_MAX))
+
+
 def _matmul(a, b, c, ta, tb, ks, epi, act=0, bias=None, preact=None, z=None, y=None):
     """``c = op(a) @ op(b)`` then the epilogue ``epi`` (see ``_cuda_kernels``):
     one fused tiled kernel, or cuBLAS followed by the epilogue kernel."""
@@ -369,8 +432,7 @@ def _matmul(a, b, c, ta, tb, ks, epi, act=0, bias=None, preact=None, z=None, y=N
     if _gemm["engine"] is None:
         _resolve_gemm()
     if _gemm["engine"] == "numba":
-        grid = (-(-n // k_.BM), -(-m // k_.BM))
-        _launch(ks.gemm, grid, (k_.TS, k_.TS))(
+        _launch(ks.gemm, gemm_grid(m, n, k_.BM), (k_.TS, k_.TS))(
             a, b, int(ta), int(tb), epi, act, fc if bias is None else bias, fc, fpre,
             int(preact is not None), fc if z is None else _flat(z), fc if y is None else _flat(y))
         return
@@ -956,7 +1018,9 @@ def gather_rows(src, index, out):
         stage = _pinned.get(tuple(out.shape), out.dtype)
         _host_gather(src, host_index, stage)
         dout = out if _is_device(out) else _cuda.as_cuda_array(out)
-        dout.copy_to_device(stage)
+        stream = _stream()   # after the kernels that may still read out; before `stage` is reused
+        dout.copy_to_device(stage, stream=stream or 0)
+        _wait(stream)
         return
     global _kd
     if _kd is None:
@@ -988,7 +1052,10 @@ def zeros(shape, dtype):
     cuda = _ready()
     dtype = np.dtype(dtype)
     if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-        return cuda.to_device(np.zeros(shape, dtype))
+        stream = _stream()
+        a = cuda.to_device(np.zeros(shape, dtype), stream=stream or 0)
+        _wait(stream)
+        return a
     a = cuda.device_array(shape, dtype)
     fa = _flat(a)
     if fa.shape[0]:
@@ -1002,7 +1069,10 @@ def from_host(a):
     if _is_device(a) or (not isinstance(a, np.ndarray)
                          and hasattr(a, "__cuda_array_interface__")):
         return a
-    return cuda.to_device(np.ascontiguousarray(a))
+    stream = _stream()
+    d = cuda.to_device(np.ascontiguousarray(a), stream=stream or 0)
+    _wait(stream)
+    return d
 
 
 def to_host(a):
@@ -1012,7 +1082,10 @@ def to_host(a):
     cuda = _ready()
     if not _is_device(a):
         a = cuda.as_cuda_array(a)
-    return a.copy_to_host()
+    stream = _stream()
+    h = a.copy_to_host(stream=stream or 0)
+    _wait(stream)
+    return h
 
 
 def copy_from_host(dst, src):
@@ -1024,7 +1097,9 @@ def copy_from_host(dst, src):
     cuda = _ready()
     if not _is_device(dst):
         dst = cuda.as_cuda_array(dst)
-    dst.copy_to_device(np.ascontiguousarray(src))
+    stream = _stream()
+    dst.copy_to_device(np.ascontiguousarray(src), stream=stream or 0)
+    _wait(stream)
 
 
 def count_correct(logits, labels):

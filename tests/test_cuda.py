@@ -992,3 +992,134 @@ def test_gather_kernels_compile_for_a_real_gpu(monkeypatch):
                         f64 = [ln for ln in ptx.splitlines()
                                if ".f64" in ln and not ln.strip().startswith("//")]
                         assert not f64, f"{src} -> float32 computes in float64: {f64[:3]}"
+
+
+# ------------------------------------------------------------------ launch shapes and streams (issue 13)
+
+def test_gemm_grid_takes_any_number_of_rows():
+    """The tiled GEMM's row tiles go on ``gridDim.x`` (up to 2^31 - 1), the
+    column tiles on ``y`` (at most 65,535, the kernel strides over the rest):
+    4,194,241 rows (one more than 65,535 tiles of 64 hold) and more launch."""
+    for m, n in ((4_194_241, 10), (10**9, 1), (5, 65_535 * 64 + 1), (1, 1), (64, 64), (65, 129)):
+        gx, gy = C.gemm_grid(m, n, 64)
+        assert 1 <= gx <= 2**31 - 1 and 1 <= gy <= C.GRID_Y_MAX
+        assert gx * 64 >= m > (gx - 1) * 64          # every row tile, once
+        assert gy == min(-(-n // 64), C.GRID_Y_MAX)   # column tiles, strided beyond
+
+
+@needs_cuda
+def test_gemm_launch_for_more_rows_than_grid_y_holds(monkeypatch):
+    """dense_forward of a batch of 4,194,305 rows on the tiled GEMM: the launch
+    it configures fits CUDA's limits (the launch itself is intercepted: the
+    simulator runs each GPU thread as a Python thread)."""
+    if C.gemm_engine() != "numba":
+        pytest.skip("cuBLAS does the GEMM here")
+    launched = []
+
+    def capture(kernel, grid, block):
+        launched.append((kernel, grid, block))
+        return lambda *args: None
+
+    monkeypatch.setattr(C, "_launch", capture)
+    m = 4_194_305
+    x = C.empty((m, 1), np.float32)
+    w, b = dev(np.ones((1, 2), np.float32)), dev(np.zeros(2, np.float32))
+    C.dense_forward(x, w, b, "relu", C.empty((m, 2), np.float32))
+    (kernel, (gx, gy), block), = launched
+    bm = C._k.BM
+    assert gy <= 65_535 and gx <= 2**31 - 1
+    assert gx * bm >= m and gy * bm >= 2
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_strides_over_column_tiles_beyond_grid_y(monkeypatch, dtype):
+    """With ``gridDim.y`` capped at 1, one block row walks every column tile:
+    the three GEMMs still equal the reference."""
+    if C.gemm_engine() != "numba":
+        pytest.skip("cuBLAS does the GEMM here")
+    monkeypatch.setattr(C, "GRID_Y_MAX", 1)
+    rng = np.random.default_rng(16)
+    bm = C._k.BM
+    m, k, n = bm + 3, 5, 2 * bm + 3
+    x, w, b = rand(rng, (m, k), dtype), rand(rng, (k, n), dtype), rand(rng, n, dtype)
+    out = C.empty((m, n), dtype)
+    C.dense_forward(dev(x), dev(w), dev(b), "identity", out)
+    close(out, x @ w + b, dtype, k)
+    dz = rand(rng, (m, n), dtype)
+    dw, db = C.empty((k, n), dtype), C.empty(n, dtype)
+    C.dense_backward(dev(x), dev(dz), dw, db)
+    close(dw, x.T @ dz, dtype, m)
+    delta = C.empty((m, k), dtype)
+    C.backprop_delta(dev(dz), dev(w), None, dev(np.ones((m, k), dtype)), "identity", delta)
+    close(delta, dz @ w.T, dtype, n)
+
+
+class _FakeCupy:
+    """What ``_stream`` reads of CuPy: ``cupy.cuda.get_current_stream().ptr``."""
+
+    def __init__(self, ptr):
+        stream = type("Stream", (), {"ptr": ptr})()
+        self.cuda = type("cuda", (), {"get_current_stream": staticmethod(lambda: stream)})()
+
+
+class _FakeKernel:
+    def __init__(self):
+        self.configs = []
+
+    def __getitem__(self, config):
+        self.configs.append(config)
+        return lambda *args: None
+
+
+@needs_cuda
+def test_kernels_launch_on_cupys_current_stream(monkeypatch):
+    """CuPy's cuBLAS wrappers run the GEMM on CuPy's current stream; every
+    kernel launch (the epilogues after it included) and copy goes on that
+    stream too, so a caller's non-blocking stream cannot see the epilogue
+    read the GEMM's output early. Without CuPy, or on its null stream:
+    numba's default stream (no stream argument)."""
+    monkeypatch.setattr(C._k, "SIMULATOR", False)     # _launch's real path, kernels faked
+    made = []
+    monkeypatch.setattr(C._cuda, "external_stream",
+                        lambda handle: made.append(handle) or ("stream", handle))
+    monkeypatch.setattr(C, "_streams", {})
+    monkeypatch.setattr(C, "_launches", {})
+    kernel = _FakeKernel()
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    assert C._stream() is None
+    C._launch(kernel, 4, 8)
+    monkeypatch.setitem(sys.modules, "cupy", _FakeCupy(0))
+    assert C._stream() is None
+    C._launch(kernel, 4, 8)                           # the same launch: numba's default stream
+    monkeypatch.setitem(sys.modules, "cupy", _FakeCupy(0xBEEF))
+    C._launch(kernel, 4, 8)
+    C._launch(kernel, 4, 8)                           # configured once per stream
+    assert kernel.configs == [(4, 8), (4, 8, ("stream", 0xBEEF))]
+    assert made == [0xBEEF]
+    assert C._Staging().stream == ("stream", 0xBEEF)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_non_blocking_cupy_stream_orders_gemm_and_epilogue():
+    """On a non-blocking CuPy stream, dense_forward through cuBLAS (a GEMM
+    long enough to still run when the epilogue is launched) and backprop_delta
+    equal the reference."""
+    cupy = pytest.importorskip("cupy")
+    if C.gemm_engine() != "cublas":
+        pytest.skip("cuBLAS is not usable here")
+    rng = np.random.default_rng(17)
+    m, k, n = 4096, 4096, 512
+    x, w, b = rand(rng, (m, k), np.float32), rand(rng, (k, n), np.float32), rand(rng, n, np.float32)
+    want = np.empty((m, n), np.float32)
+    R.dense_forward(x, w, b, "relu", want)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        dx, dw, db = cupy.asarray(x), cupy.asarray(w), cupy.asarray(b)
+        out = cupy.empty((m, n), np.float32)
+        for _ in range(3):
+            C.dense_forward(dx, dw, db, "relu", out)
+        got = cupy.asnumpy(out, stream=stream)
+        stream.synchronize()
+    np.testing.assert_allclose(got, want, **tol(np.float32, k))
