@@ -682,9 +682,11 @@ def test_conv_direct_loop_and_im2col_agree(monkeypatch):
             monkeypatch.setattr(nb_conv, "_DIRECT_FWD", True)
 
 
-#: (n, h, w, c, pool, stride): side by side, overlapping, with gaps, rows left over
+#: (n, h, w, c, pool, stride): side by side, overlapping, with gaps, rows left
+#: over; the last pool is larger than _POOL_UNROLL_MAX (the general loop)
 POOL_GEOMETRIES = [(3, 8, 8, 5, (2, 2), None), (2, 9, 7, 3, (3, 2), (1, 1)),
-                   (2, 11, 10, 4, (2, 3), (3, 4)), (4, 7, 9, 6, (3, 3), (2, 2))]
+                   (2, 11, 10, 4, (2, 3), (3, 4)), (4, 7, 9, 6, (3, 3), (2, 2)),
+                   (2, 9, 10, 3, (4, 3), (2, 3))]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
