@@ -32,6 +32,7 @@ The protocol, for a layer ``L`` (see ``Layer`` for the exact signatures):
   the layer below (with its activation derivative applied).
 """
 
+import functools
 import math
 from collections import namedtuple
 
@@ -237,6 +238,53 @@ class Layer:
         return None
 
 
+def _gemm_forward(layer, kernel, bufs, act, extra):
+    """``f(x)`` of a layer with weights and bias (Dense, Conv2D): ``kernel(x, w,
+    b, act, y, z, *extra)``, the contract's ``dense_forward`` / ``conv2d_forward``."""
+    w, b = layer.params
+    y, z = bufs["y"], bufs.get("z")
+    if extra:
+        stride, pads = extra
+
+        def forward_strided(x):
+            kernel(x, w, b, act, y, z, stride, pads)
+            return y
+        return forward_strided
+
+    def forward(x):   # no *extra: a call with * costs a tuple per step
+        kernel(x, w, b, act, y, z)
+        return y
+    return forward
+
+
+def _gemm_backward(layer, backward, backprop, rec, grads, below, extra):
+    """``g(x)`` of a layer with weights and bias: ``backward(x, delta, dw, db,
+    *extra)`` for its gradients, then, when a layer below needs it,
+    ``backprop(delta, w, z, y, act, delta_below, *extra)`` with the activation
+    derivative of the layer below fused in."""
+    dw, db = grads
+    delta = rec.delta
+    if extra:   # stride and padding, bound to the kernels once
+        stride, pads = extra
+        backward = functools.partial(_call_with, backward, stride, pads)
+        backprop = functools.partial(_call_with, backprop, stride, pads)
+    if below is None:
+        def grad(x):
+            backward(x, delta, dw, db)
+        return grad
+    w = layer.params[0]
+    b_act, b_z, b_y, b_delta = below.act, below.z, below.y, below.delta
+
+    def grad_and_delta(x):
+        backward(x, delta, dw, db)
+        backprop(delta, w, b_z, b_y, b_act, b_delta)
+    return grad_and_delta
+
+
+def _call_with(kernel, stride, pads, *args):
+    return kernel(*args, stride, pads)
+
+
 # ---------------------------------------------------------------- Dense
 
 class Dense(Layer):
@@ -330,31 +378,10 @@ class Dense(Layer):
         self.init_params(rng, (w, b))
 
     def forward_fn(self, be, bufs, act, training, ctx):
-        w, b = self.params
-        y, z = bufs["y"], bufs.get("z")
-        kernel = be.dense_forward
-
-        def forward(x):
-            kernel(x, w, b, act, y, z)
-            return y
-        return forward
+        return _gemm_forward(self, be.dense_forward, bufs, act, ())
 
     def backward_fn(self, be, bufs, rec, grads, below, ctx):
-        dw, db = grads
-        delta = rec.delta
-        backward = be.dense_backward
-        if below is None:
-            def grad(x):
-                backward(x, delta, dw, db)
-            return grad
-        w = self.params[0]
-        backprop = be.backprop_delta
-        b_act, b_z, b_y, b_delta = below.act, below.z, below.y, below.delta
-
-        def grad_and_delta(x):
-            backward(x, delta, dw, db)
-            backprop(delta, w, b_z, b_y, b_act, b_delta)
-        return grad_and_delta
+        return _gemm_backward(self, be.dense_backward, be.backprop_delta, rec, grads, below, ())
 
 
 # ---------------------------------------------------------------- Conv2D
@@ -470,33 +497,11 @@ class Conv2D(Layer):
         b[...] = 0
 
     def forward_fn(self, be, bufs, act, training, ctx):
-        w, b = self.params
-        y, z = bufs["y"], bufs.get("z")
-        stride, pads = self.strides, self.pads
-        kernel = be.conv2d_forward
-
-        def forward(x):
-            kernel(x, w, b, act, y, z, stride, pads)
-            return y
-        return forward
+        return _gemm_forward(self, be.conv2d_forward, bufs, act, (self.strides, self.pads))
 
     def backward_fn(self, be, bufs, rec, grads, below, ctx):
-        dw, db = grads
-        delta = rec.delta
-        stride, pads = self.strides, self.pads
-        backward = be.conv2d_backward
-        if below is None:
-            def grad(x):
-                backward(x, delta, dw, db, stride, pads)
-            return grad
-        w = self.params[0]
-        backprop = be.conv2d_backprop
-        b_act, b_z, b_y, b_delta = below.act, below.z, below.y, below.delta
-
-        def grad_and_delta(x):
-            backward(x, delta, dw, db, stride, pads)
-            backprop(delta, w, b_z, b_y, b_act, b_delta, stride, pads)
-        return grad_and_delta
+        return _gemm_backward(self, be.conv2d_backward, be.conv2d_backprop, rec, grads, below,
+                              (self.strides, self.pads))
 
 
 # ---------------------------------------------------------------- pooling

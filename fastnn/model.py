@@ -24,17 +24,14 @@ Design (see DESIGN.md, "The layer protocol" and "Rules the code keeps"):
 
 import json
 import math
-import numbers
 import os
-import sys
-import tempfile
 import time
 import weakref
 import zipfile
 
 import numpy as np
 
-from . import _backend, _batches, _validate
+from . import _backend, _batches, _files, _validate
 from . import distributed as _distributed   # light: mpi4py only once distributed training is asked for
 from . import losses as _losses
 from . import optim as _optim
@@ -637,7 +634,7 @@ class Sequential:
         ins = [None] * n_layers
         fwd_in = list(zip(range(n_layers), fwd))
 
-        def step(xb, yb):
+        def forward_and_loss(xb, yb):
             a = xb
             for i, f in fwd_in:
                 ins[i] = a
@@ -645,6 +642,10 @@ class Sequential:
             loss = loss_kernel(a, yb, top_delta)
             if top_act != "identity":
                 activation_backward(top_act, top_delta, top_z, a, top_delta)
+            return loss
+
+        def step(xb, yb):
+            loss = forward_and_loss(xb, yb)
             for i, g in bwd:
                 g(ins[i])
             if opt_step is not None:
@@ -657,13 +658,7 @@ class Sequential:
         bwd_sync = [(i, g, sync.layer_done.get(i)) for i, g in bwd]
 
         def synced_step(xb, yb):
-            a = xb
-            for i, f in fwd_in:
-                ins[i] = a
-                a = f(a)
-            loss = loss_kernel(a, yb, top_delta)
-            if top_act != "identity":
-                activation_backward(top_act, top_delta, top_z, a, top_delta)
+            loss = forward_and_loss(xb, yb)
             multiply(top_delta, scale, out=top_delta)
             for i, g, done in bwd_sync:
                 g(ins[i])
@@ -1253,22 +1248,7 @@ class Sequential:
         if self.optimizer is not None:
             for k, a in self.optimizer._state_arrays().items():
                 arrays["opt_" + k] = np.array(to_host(a))
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
-                                   suffix=".tmp")
-        try:
-            os.fchmod(fd, 0o666 & ~_umask())
-            with os.fdopen(fd, "wb") as f:
-                _write_npz(f, arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        _files.write_atomic(path, lambda f: _write_npz(f, arrays))
 
     def export_onnx(self, path, opset=17):
         """Write the model as an ONNX file that computes ``predict`` (probabilities
@@ -1333,12 +1313,6 @@ def _check_finite(a, name):
 
 def _input_record():
     return Record("identity", None, None, None)
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _write_npz(fileobj, arrays):

@@ -11,6 +11,7 @@ import pytest
 import fastnn as fn
 from fastnn import _backend
 from conftest import BACKENDS
+from test_model import _finite_difference_check
 
 CPU = ("numpy", "cython", "numba")
 CPU_BACKENDS = [p for p in BACKENDS if p.values[0] in CPU]
@@ -116,23 +117,6 @@ def _fixed_dropout_seed(model, seed=12345):
     model._seeds = lambda: (lambda: seed)
 
 
-def _model_gradient_check(model, x, y, h=1e-6, rtol=1e-5, atol=1e-8):
-    analytic_loss = model._loss_and_grad(x, y)
-    analytic = np.array(model.grads)
-    p = model.params
-    numeric = np.empty_like(analytic)
-    for i in range(p.size):
-        old = p[i]
-        p[i] = old + h
-        up = model._loss_and_grad(x, y)
-        p[i] = old - h
-        down = model._loss_and_grad(x, y)
-        p[i] = old
-        numeric[i] = (up - down) / (2 * h)
-    assert np.isfinite(analytic_loss)
-    np.testing.assert_allclose(analytic, numeric, rtol=rtol, atol=atol)
-
-
 SMALL_CONVNETS = {
     "keras-like": lambda: [fn.Conv2D(3, 3, activation="relu", padding="same"),
                            fn.MaxPool2D(2), fn.Conv2D(4, 2, activation="tanh"),
@@ -160,7 +144,7 @@ def test_convnet_gradient_finite_differences(backend, net):
                               seed=1)
         model.compile(loss, fn.SGD(0.1))
         _fixed_dropout_seed(model)
-        _model_gradient_check(model, x, y)
+        _finite_difference_check(model, x, y)
 
 
 @pytest.mark.parametrize("loss,top,y", [
@@ -172,7 +156,7 @@ def test_convnet_gradient_other_losses(loss, top, y):
     model = fn.Sequential([fn.Conv2D(2, 3, "softplus"), fn.Flatten(), top],
                           input_shape=(7, 7, 2), dtype="float64", seed=2)
     model.compile(loss, "sgd")
-    _model_gradient_check(model, x, y)
+    _finite_difference_check(model, x, y)
 
 
 # ---------------------------------------------------------------- training
