@@ -370,7 +370,47 @@ def _conv(kernel, variant, dims, dtype):
         if kernel == "conv2d_backward":
             return x, dz, np.empty_like(wt), np.empty(o, dtype), one, zero
         return dz, wt, None, np.maximum(x, 0), variant, np.empty_like(x), one, zero
-    return Case(kernel, variant, "x".join(map(str, dims)), dtype, make, None, dims)
+    probe_kind = "gemm" if kernel.startswith("conv2d") else None
+    return Case(kernel, variant, "x".join(map(str, dims)), dtype, make, probe_kind, dims)
+
+
+def conv_gemm_shapes(kernel, dims):
+    """The GEMM inside a convolution kernel in its im2col form (stride 1, no
+    padding), ``dims`` as in CONV_SHAPES: ``(a shape, b shape, c shape,
+    trans_a, trans_b)`` of ``c = op(a) @ op(b)`` with ``M = n*p*q`` rows of
+    columns, ``K = kh*kw*c`` and ``N = o`` filters:
+
+    * ``conv2d_forward``: columns ``(M, K)`` @ ``w (K, N)`` -> ``(M, N)``;
+    * ``conv2d_backward``: columns.T ``(K, M)`` @ ``dz (M, N)`` -> ``dw (K, N)``;
+    * ``conv2d_backprop``: ``dz (M, N)`` @ ``w.T (N, K)`` -> ``(M, K)``.
+    """
+    n, h, w, c, o, k = dims
+    m, kk = n * (h - k + 1) * (w - k + 1), k * k * c
+    if kernel == "conv2d_forward":
+        return (m, kk), (kk, o), (m, o), False, False
+    if kernel == "conv2d_backward":
+        return (m, kk), (m, o), (kk, o), True, False
+    if kernel == "conv2d_backprop":
+        return (m, o), (kk, o), (m, kk), False, True
+    raise ValueError(f"{kernel} has no GEMM")
+
+
+def np_gemm(a, b, c, trans_a=False, trans_b=False):
+    """``c = op(a) @ op(b)`` by NumPy's BLAS (``np.matmul(out=)``, transposed
+    views, no copies): the signature of ``_cy_dense._gemm``."""
+    np.matmul(a.T if trans_a else a, b.T if trans_b else b, out=c)
+
+
+def conv_gemm_fn(kernel, dims, dtype, gemm=np_gemm, seed=SEED):
+    """A zero-argument callable: the GEMM alone of a convolution kernel
+    (``conv_gemm_shapes``) on arrays that exist already (no im2col, no
+    epilogue), through ``gemm`` (default NumPy's BLAS; the goals pass the
+    cython backend's own, ``_cy_dense._gemm``)."""
+    a_shape, b_shape, c_shape, ta, tb = conv_gemm_shapes(kernel, dims)
+    rng = np.random.default_rng(seed)
+    a, b = _rand(rng, a_shape, dtype), _rand(rng, b_shape, dtype, 0.1)
+    c = np.empty(c_shape, dtype)
+    return functools.partial(gemm, a, b, c, ta, tb)
 
 
 def _conv_cases(dtype):
@@ -451,6 +491,17 @@ def quick_cases():
               _loss("softmax_cross_entropy", (1024, 1000), d),
               _loss("softmax", (1024, 1000), d)]
     cases += [_optimizer(k, 10_000_000, d) for k in ("adam_step", "sgd_step", "rmsprop_step")]
+    # Keras' convnet at batch 128 (conv1 is also seed 003's convolution)
+    conv1, conv2 = CONV_SHAPES
+    cases += [_conv("conv2d_forward", "relu", conv1, d), _conv("conv2d_backward", "", conv1, d),
+              _conv("conv2d_forward", "relu", conv2, d), _conv("conv2d_backward", "", conv2, d),
+              _conv("conv2d_backprop", "relu", conv2, d)]
+    for dims in POOL_SHAPES:
+        cases += [_conv("maxpool2d_forward", "", dims, d),
+                  _conv("maxpool2d_backward", "relu", dims, d)]
+    cases += [_conv("dropout_forward", "", DROPOUT_SHAPES[0], d),
+              _conv("dropout_backward", "", DROPOUT_SHAPES[0], d)]
+    cases.append(_gather("uint8", GATHER_SHAPES[0], d))
     return cases
 
 
@@ -578,12 +629,15 @@ def probe(case, seed=SEED):
 
     gemm: ``np.matmul`` into a preallocated output, of the GEMM inside the kernel
     (``x @ w`` for dense_forward, ``dy @ w.T`` for backprop_delta, ``x.T @ dz``
-    and ``dz.sum(0)`` for dense_backward). floor: the streaming kernel over the
+    and ``dz.sum(0)`` for dense_backward; the im2col GEMM of a convolution,
+    ``conv_gemm_shapes``, on columns that exist already). floor: the streaming kernel over the
     optimizer's arrays (Adam 4 reads + 3 writes, SGD-momentum and RMSprop 3 + 2),
     on ``fastnn.get_num_threads()`` threads.
     """
     rng = np.random.default_rng(seed)
     dtype = np.dtype(case.dtype)
+    if case.probe == "gemm" and case.kernel.startswith("conv2d"):
+        return conv_gemm_fn(case.kernel, case.dims, dtype, seed=seed)
     if case.probe == "gemm":
         bsz, din, dout = case.dims
         if case.kernel == "dense_forward":
@@ -795,21 +849,204 @@ def sequential_available():
     return True, ""
 
 
-def sequential_epoch_fn(backend, x, y, batch, layers=TRAIN_LAYERS, seed=SEED):
+def sequential_epoch_fn(backend, x, y, batch, layers=TRAIN_LAYERS, seed=SEED, network="mlp"):
     """A zero-argument callable: one ``fit`` epoch of a ``fastnn.Sequential``
-    784-256-128-10 ReLU MLP with Adam on ``backend`` (no shuffle, silent)."""
+    with Adam on ``backend`` (no shuffle, silent): the 784-256-128-10 ReLU MLP
+    (``layers``), or ``network`` ``"convnet"`` / ``"cnn"`` (``fastnn_network``)."""
     ok, why = sequential_available()
     if not ok:
         raise RuntimeError(why)
     with fastnn.use_backend(backend):
-        model = fastnn.Sequential(
-            [fastnn.Dense(u, "relu") for u in layers[1:-1]] + [fastnn.Dense(layers[-1])],
-            input_dim=layers[0], dtype=str(x.dtype), seed=seed)
-        model.compile(loss="softmax_cross_entropy", optimizer=fastnn.Adam(lr=1e-3))
+        if network == "mlp":
+            model = fastnn.Sequential(
+                [fastnn.Dense(u, "relu") for u in layers[1:-1]] + [fastnn.Dense(layers[-1])],
+                input_dim=layers[0], dtype=str(x.dtype), seed=seed)
+            model.compile(loss="softmax_cross_entropy", optimizer=fastnn.Adam(lr=1e-3))
+        else:
+            model = fastnn_network(network, str(x.dtype), seed)
 
     def epoch():
         with fastnn.use_backend(backend):
             model.fit(x, y, epochs=1, batch_size=batch, shuffle=False, verbose=0)
+    return epoch
+
+
+# ----------------------------------------------------------------------- convnets
+
+#: The networks of the training table: the MNIST MLP, Keras' "simple MNIST
+#: convnet" and seed 003's network (``python -m fastnn train --model convnet``
+#: and ``--model cnn``).
+NETWORKS = {
+    "mlp": "784-256-128-10 ReLU MLP",
+    "convnet": "Keras' convnet: Conv2D(32, 3, relu), MaxPool2D(2), Conv2D(64, 3, relu), "
+               "MaxPool2D(2), Flatten, Dropout(0.5), Dense(10)",
+    "cnn": "seed 003's network: Conv2D(32, 3, relu), Flatten, Dense(10)",
+}
+#: Short names of the networks, for chart labels and goal lines.
+NETWORK_SHORT = {"mlp": "MLP", "convnet": "Keras' convnet", "cnn": "seed 003 CNN"}
+CONV_NETWORKS = ("convnet", "cnn")
+#: MNIST's images, channels-last.
+IMAGE_SHAPE = (28, 28, 1)
+
+
+def _image_data(n, dtype="float32", seed=SEED):
+    """``(x, y)``: ``n`` random images ``(n, 28, 28, 1)`` in [0, 1) and labels 0..9."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((n,) + IMAGE_SHAPE, dtype=np.float32).astype(dtype, copy=False)
+    return x, rng.integers(0, 10, n).astype(np.int64)
+
+
+def network_data(network, n, dtype="float32"):
+    """Generated training data of ``network``'s input shape: ``(x, y)``."""
+    return _training_data(n, dtype) if network == "mlp" else _image_data(n, dtype)
+
+
+def fastnn_network(network, dtype="float32", seed=SEED):
+    """A compiled ``fastnn.Sequential`` of ``"convnet"`` (Keras' simple MNIST
+    convnet) or ``"cnn"`` (seed 003's), written as Keras writes them, with
+    Adam (lr 1e-3) and sparse categorical cross-entropy (the softmax fused
+    with the loss)."""
+    layers = [fastnn.Conv2D(32, (3, 3), activation="relu", input_shape=IMAGE_SHAPE)]
+    if network == "convnet":
+        layers += [fastnn.MaxPool2D(2), fastnn.Conv2D(64, (3, 3), activation="relu"),
+                   fastnn.MaxPool2D(2), fastnn.Flatten(), fastnn.Dropout(0.5)]
+    elif network == "cnn":
+        layers.append(fastnn.Flatten())
+    else:
+        raise ValueError(f"network must be one of {CONV_NETWORKS}, got {network!r}")
+    layers.append(fastnn.Dense(10, activation="softmax"))
+    model = fastnn.Sequential(layers, dtype=dtype, seed=seed)
+    model.compile(optimizer=fastnn.Adam(lr=1e-3), loss="sparse_categorical_crossentropy")
+    return model
+
+
+def _conv_param_shapes(network):
+    if network == "convnet":
+        return [(3, 3, 1, 32), (32,), (3, 3, 32, 64), (64,), (1600, 10), (10,)]
+    if network == "cnn":
+        return [(3, 3, 1, 32), (32,), (26 * 26 * 32, 10), (10,)]
+    raise ValueError(f"network must be one of {CONV_NETWORKS}, got {network!r}")
+
+
+class KernelConvNet:
+    """Keras' convnet (``"convnet"``) or seed 003's network (``"cnn"``) trained
+    with Adam by calling a backend's contract kernels directly, as ``KernelMLP``
+    does for the MLP: NHWC, one flat parameter buffer and one flat gradient
+    buffer, every buffer allocated once, relu fused into the convolutions,
+    relu's derivative into the pooling's backward pass, a new dropout seed each
+    step, one ``adam_step`` a step.
+
+    On the ``numpy`` backend this is the NumPy implementation the convnet goals
+    compare with (the reference kernels: im2col + one GEMM per convolution,
+    NHWC, ``out=`` everywhere).
+    """
+
+    def __init__(self, backend, batch, network="convnet", dtype="float32", seed=SEED, lr=1e-3):
+        be = self.be = _backend.load(backend)
+        self.sync = _sync_for(backend)
+        self.network, self.batch, self.lr, self.t = network, batch, lr, 0
+        shapes = _conv_param_shapes(network)
+        sizes = [math.prod(s) for s in shapes]
+        rng = np.random.default_rng(seed)
+        host = np.zeros(sum(sizes), dtype)
+        off = 0
+        for shape, size in zip(shapes, sizes):
+            if len(shape) > 1:   # He initialisation of the kernels; biases zero
+                host[off:off + size] = rng.standard_normal(size) * math.sqrt(
+                    2 / math.prod(shape[:-1]))
+            off += size
+        self.p = be.from_host(host)
+        self.g, self.m, self.v = (be.zeros(host.size, dtype) for _ in range(3))
+
+        def views(flat):
+            out, at = [], 0
+            for shape, size in zip(shapes, sizes):
+                out.append(flat[at:at + size].reshape(shape))
+                at += size
+            return out
+        self.w, self.dw = views(self.p), views(self.g)
+        B = batch
+
+        def e(*shape):
+            return be.empty(shape, dtype)
+        self.a1, self.d_a1 = e(B, 26, 26, 32), e(B, 26, 26, 32)
+        if network == "convnet":
+            self.p1, self.i1 = e(B, 13, 13, 32), be.zeros((B, 13, 13, 32), np.int32)
+            self.a2, self.d_a2 = e(B, 11, 11, 64), e(B, 11, 11, 64)
+            self.p2, self.i2 = e(B, 5, 5, 64), be.zeros((B, 5, 5, 64), np.int32)
+            self.d_p1 = e(B, 13, 13, 32)
+            self.drop, self.d_drop = e(B, 1600), e(B, 1600)
+        self.logits, self.d_logits = e(B, 10), e(B, 10)
+
+    def step(self, x, y):
+        """One forward, backward and Adam step on a batch ``x (batch, 28, 28, 1)``."""
+        be, w, dw = self.be, self.w, self.dw
+        one, zero, pool = (1, 1), (0, 0, 0, 0), (2, 2)
+        self.t += 1
+        be.conv2d_forward(x, w[0], w[1], "relu", self.a1, None, one, zero)
+        if self.network == "convnet":
+            seed = 0x5EED + self.t
+            be.maxpool2d_forward(self.a1, self.p1, self.i1, pool, None)
+            be.conv2d_forward(self.p1, w[2], w[3], "relu", self.a2, None, one, zero)
+            be.maxpool2d_forward(self.a2, self.p2, self.i2, pool, None)
+            be.dropout_forward(self.p2.reshape(self.batch, 1600), 0.5, seed, self.drop)
+            be.dense_forward(self.drop, w[4], w[5], "identity", self.logits)
+            loss = be.softmax_cross_entropy(self.logits, y, self.d_logits)
+            be.dense_backward(self.drop, self.d_logits, dw[4], dw[5])
+            be.backprop_delta(self.d_logits, w[4], None, self.drop, "identity", self.d_drop)
+            be.dropout_backward(self.d_drop, 0.5, seed, self.d_drop)
+            be.maxpool2d_backward(self.d_drop.reshape(self.p2.shape), self.i2, None, self.a2,
+                                  "relu", self.d_a2, pool, None)
+            be.conv2d_backward(self.p1, self.d_a2, dw[2], dw[3], one, zero)
+            be.conv2d_backprop(self.d_a2, w[2], None, self.p1, "identity", self.d_p1, one, zero)
+            be.maxpool2d_backward(self.d_p1, self.i1, None, self.a1, "relu", self.d_a1, pool,
+                                  None)
+        else:
+            flat = self.a1.reshape(self.batch, -1)
+            be.dense_forward(flat, w[2], w[3], "identity", self.logits)
+            loss = be.softmax_cross_entropy(self.logits, y, self.d_logits)
+            be.dense_backward(flat, self.d_logits, dw[2], dw[3])
+            be.backprop_delta(self.d_logits, w[2], None, flat, "relu",
+                              self.d_a1.reshape(self.batch, -1))
+        be.conv2d_backward(x, self.d_a1, dw[0], dw[1], one, zero)
+        be.adam_step(self.p, self.g, self.m, self.v, self.t, self.lr, 0.9, 0.999, 1e-8,
+                     0.0, False, 0.0, None)
+        return loss
+
+    epoch_fn = KernelMLP.epoch_fn
+
+
+def conv_gemm_ceiling_fn(network, x, batch, seed=SEED):
+    """One epoch of only the GEMMs of a convnet's training step in their im2col
+    form (``conv_gemm_shapes``: forward, weight gradient and, above the first
+    convolution, the delta's; the dense layer's three), on columns that exist
+    already, by NumPy's BLAS: no im2col, pooling, dropout or epilogue. The
+    ceiling of an im2col implementation's samples/s."""
+    dtype = x.dtype
+    rng = np.random.default_rng(seed)
+    convs = [(batch, 28, 28, 1, 32, 3)]
+    dense = (batch, 26 * 26 * 32, 10)
+    if network == "convnet":
+        convs.append((batch, 13, 13, 32, 64, 3))
+        dense = (batch, 1600, 10)
+    calls = []
+    for i, dims in enumerate(convs):
+        for kernel in ("conv2d_forward", "conv2d_backward") + (("conv2d_backprop",) if i else ()):
+            a_shape, b_shape, c_shape, ta, tb = conv_gemm_shapes(kernel, dims)
+            calls.append((_rand(rng, a_shape, dtype), _rand(rng, b_shape, dtype, 0.1),
+                          np.empty(c_shape, dtype), ta, tb))
+    b, i, o = dense
+    for a_shape, b_shape, c_shape, ta, tb in (((b, i), (i, o), (b, o), False, False),
+                                              ((b, i), (b, o), (i, o), True, False),
+                                              ((b, o), (i, o), (b, i), False, True)):
+        calls.append((_rand(rng, a_shape, dtype), _rand(rng, b_shape, dtype, 0.1),
+                      np.empty(c_shape, dtype), ta, tb))
+    steps = range(x.shape[0] // batch)
+
+    def epoch():
+        for _ in steps:
+            for a, bb, c, ta, tb in calls:
+                np_gemm(a, bb, c, ta, tb)
     return epoch
 
 
@@ -847,17 +1084,27 @@ if device == "cuda" and not torch.cuda.is_available():
     sys.exit(3)
 sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 layers = cfg["layers"]
+network = cfg.get("network", "mlp")
 g = torch.Generator().manual_seed(cfg["seed"])
-x = torch.rand(cfg["n"], layers[0], generator=g, dtype=dtype).to(device)
+shape = (layers[0],) if network == "mlp" else (1, 28, 28)    # NCHW images
+x = torch.rand(cfg["n"], *shape, generator=g, dtype=dtype).to(device)
 y = torch.randint(0, layers[-1], (cfg["n"],), generator=g).to(device)
 out = {"version": torch.__version__, "threads": torch.get_num_threads(), "device": device,
-       "epoch_s": {}}
+       "network": network, "epoch_s": {}}
+nn = torch.nn
 for batch in cfg["batches"]:
-    mods = []
-    for i, o in zip(layers[:-2], layers[1:-1]):
-        mods += [torch.nn.Linear(i, o), torch.nn.ReLU()]
-    mods.append(torch.nn.Linear(layers[-2], layers[-1]))
-    model = torch.nn.Sequential(*mods).to(device=device, dtype=dtype)
+    if network == "convnet":    # Keras' convnet
+        mods = [nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3), nn.ReLU(),
+                nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.5), nn.Linear(1600, 10)]
+    elif network == "cnn":      # seed 003's network
+        mods = [nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Flatten(), nn.Linear(26 * 26 * 32, 10)]
+    else:
+        mods = []
+        for i, o in zip(layers[:-2], layers[1:-1]):
+            mods += [nn.Linear(i, o), nn.ReLU()]
+        mods.append(nn.Linear(layers[-2], layers[-1]))
+    model = nn.Sequential(*mods).to(device=device, dtype=dtype)
+    model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     loss_fn = torch.nn.CrossEntropyLoss()
     batches = [(x[s:s + batch], y[s:s + batch]) for s in range(0, cfg["n"] - batch + 1, batch)]
@@ -879,6 +1126,16 @@ print("RESULT " + json.dumps(out))
 """
 
 
+def peer_env():
+    """The environment of a peer's process (PyTorch): this one's, without the
+    ``GOMP_SPINCOUNT=1000`` that ``import fastnn`` puts there when it is unset
+    (it would shorten the spinning of PyTorch's OpenMP threads too)."""
+    env = dict(os.environ)
+    if env.get("GOMP_SPINCOUNT") == "1000":
+        del env["GOMP_SPINCOUNT"]
+    return env
+
+
 def torch_available():
     """``(True, version)`` when torch is installed, else ``(False, why)`` (not imported)."""
     if importlib.util.find_spec("torch") is None:
@@ -894,9 +1151,13 @@ def sklearn_available():
 
 
 def torch_epochs(batches, n, repeats, dtype="float32", threads=None, layers=TRAIN_LAYERS,
-                 timeout=600, device="cpu"):
+                 timeout=600, device="cpu", network="mlp"):
     """Per-epoch seconds of PyTorch (``Adam(fused=True)``) in its own process, on
-    the CPU or (``device="cuda"``) the GPU.
+    the CPU or (``device="cuda"``) the GPU: the MLP of ``layers``, or
+    ``network`` ``"convnet"`` / ``"cnn"`` with the same layers as
+    ``fastnn_network`` in NCHW (PyTorch's native layout; its default
+    ``nn.Conv2d``, ``nn.MaxPool2d``, ``nn.Dropout``), on ``threads`` threads
+    (default: fastnn's), full batches of generated data in order.
 
     Returns
     -------
@@ -910,9 +1171,9 @@ def torch_epochs(batches, n, repeats, dtype="float32", threads=None, layers=TRAI
     """
     cfg = {"batches": list(batches), "n": n, "repeats": repeats, "dtype": dtype,
            "threads": threads or fastnn.get_num_threads(), "layers": list(layers), "seed": SEED,
-           "device": device}
+           "device": device, "network": network}
     proc = subprocess.run([sys.executable, "-c", TORCH_SCRIPT, json.dumps(cfg)],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=peer_env())
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             res = json.loads(line[7:])
@@ -924,7 +1185,9 @@ def torch_epochs(batches, n, repeats, dtype="float32", threads=None, layers=TRAI
 
 @dataclass
 class TrainResult:
-    """One row of the training table: ``samples_per_s`` of one epoch (median)."""
+    """One row of the training table: ``samples_per_s`` of one epoch (median)
+    of ``network`` (a key of ``NETWORKS``); the ratios are against the rows of
+    the same network and batch."""
 
     batch: int
     contender: str      # "numpy (plain)", "fastnn[cython]", "kernel step[numba]", "pytorch", ...
@@ -934,68 +1197,115 @@ class TrainResult:
     vs_torch: float = None
     of_ceiling: float = None
     note: str = ""
+    network: str = "mlp"
+    vs_kernels: float = None    # fastnn[b] over kernel step[b]: what the model keeps
 
 
 def run_training(backends, batches=TRAIN_BATCHES, n=4096, repeats=5, dtype="float32",
-                 peers=True, kernel_steps=True, progress=None):
-    """Samples/s of one epoch on the MNIST-shaped MLP for every contender.
+                 peers=True, kernel_steps=True, progress=None, networks=("mlp",), conv_n=None):
+    """Samples/s of one epoch of each network for every contender.
 
     In this process, interleaved: the plain NumPy implementation (``KernelMLP``
-    on the reference kernels), ``fastnn.Sequential`` on each backend, the
-    backends' kernels called directly (``KernelMLP``, what the model costs on
-    top shows against it), scikit-learn's ``MLPClassifier.partial_fit`` and a
-    GEMMs-only loop (the ceiling). PyTorch runs in its own process.
+    or ``KernelConvNet`` on the reference kernels), ``fastnn.Sequential`` on
+    each backend, the backends' kernels called directly (``KernelMLP`` /
+    ``KernelConvNet``, what the model costs on top shows against it), a
+    GEMMs-only loop (the ceiling; the convnets': their im2col GEMMs) and, for
+    the MLP, scikit-learn's ``MLPClassifier.partial_fit``. PyTorch runs in its
+    own process (the convnets in NCHW).
+
+    Parameters
+    ----------
+    networks : tuple of str
+        Keys of ``NETWORKS``: ``"mlp"``, ``"convnet"``, ``"cnn"``.
+    n, conv_n : int
+        Samples per epoch of the MLP and of the convnets (default ``n``; the
+        convnets on the NumPy reference run about 1,000 samples/s).
 
     Returns
     -------
     (list of TrainResult, list of str)
         The rows and the messages of skipped contenders.
     """
-    x, y = _training_data(n, dtype)
     skipped = []
     rows = []
     seq_ok, seq_why = sequential_available()
     if not seq_ok:
         skipped.append(f"fastnn.Sequential: {seq_why}; skipped")
     sk_ok, sk_why = sklearn_available() if peers else (False, "peers not requested")
-    if peers and not sk_ok:
+    if peers and not sk_ok and "mlp" in networks:
         skipped.append(f"scikit-learn: {sk_why}; skipped")
     th_ok, th_why = torch_available() if peers else (False, "")
     if peers and not th_ok:
         skipped.append(f"PyTorch: {th_why}; skipped")
+    for network in networks:
+        size = n if network == "mlp" or conv_n is None else conv_n
+        rows += _train_network(network, backends, batches, size, repeats, dtype, seq_ok,
+                               sk_ok and network == "mlp", th_ok, kernel_steps, skipped,
+                               progress)
+    by = {(r.network, r.batch, r.contender): r for r in rows}
+    for r in rows:
+        key = (r.network, r.batch)
+        base, tor = by.get(key + ("numpy (plain)",)), by.get(key + ("pytorch",))
+        ceil = by.get(key + ("GEMMs only",))
+        r.vs_numpy = r.samples_per_s / base.samples_per_s if base else None
+        r.vs_torch = r.samples_per_s / tor.samples_per_s if tor else None
+        r.of_ceiling = r.samples_per_s / ceil.samples_per_s if ceil else None
+        if r.contender.startswith("fastnn["):
+            k = by.get(key + (f"kernel step[{r.backend}]",))
+            r.vs_kernels = r.samples_per_s / k.samples_per_s if k else None
+    return rows, skipped
+
+
+def _train_network(network, backends, batches, n, repeats, dtype, seq_ok, sk_ok, th_ok,
+                   kernel_steps, skipped, progress):
+    """The rows of ``run_training`` for one network."""
+    label = "" if network == "mlp" else f"{NETWORK_SHORT[network]} "
+    x, y = network_data(network, n, dtype)
+    kernel_net = KernelMLP if network == "mlp" else functools.partial(KernelConvNet,
+                                                                     network=network)
     torch_res = None
     if th_ok:
         try:
-            torch_res = torch_epochs(batches, n, repeats, dtype)
+            torch_res = torch_epochs(batches, n, repeats, dtype, network=network)
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
-            skipped.append(f"PyTorch: {exc}")
+            skipped.append(f"PyTorch {label}: {exc}")
         if progress:
             progress()
+    rows = []
     for batch in batches:
+        if batch > n:
+            skipped.append(f"{label}batch {batch}: more than the {n} samples; skipped")
+            continue
         fns, meta = {}, {}
-        fns["numpy (plain)"] = KernelMLP("numpy", batch, dtype).epoch_fn(x, y)
+        fns["numpy (plain)"] = kernel_net("numpy", batch, dtype=dtype).epoch_fn(x, y)
         meta["numpy (plain)"] = "numpy"
         for b in backends:
             if seq_ok:
                 try:
-                    fns[f"fastnn[{b}]"] = sequential_epoch_fn(b, x, y, batch)
+                    fns[f"fastnn[{b}]"] = sequential_epoch_fn(b, x, y, batch, network=network)
                     meta[f"fastnn[{b}]"] = b
                 except Exception as exc:  # a model still being written: report, go on
-                    skipped.append(f"fastnn[{b}] batch {batch}: {type(exc).__name__}: {exc}")
+                    skipped.append(f"{label}fastnn[{b}] batch {batch}: "
+                                   f"{type(exc).__name__}: {exc}")
             if kernel_steps and b != "numpy":
-                fns[f"kernel step[{b}]"] = KernelMLP(b, batch, dtype).epoch_fn(x, y)
-                meta[f"kernel step[{b}]"] = b
+                try:
+                    fns[f"kernel step[{b}]"] = kernel_net(b, batch, dtype=dtype).epoch_fn(x, y)
+                    meta[f"kernel step[{b}]"] = b
+                except Exception as exc:
+                    skipped.append(f"{label}kernel step[{b}] batch {batch}: "
+                                   f"{type(exc).__name__}: {exc}")
         if sk_ok:
             fns["scikit-learn"] = sklearn_epoch_fn(x, y, batch)
             meta["scikit-learn"] = "sklearn"
-        fns["GEMMs only"] = gemm_ceiling_fn(x, batch)
+        fns["GEMMs only"] = (gemm_ceiling_fn(x, batch) if network == "mlp"
+                             else conv_gemm_ceiling_fn(network, x, batch))
         meta["GEMMs only"] = "gemm"
         # a contender whose first epoch raises is reported and dropped
         for name in list(fns):
             try:
                 fns[name]()
             except Exception as exc:
-                skipped.append(f"{name} batch {batch}: {type(exc).__name__}: {exc}")
+                skipped.append(f"{label}{name} batch {batch}: {type(exc).__name__}: {exc}")
                 del fns[name]
         times = measure(fns, repeats=repeats, min_time=0.0, max_time=60.0, warmup=0)
         if torch_res is not None:
@@ -1003,23 +1313,288 @@ def run_training(backends, batches=TRAIN_BATCHES, n=4096, repeats=5, dtype="floa
             meta["pytorch"] = "pytorch"
         steps = n // batch
         for name, t in times.items():
-            rows.append(TrainResult(batch, name, meta[name], steps * batch / t))
+            note = ""
+            if name == "pytorch":
+                note = (f"torch {torch_res['version']}, {torch_res['threads']} threads, "
+                        f"own process" + ("" if network == "mlp" else ", NCHW"))
+            rows.append(TrainResult(batch, name, meta[name], steps * batch / t, note=note,
+                                    network=network))
         if progress:
             progress()
-    by = {(r.batch, r.contender): r for r in rows}
-    for r in rows:
-        base = by.get((r.batch, "numpy (plain)"))
-        tor = by.get((r.batch, "pytorch"))
-        ceil = by.get((r.batch, "GEMMs only"))
-        r.vs_numpy = r.samples_per_s / base.samples_per_s if base else None
-        r.vs_torch = r.samples_per_s / tor.samples_per_s if tor else None
-        r.of_ceiling = r.samples_per_s / ceil.samples_per_s if ceil else None
-    if torch_res is not None:
-        for r in rows:
-            if r.contender == "pytorch":
-                r.note = (f"torch {torch_res['version']}, {torch_res['threads']} threads, "
-                          f"own process")
-    return rows, skipped
+    return rows
+
+
+# ======================================================================= data at scale
+
+#: Run by ``python -c`` in a fresh process: one training epoch of the MLP over a
+#: data set, by fastnn (``fit``) or PyTorch (a ``DataLoader`` over a
+#: ``TensorDataset``), with the resident size at each stage (Linux: the peak is
+#: reset between stages through ``/proc/self/clear_refs``) and, when asked,
+#: ``tracemalloc``'s peaks. Prints ``RESULT {json}``.
+FIT_PROCESS_SCRIPT = r"""
+def _status():
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                    out[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+stages = {"start": _status()}       # the interpreter, before any import
+import json, math, sys, time
+cfg = json.loads(sys.argv[1])
+
+
+def reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+import numpy as np
+torch = None
+if cfg["framework"] == "torch":
+    import torch
+    torch.manual_seed(cfg["seed"])
+    torch.set_num_threads(cfg["threads"])
+else:
+    import fastnn
+    fastnn.set_num_threads(cfg["threads"])
+    if cfg.get("backend"):
+        fastnn.set_backend(cfg["backend"])
+stages["imports"] = _status()
+n, features, dtype = cfg["n"], cfg["features"], np.dtype(cfg["dtype"])
+kind = cfg["data"]
+if kind == "generated":   # in chunks: no temporary of the whole set
+    rng = np.random.default_rng(cfg["seed"])
+    x = np.empty((n, features), dtype)
+    for s in range(0, n, 8192):
+        x[s:s + 8192] = rng.random((min(8192, n - s), features), dtype=np.float32)
+    y = rng.integers(0, 10, n).astype(np.int64)
+else:
+    x = np.load(cfg["path"], mmap_mode="r" if kind == "memmap" else None)
+    y = np.load(cfg["ypath"]).astype(np.int64)
+    n = x.shape[0]
+stages["data"] = _status()
+resets = reset_peak()
+traced = {}
+if cfg.get("tracemalloc"):
+    import tracemalloc
+    tracemalloc.start()
+batch = cfg["batch"]
+shuffle = cfg["shuffle"]
+layers = (features, 256, 128, 10)
+if torch is None:
+    model = fastnn.Sequential([fastnn.Dense(256, "relu"), fastnn.Dense(128, "relu"),
+                               fastnn.Dense(10)], input_dim=features, dtype=str(dtype),
+                              seed=cfg["seed"])
+    model.compile(loss="softmax_cross_entropy", optimizer=fastnn.Adam(lr=1e-3))
+
+    def train(xs, ys, shuffle):
+        return model.fit(xs, ys, epochs=cfg["epochs"], batch_size=batch, shuffle=shuffle,
+                         verbose=0)
+else:
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(features, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
+                          nn.Linear(128, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def train(xs, ys, shuffle):
+        data = torch.utils.data.TensorDataset(torch.from_numpy(xs), torch.from_numpy(ys))
+        loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=bool(shuffle))
+        for _ in range(cfg["epochs"]):
+            for xb, yb in loader:
+                opt.zero_grad(set_to_none=True)
+                loss_fn(model(xb), yb).backward()
+                opt.step()
+if cfg.get("warmup"):    # the model's own buffers and state exist before the peak is reset
+    train(x[:2 * batch], y[:2 * batch], False)
+if cfg.get("tracemalloc"):
+    traced["model"] = tracemalloc.get_traced_memory()[1]
+    tracemalloc.reset_peak()
+    traced["before"] = tracemalloc.get_traced_memory()[0]
+stages["ready"] = _status()
+reset_peak()
+t0 = time.perf_counter()
+history = train(x, y, shuffle)
+wall = time.perf_counter() - t0
+if cfg.get("tracemalloc"):
+    traced["peak"] = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+stages["end"] = _status()
+import resource
+res = {"framework": cfg["framework"], "n": int(n), "epochs": cfg["epochs"], "wall_s": wall,
+       "samples_per_s": n * cfg["epochs"] / wall, "stages": stages, "peak_resets": resets,
+       "traced": traced, "data_bytes": int(x.nbytes + y.nbytes),
+       "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+if torch is None:
+    res["history"] = {k: history.history[k] for k in ("samples_per_s", "step_samples_per_s")}
+    res["backend"] = fastnn.get_backend()
+else:
+    res["version"] = torch.__version__
+res["threads"] = cfg["threads"]
+print("RESULT " + json.dumps(res))
+"""
+
+
+def fit_process(framework="fastnn", n=100_000, batch=128, shuffle=True, epochs=1, data="generated",
+                path=None, ypath=None, features=TRAIN_LAYERS[0], dtype="float32", warmup=True,
+                trace=False, backend=None, threads=None, timeout=1800):
+    """Train the 784-256-128-10 MLP (Adam) for ``epochs`` over a data set in a
+    fresh process and measure it.
+
+    Parameters
+    ----------
+    framework : {"fastnn", "torch"}
+        ``Sequential.fit``, or PyTorch with ``Adam(fused=True)`` over a
+        ``DataLoader(TensorDataset(...), batch_size, shuffle)`` (no workers).
+    data : {"generated", "npy", "memmap"}
+        ``n`` rows of ``features`` uniform values made in the process (in
+        chunks), or the ``.npy`` at ``path`` (labels at ``ypath``) loaded
+        whole or opened as a read-only memmap.
+    shuffle : bool or "batch"
+        As ``fit``'s (PyTorch: a bool).
+    warmup : bool
+        Train on the first two batches first: the model's buffers and the
+        optimizer's state then exist before the measured epoch.
+    trace : bool
+        Also measure with ``tracemalloc`` (slows Python code: the rate of such
+        a run is not the one to quote).
+
+    Returns
+    -------
+    dict
+        ``wall_s``, ``samples_per_s`` (the wall-clock rate of the epochs),
+        ``stages``: the ``/proc/self/status`` figures (``VmRSS``, ``VmHWM``,
+        ``RssAnon``, ``RssFile``, bytes) at ``start`` (the interpreter,
+        before any import), ``imports``, ``data`` (the data made or opened),
+        ``ready`` (the model made and warmed up; ``VmHWM`` the peak since
+        ``data``) and ``end`` (``VmHWM`` the peak of the measured epochs);
+        ``peak_resets`` (whether the peak could be reset: Linux);
+        ``traced``: ``model`` (tracemalloc's peak while making and warming
+        the model), ``before`` and ``peak`` (current at the start of the
+        epochs and peak during them); ``data_bytes``; fastnn's ``history``
+        rates.
+    """
+    cfg = {"framework": framework, "n": n, "batch": batch, "shuffle": shuffle,
+           "epochs": epochs, "data": data, "path": path, "ypath": ypath,
+           "features": features, "dtype": dtype, "warmup": warmup, "tracemalloc": trace,
+           "backend": backend, "threads": threads or fastnn.get_num_threads(), "seed": SEED}
+    env = peer_env() if framework == "torch" else dict(os.environ)
+    proc = subprocess.run([sys.executable, "-c", FIT_PROCESS_SCRIPT, json.dumps(cfg)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+    raise RuntimeError(f"{framework} training process failed (exit {proc.returncode}): {tail}")
+
+
+def peak_over(res, stage="data"):
+    """Bytes of the resident peak after ``stage`` (``"data"``: model, warm-up
+    and epochs; ``"ready"``: the epochs alone) over the resident size at
+    ``stage``; None where the peak could not be reset (then ``ru_maxrss`` minus
+    that size, an upper bound, when ``stage`` is ``"data"``)."""
+    st = res["stages"]
+    if not res["peak_resets"]:
+        return res["ru_maxrss"] - st[stage]["VmRSS"] if stage == "data" else None
+    later = ["end"] if stage == "ready" else ["ready", "end"]
+    return max(st[s]["VmHWM"] for s in later) - st[stage]["VmRSS"]
+
+
+def mnist_or_generated(folder):
+    """The full MNIST training set (60,000 x 784 float32) saved as ``x.npy`` and
+    ``y.npy`` in ``folder`` when a copy is on this machine
+    (``fastnn.datasets.load_mnist(download=False)``); else None (the caller
+    generates a set of the same shape). Returns ``(x path, y path, label)``."""
+    try:
+        (x, y), _ = fastnn.datasets.load_mnist(download=False)
+    except Exception:   # no copy here, and no download from a benchmark
+        return None
+    xp, yp = os.path.join(folder, "x.npy"), os.path.join(folder, "y.npy")
+    np.save(xp, x)
+    np.save(yp, y)
+    return xp, yp, "MNIST (60,000 training images)"
+
+
+@dataclass
+class DataResult:
+    """One row of the data-at-scale table: a whole training epoch of the MLP,
+    batch ``batch``, shuffled, in a fresh process."""
+
+    data: str
+    samples: int
+    batch: int
+    contender: str
+    backend: str
+    samples_per_s: float        # wall clock of the epoch, data movement included
+    peak_over_data: int         # bytes: resident peak over the size once the data exists
+    data_bytes: int
+    step_samples_per_s: float = None    # fastnn: the steps alone (history)
+    note: str = ""
+
+
+#: The data sets of the data-at-scale table: (kind, samples).
+DATA_SETS = (("mnist", 60_000), ("generated", 1_000_000))
+
+
+def run_data(backend=None, sets=DATA_SETS, batch=128, peers=True, progress=None):
+    """A shuffled training epoch of the 784-256-128-10 MLP over the full MNIST
+    (or, without a copy on this machine, a generated set of its shape) and a
+    generated 1,000,000-sample set (3.1 GB of float32), each framework in its
+    own process: fastnn's ``fit`` on ``backend`` (default: the current one)
+    and PyTorch with a ``DataLoader`` over a ``TensorDataset`` (same batch,
+    ``shuffle=True``, the same threads). Wall-clock samples/s and the resident
+    peak over the data (the model, one warm-up and the epoch).
+
+    Returns
+    -------
+    (list of DataResult, list of str)
+    """
+    backend = backend or fastnn.get_backend()
+    th_ok, th_why = torch_available() if peers else (False, "peers not requested")
+    notes = [] if th_ok or not peers else [f"data at scale: PyTorch left out: {th_why}"]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fastnn-bench-data-") as tmp:
+        for kind, n in sets:
+            spec = dict(data="generated", n=n)
+            label = f"generated {n:,} x 784 float32"
+            if kind == "mnist":
+                found = mnist_or_generated(tmp)
+                if found:
+                    spec = dict(data="npy", path=found[0], ypath=found[1], n=60_000)
+                    label = found[2]
+                else:
+                    label = (f"generated {n:,} x 784 float32 (MNIST's shape: no copy of "
+                             f"MNIST on this machine)")
+            for framework in ("fastnn", "torch") if th_ok else ("fastnn",):
+                try:
+                    r = fit_process(framework, batch=batch, shuffle=True, warmup=True,
+                                    backend=backend if framework == "fastnn" else None, **spec)
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    notes.append(f"data at scale, {label}, {framework}: {exc}")
+                    continue
+                finally:
+                    if progress:
+                        progress()
+                if framework == "fastnn":
+                    row = DataResult(label, r["n"], batch, f"fastnn[{r['backend']}] fit",
+                                     r["backend"], r["samples_per_s"], peak_over(r),
+                                     r["data_bytes"], r["history"]["step_samples_per_s"][0])
+                else:
+                    row = DataResult(label, r["n"], batch, "pytorch DataLoader", "pytorch",
+                                     r["samples_per_s"], peak_over(r), r["data_bytes"],
+                                     note=f"torch {r['version']}, {r['threads']} threads, "
+                                          f"own process, TensorDataset, shuffle=True")
+                rows.append(row)
+    return rows, notes
 
 
 # ======================================================================= start-up
@@ -1509,7 +2084,7 @@ def torch_calls(cases, dtype="float32", calls=OVERHEAD_CALLS, threads=None, time
            "cases": [{"kernel": c.kernel, "variant": c.variant, "dims": list(c.dims),
                       "id": c.id} for c in cases]}
     proc = subprocess.run([sys.executable, "-c", TORCH_CALLS_SCRIPT, json.dumps(cfg)],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=peer_env())
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return {k: tuple(v) for k, v in json.loads(line[7:]).items()}

@@ -1,8 +1,10 @@
 """``python -m fastnn bench [--quick] [--out DIR]``: run benchmarks, write a report.
 
 Writes ``DIR/report.md`` (the machine line and tables: kernels, per-call
-overhead of ``fastnn.ops``, training, start-up), ``DIR/speedup.png`` (speed-ups over NumPy, log scale, one colour
-per backend; needs matplotlib, the ``bench`` extra) and ``DIR/results.json``.
+overhead of ``fastnn.ops``, training of the MLP and the two convnets, data at
+scale (not with ``--quick``), start-up), ``DIR/speedup.png`` (speed-ups over
+NumPy, log scale, one colour per backend; needs matplotlib, the ``bench``
+extra) and ``DIR/results.json``.
 The measuring is ``fastnn._bench``; see its docstring for the method.
 """
 
@@ -17,7 +19,7 @@ from dataclasses import asdict
 
 from . import _bench
 
-SECTIONS = ("kernels", "overhead", "training", "startup")
+SECTIONS = ("kernels", "overhead", "training", "data", "startup")
 
 #: One colour per backend and peer (Okabe-Ito, readable by colour-blind readers).
 COLOURS = {"numpy": "#999999", "cython": "#0072B2", "numba": "#E69F00", "cuda": "#009E73",
@@ -27,15 +29,17 @@ COLOURS = {"numpy": "#999999", "cython": "#0072B2", "numba": "#E69F00", "cuda": 
 def add_arguments(parser):
     """Options of ``python -m fastnn bench``."""
     parser.add_argument("--quick", action="store_true",
-                        help="a small set (float32, the shapes of the speed goals, warm "
-                             "start-up only): under two minutes on 2 cores")
+                        help="a small set (float32, the shapes of the speed goals, short "
+                             "training epochs, no data-at-scale section, warm start-up "
+                             "only): two to three minutes on 2 quiet cores")
     parser.add_argument("--out", default="bench-out", metavar="DIR",
                         help="folder for report.md, speedup.png, results.json "
                              "(default: %(default)s)")
     parser.add_argument("--only", default=None, metavar="PATTERNS",
                         help="comma-separated substrings: run only the kernel cases whose name "
                              "contains one (e.g. softmax,adam), and the overhead / training / "
-                             "startup sections only when named")
+                             "data / startup sections only when named; mlp, convnet, cnn name "
+                             "one network of the training section")
     parser.add_argument("--backends", default=None, metavar="NAMES",
                         help="comma-separated backends (default: every available one; numpy, "
                              "the baseline, always runs)")
@@ -53,7 +57,8 @@ def add_arguments(parser):
 
 def _select(args):
     """(kernel cases, run training?, run start-up?, backends, start-up modes); the
-    overhead section: ``_overhead_selected``."""
+    overhead section: ``_overhead_selected``; the networks and the data
+    section: ``_networks``, ``_data_selected``."""
     backends = _bench.available_backends(args.backends.split(",") if args.backends else None)
     if "numpy" not in backends:
         backends.insert(0, "numpy")
@@ -74,6 +79,25 @@ def _select(args):
     return cases, training, startup, backends, modes
 
 
+def _networks(args):
+    """The networks of the training section (keys of ``_bench.NETWORKS``):
+    every one, or those ``--only`` names (all when it names ``training``)."""
+    if not args.only:
+        return tuple(_bench.NETWORKS)
+    pats = [p.strip() for p in args.only.split(",") if p.strip()]
+    if any(p in "training" for p in pats):
+        return tuple(_bench.NETWORKS)
+    return tuple(k for k in _bench.NETWORKS if k in pats)
+
+
+def _data_selected(args):
+    """Whether the data-at-scale section runs: not with ``--quick`` unless
+    ``--only`` names it; otherwise unless ``--only`` names other things only."""
+    named = bool(args.only) and any(p.strip() and p.strip() in "data"
+                                    for p in args.only.split(","))
+    return named or not (args.quick or args.only)
+
+
 def _overhead_selected(args):
     """Whether the per-call overhead table runs: always, unless ``--only`` names
     other things only."""
@@ -91,27 +115,34 @@ def run(args):
         fastnn.set_num_threads(args.threads)
     started = time.perf_counter()
     info = _bench.machine_info()
-    cases, training, startup, backends, modes = _select(args)
+    cases, _, startup, backends, modes = _select(args)
+    networks = _networks(args)
+    data = _data_selected(args)
     overhead = _overhead_selected(args)
     overhead_backends = [b for b in backends if b != "numpy"]
     repeats = args.repeats or (5 if args.quick else 9)
     min_time = 0.01 if args.quick else 0.05
     max_time = 1.5 if args.quick else 5.0
     n_train = 2048 if args.quick else 8192
+    #: the convnets on the NumPy reference run about 1,000 samples/s
+    n_conv = 384 if args.quick else 4096
     peers = not args.no_peers
     torch_ok = peers and _bench.torch_available()[0]
 
     total = len(cases)
     if overhead:
         total += len(_bench.overhead_cases()) * len(overhead_backends)
-    if training:
-        total += len(_bench.TRAIN_BATCHES) + (1 if torch_ok else 0)
+    if networks:
+        total += len(networks) * (len(_bench.TRAIN_BATCHES) + (1 if torch_ok else 0))
+    if data:
+        total += len(_bench.DATA_SETS) * (2 if torch_ok else 1)
     if startup:
         total += len(backends) * len(modes)
     bar = tqdm(total=total, desc="fastnn bench", unit="run", disable=args.no_progress,
                file=sys.stderr, dynamic_ncols=True)
 
     kernel_rows, overhead_rows, train_rows, start_rows, notes = [], [], [], [], []
+    data_rows = []
     spent = {}
     t0 = time.perf_counter()
     for case in cases:
@@ -126,13 +157,20 @@ def run(args):
                                                      progress=bar.update)
         notes += skipped
         spent["overhead"] = time.perf_counter() - t0
-    if training:
+    if networks:
         t0 = time.perf_counter()
         bar.set_postfix_str("training epochs", refresh=True)
         train_rows, skipped = _bench.run_training(
-            backends, n=n_train, repeats=repeats, peers=peers, progress=bar.update)
+            backends, n=n_train, repeats=repeats, peers=peers, progress=bar.update,
+            networks=networks, conv_n=n_conv)
         notes += skipped
         spent["training"] = time.perf_counter() - t0
+    if data:
+        t0 = time.perf_counter()
+        bar.set_postfix_str("data at scale (fresh processes)", refresh=True)
+        data_rows, skipped = _bench.run_data(peers=peers, progress=bar.update)
+        notes += skipped
+        spent["data"] = time.perf_counter() - t0
     if startup:
         t0 = time.perf_counter()
         bar.set_postfix_str("start-up (fresh processes)", refresh=True)
@@ -148,13 +186,14 @@ def run(args):
                                                     else [])
     fallbacks = {b: fastnn.backends()[b].fallbacks for b in backends if b != "numpy"}
     report = render_report(info, kernel_rows, train_rows, start_rows, notes, fallbacks,
-                           repeats, elapsed, command.strip(), spent, overhead_rows)
+                           repeats, elapsed, command.strip(), spent, overhead_rows, data_rows)
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(report)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"machine": info, "kernels": [asdict(r) for r in kernel_rows],
                    "overhead": [asdict(r) for r in overhead_rows],
                    "training": [asdict(r) for r in train_rows],
+                   "data": [asdict(r) for r in data_rows],
                    "startup": [asdict(r) for r in start_rows], "notes": notes,
                    "seconds": elapsed, "sections": spent}, f, indent=1)
     chart = os.path.join(args.out, "speedup.png")
@@ -218,15 +257,30 @@ def overhead_summary(rows):
 
 
 def training_table(rows):
-    """The training table in Markdown."""
+    """The training table of one network in Markdown."""
     return _table(["batch", "contender", "samples/s", "vs NumPy", "vs PyTorch",
-                   "of GEMM ceiling"],
-                  right=("batch", "samples/s", "vs NumPy", "vs PyTorch", "of GEMM ceiling"),
+                   "of GEMM ceiling", "of kernel step"],
+                  right=("batch", "samples/s", "vs NumPy", "vs PyTorch", "of GEMM ceiling",
+                         "of kernel step"),
                   rows=[[r.batch, r.contender + (f" ({r.note})" if r.note else ""),
                     f"{r.samples_per_s:,.0f}", _bench.fmt_ratio(r.vs_numpy),
                     _bench.fmt_ratio(r.vs_torch),
-                    "" if r.of_ceiling is None else f"{100 * r.of_ceiling:.0f}%"]
+                    "" if r.of_ceiling is None else f"{100 * r.of_ceiling:.0f}%",
+                    "" if r.vs_kernels is None else f"{100 * r.vs_kernels:.0f}%"]
                    for r in rows])
+
+
+def data_table(rows):
+    """The data-at-scale table in Markdown."""
+    mb = lambda b: "" if b is None else f"{b / 2**20:,.0f} MB"  # noqa: E731
+    return _table(["data", "batch", "contender", "wall samples/s", "steps alone samples/s",
+                   "peak over the data", "size of the data"],
+                  right=("batch", "wall samples/s", "steps alone samples/s",
+                         "peak over the data", "size of the data"),
+                  rows=[[r.data, r.batch, r.contender + (f" ({r.note})" if r.note else ""),
+                         f"{r.samples_per_s:,.0f}",
+                         "" if r.step_samples_per_s is None else f"{r.step_samples_per_s:,.0f}",
+                         mb(r.peak_over_data), mb(r.data_bytes)] for r in rows])
 
 
 def startup_table(rows):
@@ -259,17 +313,18 @@ def summary_tables(kernel_rows, train_rows):
                           right=["NumPy"] + backends))
     if train_rows:
         names = list(dict.fromkeys(r.contender for r in train_rows))
-        by = {(r.batch, r.contender): r for r in train_rows}
+        by = {(r.network, r.batch, r.contender): r for r in train_rows}
         rows = []
-        for batch in dict.fromkeys(r.batch for r in train_rows):
-            rows.append([batch] + [f"{by[batch, n].samples_per_s:,.0f}" if (batch, n) in by
-                                   else "" for n in names])
-        out.append(_table(["batch"] + names, rows=rows, right=["batch"] + names))
+        for net, batch in dict.fromkeys((r.network, r.batch) for r in train_rows):
+            rows.append([_bench.NETWORK_SHORT.get(net, net), batch]
+                        + [f"{by[net, batch, n].samples_per_s:,.0f}" if (net, batch, n) in by
+                           else "" for n in names])
+        out.append(_table(["network", "batch"] + names, rows=rows, right=["batch"] + names))
     return out
 
 
 def render_report(info, kernel_rows, train_rows, start_rows, notes, fallbacks, repeats,
-                  elapsed, command, spent=None, overhead_rows=()):
+                  elapsed, command, spent=None, overhead_rows=(), data_rows=()):
     """report.md as a string."""
     split = ""
     if spent:
@@ -301,8 +356,10 @@ def render_report(info, kernel_rows, train_rows, start_rows, notes, fallbacks, r
             "(`numpy`, the reference kernels) in the same run. *vs NumPy*: NumPy's time "
             "over this one (above 1 is faster). *vs probe*: for the dense kernels, this "
             "time over the bare BLAS GEMM of the same shape (`np.matmul(out=)`; 1.00x adds "
-            "nothing to it); for the optimizers, the fraction of the memory-bandwidth floor "
-            "reached (a streaming kernel reading and writing the same arrays once, Adam 4 "
+            "nothing to it); for the convolutions, over their GEMM alone in im2col form "
+            "(M = n*p*q, K = kh*kw*c, N = o: forward `cols @ w`, backward `cols.T @ dz`, "
+            "backprop `dz @ w.T`, on columns that exist already); for the optimizers, the "
+            "fraction of the memory-bandwidth floor reached (a streaming kernel reading and writing the same arrays once, Adam 4 "
             "reads + 3 writes; 100% is at bandwidth).", "",
             kernel_table(kernel_rows), "",
         ]
@@ -326,17 +383,42 @@ def render_report(info, kernel_rows, train_rows, start_rows, notes, fallbacks, r
             overhead_table(overhead_rows), "",
         ]
         lines += [f"- {line}" for line in overhead_summary(overhead_rows)] + [""]
-    if train_rows:
+    for net in dict.fromkeys(r.network for r in train_rows):
+        mine = [r for r in train_rows if r.network == net]
+        if net == "mlp":
+            what = ("*numpy (plain)*: the same step written with NumPy (the reference "
+                    "kernels, buffers allocated once); *fastnn[b]*: `fastnn.Sequential.fit` "
+                    "on backend b; *kernel step[b]*: backend b's kernels called directly, "
+                    "what a step costs without the model's Python; *GEMMs only*: the eight "
+                    "GEMMs of a step and nothing else, the ceiling.")
+        else:
+            what = ("Generated 28x28x1 images (the speed does not depend on the values), "
+                    "NHWC. *numpy (plain)*: the step written with the NumPy reference kernels "
+                    "(im2col + one GEMM per convolution, buffers allocated once), the NumPy "
+                    "baseline; *fastnn[b]*: `fastnn.Sequential.fit` on backend b; *kernel "
+                    "step[b]*: backend b's kernels called directly; *GEMMs only*: the "
+                    "step's GEMMs in im2col form on columns that exist already (no im2col, "
+                    "pooling, dropout or epilogue), the ceiling of an im2col implementation; "
+                    "*pytorch*: the same layers in NCHW, PyTorch's layout.")
         lines += [
-            "## Training: 784-256-128-10 ReLU MLP, Adam, float32", "",
+            f"## Training: {_bench.NETWORKS.get(net, net)}; Adam, float32", "",
             "Samples/s of one epoch (median; full batches, no shuffle), in this process "
             "and interleaved except PyTorch (`torch.optim.Adam(fused=True)`, its own "
-            "process). *numpy (plain)*: the same step written with NumPy (the reference "
-            "kernels, buffers allocated once); *fastnn[b]*: `fastnn.Sequential.fit` on "
-            "backend b; *kernel step[b]*: backend b's kernels called directly, what a "
-            "step costs without the model's Python; *GEMMs only*: the eight GEMMs of a "
-            "step and nothing else, the ceiling.", "",
-            training_table(train_rows), "",
+            "process, the same thread count). " + what + " *of kernel step*: fastnn[b] "
+            "over kernel step[b].", "",
+            training_table(mine), "",
+        ]
+    if data_rows:
+        lines += [
+            "## Data at scale: a shuffled epoch of the 784-256-128-10 MLP", "",
+            "Each row in a fresh process: the data made (or loaded), the model made and "
+            "trained on two batches, then one whole epoch, shuffled. *wall samples/s*: the "
+            "epoch's wall clock, data movement included (fastnn: `fit`; PyTorch: a "
+            "`DataLoader` over a `TensorDataset`, `shuffle=True`, no workers); *steps "
+            "alone*: fastnn's `history['step_samples_per_s']`; *peak over the data*: the "
+            "resident peak (`VmHWM`) while making the model and training, over the "
+            "resident size once the data existed (the model's own buffers included).", "",
+            data_table(data_rows), "",
         ]
     if start_rows:
         lines += [
@@ -381,7 +463,8 @@ def plot_speedups(kernel_rows, train_rows, path, title="fastnn speed-up over Num
     groups = {}
     for r in train_rows:
         if r.contender != "numpy (plain)" and r.vs_numpy:
-            groups.setdefault(f"batch {r.batch}", []).append(
+            group = f"{_bench.NETWORK_SHORT.get(r.network, r.network)} batch {r.batch}"
+            groups.setdefault(group, []).append(
                 (r.contender, r.vs_numpy, r.backend, r.contender.startswith("kernel step")))
     if groups:
         panels.append(("training: samples/s over plain NumPy's (log scale)",
