@@ -160,8 +160,11 @@ cdef inline floating vtanh(floating x) noexcept nogil:
 
     float32: ``a*P(a^2)/Q(a^2)`` for ``a = min(|x|, 9)`` (degrees 12/6 in ``a``,
     the fit numba_cpu's ``_tanh32`` uses: relative error 6.8e-9 in exact
-    arithmetic, so float32 rounding dominates), capped at 1, with the sign of
-    ``x``: no exp, one division. float64: Cephes' rational below
+    arithmetic, so float32 rounding dominates: over every float32 input at
+    most 5.84 ulp of the exact value in the baseline build, 5.48 with FMA in
+    v3/v4, not monotone within that; exactly +-1 first at ``|x|`` = 7.9746
+    (baseline) or 8.0192 (FMA), always from 9 on; NumPy's float32 tanh from
+    9.0109), capped at 1, with the sign of ``x``: no exp, one division. float64: Cephes' rational below
     ``|x| = 0.625``, ``(1-e)/(1+e)`` with ``e = exp(-2|x|)`` above."""
     cdef floating zero = 0, one = 1, cut = 0.625
     cdef floating nx = -x
