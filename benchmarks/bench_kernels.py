@@ -1,11 +1,15 @@
 """Every contract kernel x every available backend x float32/float64, at the
-sizes users meet (``fastnn._bench.all_cases``), each grouped with its NumPy
-baseline and its probe: the bare BLAS GEMM of the same shape for the dense
-kernels, the memory-bandwidth floor (a streaming kernel over the same arrays)
-for the optimizers.
+sizes users meet (``fastnn._bench.all_cases``: the convolution, pooling and
+dropout kernels at Keras' MNIST convnet's shapes, batch 128; gather_rows as
+``fit`` reads a shuffled epoch), each grouped with its NumPy baseline and its
+probe: the bare BLAS GEMM of the same shape for the dense kernels, the im2col
+GEMM alone (the same M, N, K, on columns that exist already) for the
+convolutions, the memory-bandwidth floor (a streaming kernel over the same
+arrays) for the optimizers.
 
     pytest benchmarks/bench_kernels.py --benchmark-only
     pytest benchmarks/bench_kernels.py --benchmark-only -k "adam_step and 10M"
+    pytest benchmarks/bench_kernels.py --benchmark-only -k "conv2d and float32"
 """
 
 import pytest
@@ -48,6 +52,8 @@ def test_probe(benchmark, pcase):
     fn()
     what = {"gemm": "bare BLAS GEMM (np.matmul out=)",
             "floor": "memory-bandwidth floor (streaming kernel)"}[kcase.probe]
+    if kcase.kernel.startswith("conv2d"):
+        what = "its im2col GEMM alone (np.matmul out=, columns made already)"
     annotate(benchmark, _group(kcase), backend="probe", probe=what, shape=kcase.shape,
              dtype=kcase.dtype)
     benchmark(fn)
