@@ -603,9 +603,10 @@ def _conv_arrays(geometry, dtype, act, seed=0):
     zb = (rng.standard_normal((n, h, w, c)) * 2).astype(dtype)
     yb = np.empty_like(zb)
     ref.activation_forward(act, zb, yb)
-    return dict(x=x, w=(rng.standard_normal((kh, kw, c, o)) / np.sqrt(kh * kw * c)).astype(dtype),
-                b=rng.standard_normal(o).astype(dtype), dz=rng.standard_normal((n, p, q, o)).astype(dtype),
-                zb=zb, yb=yb, stride=stride, pads=pads, shape=(n, p, q, o))
+    w_ = rng.standard_normal((kh, kw, c, o)) / np.sqrt(kh * kw * c)
+    return dict(x=x, w=w_.astype(dtype), b=rng.standard_normal(o).astype(dtype),
+                dz=rng.standard_normal((n, p, q, o)).astype(dtype), zb=zb, yb=yb, stride=stride,
+                pads=pads, shape=(n, p, q, o))
 
 
 def _conv_outputs(k, a, act):

@@ -57,6 +57,7 @@ from ._runtime import (PARALLEL_MIN, _Kernel, _chunk, _entry, _launch, _named, _
 from ._math import _ACT, _c
 from . import _runtime
 from .elementwise import _act_kernels, _derivative_source, _threshold
+from .dense import backprop_delta
 
 # ------------------------------------------------------------ workspace
 
@@ -99,7 +100,7 @@ def _chunk_rows(m, k, itemsize, whole=1):
     rows = max(1, _CHUNK_BYTES // (k * itemsize))
     if rows >= whole:
         rows -= rows % whole
-    return min(rows, m)
+    return max(1, min(rows, m))
 
 
 # ------------------------------------------------------------ loop bodies
@@ -386,7 +387,7 @@ class _ConvActKernels:
             # dy of the windows whose argmax is it added at their place, then
             # the row times act'(s): one write of the row, in cache
             p, q, c = dy.shape[1], dy.shape[2], dy.shape[3]
-            hh, wd = out.shape[1], out.shape[2]
+            hh = out.shape[1]
             for t in range(lo, hi):
                 nn = t // hh
                 yy = t - nn * hh
@@ -577,8 +578,9 @@ def conv2d_backward(x, dz, dw, db, stride=(1, 1), padding=(0, 0, 0, 0)):
     ``dw[i,j,c,o] = sum_{n,p,q} xpad[n, p*sh+i, q*sw+j, c] * dz[n,p,q,o]``,
     ``db[o] = sum_{n,p,q} dz[n,p,q,o]`` (in float64, rounded once).
 
-    ``dw`` is the sum over chunks of output rows of ``cols.T @ dz`` (NumPy's
-    BLAS); a kernel with few taps is one direct loop.
+    ``dw`` is the sum over chunks of GEMM rows of ``cols.T @ dz`` (NumPy's
+    BLAS; no im2col for a 1x1 kernel at stride 1 without padding), ``db``
+    summed over each chunk of ``dz`` after its GEMM, in float64.
 
     Parameters
     ----------
@@ -626,7 +628,8 @@ def conv2d_backprop(dz, w, z, y, act, out, stride=(1, 1), padding=(0, 0, 0, 0)):
 
     ``dz @ w.T`` per chunk of whole images (NumPy's BLAS) into this thread's
     workspace, then col2im with the derivative multiplied into each image once
-    it is complete.
+    it is complete. A 1x1 kernel at stride 1 without padding is
+    ``backprop_delta`` on the images as rows.
 
     Parameters
     ----------
@@ -645,7 +648,6 @@ def conv2d_backprop(dz, w, z, y, act, out, stride=(1, 1), padding=(0, 0, 0, 0)):
     dz2, w2 = dz.reshape(m, o), w.reshape(taps, o)
     if _plain(kh, kw, sh, sw, padding):
         # out is (n*p*q, c) itself: one GEMM and the derivative in place
-        from .dense import backprop_delta
         backprop_delta(dz2, w2, None if z is None else z.reshape(m, c),
                        None if y is None else y.reshape(m, c), act, out.reshape(m, c))
         return
@@ -669,7 +671,8 @@ def maxpool2d_forward(x, out, argmax, pool=(2, 2), stride=None):
     x[n, p*sh+i, q*sw+j, c]``, ``argmax`` the winner's ``i*pw + j`` (the first
     on ties; a NaN wins, the first NaN of the window).
 
-    One pass over the output rows, vectorized along the channels.
+    One pass over the output rows, vectorized along the channels (pools of
+    up to ``_POOL_UNROLL_MAX`` elements: the window unrolled).
 
     Parameters
     ----------
@@ -685,7 +688,7 @@ def maxpool2d_forward(x, out, argmax, pool=(2, 2), stride=None):
     n, p = out.shape[:2]
     t = max(1, PARALLEL_MIN["cheap"] // (x.size // (n * p)))
     if ph * pw <= _POOL_UNROLL_MAX:
-        k = _specialised(("pool_forward", ph, pw), _pool_kernel, int(ph), int(pw))
+        k = _specialised(("pool_forward", int(ph), int(pw)), _pool_kernel, int(ph), int(pw))
         _launch(k, n * p, t, x, out, argmax, int(sh), int(sw))
     else:
         _launch(_POOL_FORWARD, n * p, t, x, out, argmax, int(ph), int(pw), int(sh), int(sw))
@@ -713,5 +716,5 @@ def maxpool2d_backward(dy, argmax, z, y, act, out, pool=(2, 2), stride=None):
     n, h = out.shape[:2]
     s = out if act == "identity" else _derivative_source(act, z, y)
     k = _conv_kernels(act)
-    _launch(k.pool_backward, n * h, max(1, _threshold(act, derivative=True) // (out.size // (n * h))),
-            dy, argmax, s, out, int(ph), int(pw), int(sh), int(sw))
+    t = max(1, _threshold(act, derivative=True) // (out.size // (n * h)))
+    _launch(k.pool_backward, n * h, t, dy, argmax, s, out, int(ph), int(pw), int(sh), int(sw))
