@@ -57,7 +57,7 @@ import threading
 import numpy as np
 
 from cython cimport floating
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 from libc.math cimport floor
 from libc.stdint cimport int32_t, uint64_t, uintptr_t
 from libc.string cimport memcpy, memset
@@ -458,7 +458,10 @@ cdef Py_ssize_t DIRECT_MAX_K = 32
 # channels in and out (the GEMMs' K and N); its chunks: bytes of transformed
 # tiles (input and output planes) per thread.
 cdef Py_ssize_t WINOGRAD_MIN_CHANNELS = 16
-cdef Py_ssize_t WINOGRAD_CHUNK_BYTES = 3 << 18
+cdef Py_ssize_t WINOGRAD_CHUNK_BYTES = 1 << 20
+# dw's partial sums: units of work (see _dw_plan) and the most bytes they take
+cdef Py_ssize_t DW_UNITS = 16
+cdef Py_ssize_t DW_UNIT_BYTES = 32 << 20
 cdef int _num_threads = 1
 cdef const blas_t* _blas = NULL
 
@@ -482,13 +485,15 @@ def _set_parallel_min(double flops, Py_ssize_t pool, dropout=None):
 
 
 def _set_tuning(chunk_bytes=None, direct_max_k=None, winograd_min_channels=None,
-                winograd_chunk_bytes=None):
+                winograd_chunk_bytes=None, dw_units=None):
     """Set the chunk size (bytes of columns per chunk and thread), the widest
     column that runs the register-blocked loop, the fewest channels for
-    Winograd (a huge number turns it off) and its chunk size (tests,
-    measurements); returns the old values in that order."""
-    global CHUNK_BYTES, DIRECT_MAX_K, WINOGRAD_MIN_CHANNELS, WINOGRAD_CHUNK_BYTES
-    old = (CHUNK_BYTES, DIRECT_MAX_K, WINOGRAD_MIN_CHANNELS, WINOGRAD_CHUNK_BYTES)
+    Winograd (a huge number turns it off), its chunk size and the most units
+    of dw's sums (tests, measurements); returns the old values in that order."""
+    global CHUNK_BYTES, DIRECT_MAX_K, WINOGRAD_MIN_CHANNELS, WINOGRAD_CHUNK_BYTES, DW_UNITS
+    old = (CHUNK_BYTES, DIRECT_MAX_K, WINOGRAD_MIN_CHANNELS, WINOGRAD_CHUNK_BYTES, DW_UNITS)
+    if dw_units is not None:
+        DW_UNITS = max(1, dw_units)
     if chunk_bytes is not None:
         CHUNK_BYTES = max(1, chunk_bytes)
     if direct_max_k is not None:
@@ -571,6 +576,12 @@ cdef inline int _threads_for(double work, double min_work, Py_ssize_t parts) noe
     if _num_threads <= 1 or work < min_work or parts < 2:
         return 1
     return <int>min(<Py_ssize_t>_num_threads, parts)
+
+
+cdef inline Py_ssize_t _block(Py_ssize_t parts, int T) noexcept nogil:
+    """Parts per block of a dynamically scheduled loop: about 8 blocks a thread
+    (a thread slowed by another process on its core takes fewer of them)."""
+    return max(1, parts // (8 * T))
 
 
 cdef void _im2col(const geom* g, const floating* x, floating* col,
@@ -790,27 +801,25 @@ cdef void _conv_forward(int act, const geom* g, const floating* x, const floatin
             for j in range(ldw):
                 wpad[i * ldw + j] = w[i * O + j] if j < O else 0
         T = _threads_for(<double>g.m * K * O, PAR_MIN_FLOPS, rows)
-        step = (rows + T - 1) // T
         if T == 1:
             _fwd_direct_rows(act, g, x, wpad, ldw, b, z, out, off, <floating*>(ws + shared),
                              0, rows)
             return
-        for t in prange(T, schedule="static", num_threads=T):
+        step = _block(rows, T)
+        for t in prange((rows + step - 1) // step, schedule="dynamic", num_threads=T):
             _fwd_direct_rows(act, g, x, wpad, ldw, b, z, out, off,
-                             <floating*>(ws + shared + t * per),
-                             min(rows, t * step), min(rows, (t + 1) * step))
+                             <floating*>(ws + shared + threadid() * per),
+                             t * step, min(rows, (t + 1) * step))
         return
-    T = _threads_for(<double>g.m * K * O, PAR_MIN_FLOPS, (g.m + FNN_RG - 1) // FNN_RG)
+    T = _threads_for(<double>g.m * K * O, PAR_MIN_FLOPS, (g.m + chunk - 1) // chunk)
     if T == 1:
         _fwd_gemm_rows(act, g, x, w, b, z, out, <floating*>(ws + shared), chunk, 0, g.m)
         return
-    step = (g.m + T - 1) // T
-    step = (step + FNN_RG - 1) // FNN_RG * FNN_RG
     if _blas.set_threads != NULL:
         fnn_blas_enter(<fnn_set_threads_t>_blas.set_threads, <fnn_get_threads_t>_blas.get_threads)
-    for t in prange(T, schedule="static", num_threads=T):
-        _fwd_gemm_rows(act, g, x, w, b, z, out, <floating*>(ws + shared + t * per),
-                       chunk, min(g.m, t * step), min(g.m, (t + 1) * step))
+    for t in prange((g.m + chunk - 1) // chunk, schedule="dynamic", num_threads=T):
+        _fwd_gemm_rows(act, g, x, w, b, z, out, <floating*>(ws + shared + threadid() * per),
+                       chunk, t * chunk, min(g.m, (t + 1) * chunk))
     if _blas.set_threads != NULL:
         fnn_blas_leave(<fnn_set_threads_t>_blas.set_threads)
 
@@ -819,7 +828,7 @@ cdef Py_ssize_t _forward_workspace(const geom* g, Py_ssize_t itemsize) noexcept 
     cdef wgeom wg
     if _winograd_fits(g):
         _wgeom(&wg, g.n, g.h, g.w, g.c, g.p, g.q, g.o, g.top, g.left, itemsize)
-        return _wino_workspace(&wg, itemsize, False)
+        return _wino_workspace(&wg, itemsize)
     cdef Py_ssize_t K = g.k, ldw = (g.o + FNN_VL - 1) // FNN_VL * FNN_VL
     return (_align(K * sizeof(Py_ssize_t)) + _align(K * ldw * itemsize)
             + _num_threads * _align(_buffer_rows(g, itemsize) * K * itemsize))
@@ -931,6 +940,82 @@ cdef void _dw_direct_rows(const geom* g, const floating* x, const floating* dz,
             fnn_colsum_d(d, O, Q, O, dbt)
 
 
+ctypedef struct dwplan:
+    int T                       # threads
+    Py_ssize_t U                # units of work, each with its own partial dw and db
+    Py_ssize_t parts            # what the units split: output rows, 8-row blocks, tiles
+    Py_ssize_t shared           # bytes before the units' buffers
+    Py_ssize_t unit             # bytes of a unit's partial sums
+    Py_ssize_t thread           # bytes of a thread's scratch
+
+
+cdef void _dw_plan(dwplan* pl, double work, Py_ssize_t parts, Py_ssize_t least,
+                   Py_ssize_t shared, Py_ssize_t unit, Py_ssize_t thread) noexcept nogil:
+    """Split ``dw``'s sums into units of at least ``least`` parts: ``DW_UNITS``
+    of them at most (fewer when their partial sums would pass
+    ``DW_UNIT_BYTES``, but never fewer than the threads), handed to the
+    threads as they come free and added in unit order: the result does not
+    depend on which thread ran which unit, nor (up to ``DW_UNITS`` threads)
+    on the thread count."""
+    pl.T = _threads_for(work, PAR_MIN_FLOPS, parts)
+    pl.U = min(<Py_ssize_t>DW_UNITS, max(<Py_ssize_t>1, parts // least))
+    if pl.U * unit > DW_UNIT_BYTES:
+        pl.U = max(min(<Py_ssize_t>pl.T, parts), DW_UNIT_BYTES // unit)
+    pl.U = max(pl.U, 1)
+    pl.parts, pl.shared, pl.unit, pl.thread = parts, shared, unit, thread
+
+
+cdef void _sum_units(floating* first, Py_ssize_t stride, Py_ssize_t U, Py_ssize_t n,
+                     floating* out) noexcept nogil:
+    """``out[k] = ((first[k] + unit1[k]) + unit2[k]) + ...`` for ``k < n``, unit
+    ``u`` at ``first + u*stride``; ``out`` may be ``first``."""
+    cdef Py_ssize_t u, k
+    cdef floating* src
+    if out != first:
+        for k in range(n):
+            out[k] = first[k]
+    for u in range(1, U):
+        src = first + u * stride
+        for k in range(n):
+            out[k] = out[k] + src[k]
+
+
+cdef inline Py_ssize_t _dw_plan_bytes(const dwplan* pl) noexcept nogil:
+    return pl.shared + pl.U * pl.unit + _num_threads * pl.thread
+
+
+cdef void _conv_backward_plan(const geom* g, Py_ssize_t itemsize, dwplan* pl,
+                              Py_ssize_t* lddw, Py_ssize_t* nrows) noexcept nogil:
+    cdef Py_ssize_t K = g.k, O = g.o
+    cdef bint direct = K <= DIRECT_MAX_K and not g.identity
+    nrows[0] = _buffer_rows(g, itemsize)
+    lddw[0] = (O + FNN_VL - 1) // FNN_VL * FNN_VL if direct else O
+    # units of at least 256 column rows (whole output rows on the small-K path)
+    _dw_plan(pl, <double>g.m * K * O, g.n * g.p if direct else (g.m + FNN_RG - 1) // FNN_RG,
+             (256 + g.q - 1) // g.q if direct else 32, _align(K * sizeof(Py_ssize_t)),
+             _align(K * lddw[0] * itemsize) + _align(O * sizeof(double)),
+             _align(nrows[0] * K * itemsize) + _align(nrows[0] * lddw[0] * itemsize))
+
+
+cdef void _dw_unit(const geom* g, const dwplan* pl, bint direct, Py_ssize_t lddw,
+                   Py_ssize_t nrows, const floating* x, const floating* dz,
+                   const Py_ssize_t* off, char* ws, Py_ssize_t u, Py_ssize_t t) noexcept nogil:
+    """Unit ``u`` of ``dw`` on thread ``t``: its parts into its own partial sums."""
+    cdef Py_ssize_t a = u * pl.parts // pl.U, e = (u + 1) * pl.parts // pl.U
+    cdef Py_ssize_t sdw = _align(g.k * lddw * sizeof(floating))
+    cdef char* mine = ws + pl.shared + u * pl.unit
+    cdef char* scratch = ws + pl.shared + pl.U * pl.unit + t * pl.thread
+    cdef floating* col = <floating*>scratch
+    cdef floating* dzbuf = <floating*>(scratch + _align(nrows * g.k * sizeof(floating)))
+    if direct:
+        _dw_direct_rows(g, x, dz, off, <floating*>mine, lddw, <double*>(mine + sdw), col, dzbuf,
+                        a, e)
+    else:
+        _dw_rows(g, x, dz, <floating*>mine, lddw, <double*>(mine + sdw), col, dzbuf,
+                 _chunk_rows(g.k, sizeof(floating)), min(g.m, a * FNN_RG),
+                 min(g.m, e * FNN_RG))
+
+
 cdef void _conv_backward(const geom* g, const floating* x, const floating* dz, floating* dw,
                          floating* db, char* ws) noexcept nogil:
     cdef wgeom wg
@@ -938,80 +1023,52 @@ cdef void _conv_backward(const geom* g, const floating* x, const floating* dz, f
         _wgeom(&wg, g.n, g.h, g.w, g.c, g.p, g.q, g.o, g.top, g.left, sizeof(floating))
         _wino_backward(&wg, x, dz, dw, db, ws)
         return
-    cdef Py_ssize_t itemsize = sizeof(floating), K = g.k, O = g.o, rows = g.n * g.p
+    cdef Py_ssize_t K = g.k, O = g.o, lddw, nrows
     cdef bint direct = K <= DIRECT_MAX_K and not g.identity
-    cdef Py_ssize_t chunk = _chunk_rows(K, itemsize), nrows = _buffer_rows(g, itemsize)
-    cdef Py_ssize_t lddw = (O + FNN_VL - 1) // FNN_VL * FNN_VL if direct else O
-    cdef Py_ssize_t sdw = _align(K * lddw * itemsize), sdb = _align(O * sizeof(double))
-    cdef Py_ssize_t scol = _align(nrows * K * itemsize)
-    cdef Py_ssize_t per = sdw + sdb + scol + _align(nrows * lddw * itemsize)
-    cdef Py_ssize_t base = _align(K * sizeof(Py_ssize_t))
-    cdef Py_ssize_t parts = rows if direct else (g.m + FNN_RG - 1) // FNN_RG
-    cdef int T = _threads_for(<double>g.m * K * O, PAR_MIN_FLOPS, parts)
+    cdef dwplan pl
     cdef Py_ssize_t* off = <Py_ssize_t*>ws
-    cdef Py_ssize_t t, i, o, step
-    cdef char* mine
-    cdef floating s
+    cdef Py_ssize_t u, i, o
+    cdef Py_ssize_t sdw
     cdef double sd
+    cdef char* base
+    _conv_backward_plan(g, sizeof(floating), &pl, &lddw, &nrows)
+    sdw = _align(K * lddw * sizeof(floating))
+    base = ws + pl.shared
     if direct:
         _offsets(g, off)
-        step = (rows + T - 1) // T
+    if pl.T == 1:
+        for u in range(pl.U):
+            _dw_unit(g, &pl, direct, lddw, nrows, x, dz, off, ws, u, 0)
     else:
-        step = (g.m + T - 1) // T
-        step = (step + FNN_RG - 1) // FNN_RG * FNN_RG
-    if T == 1:
-        mine = ws + base
-        if direct:
-            _dw_direct_rows(g, x, dz, off, <floating*>mine, lddw, <double*>(mine + sdw),
-                            <floating*>(mine + sdw + sdb), <floating*>(mine + sdw + sdb + scol),
-                            0, rows)
-        else:
-            _dw_rows(g, x, dz, <floating*>mine, lddw, <double*>(mine + sdw),
-                     <floating*>(mine + sdw + sdb), <floating*>(mine + sdw + sdb + scol),
-                     chunk, 0, g.m)
-    elif direct:
-        for t in prange(T, schedule="static", num_threads=T):
-            _dw_direct_rows(g, x, dz, off, <floating*>(ws + base + t * per), lddw,
-                            <double*>(ws + base + t * per + sdw),
-                            <floating*>(ws + base + t * per + sdw + sdb),
-                            <floating*>(ws + base + t * per + sdw + sdb + scol),
-                            min(rows, t * step), min(rows, (t + 1) * step))
-    else:
-        if _blas.set_threads != NULL:
+        if not direct and _blas.set_threads != NULL:
             fnn_blas_enter(<fnn_set_threads_t>_blas.set_threads,
                            <fnn_get_threads_t>_blas.get_threads)
-        for t in prange(T, schedule="static", num_threads=T):
-            _dw_rows(g, x, dz, <floating*>(ws + base + t * per), lddw,
-                     <double*>(ws + base + t * per + sdw),
-                     <floating*>(ws + base + t * per + sdw + sdb),
-                     <floating*>(ws + base + t * per + sdw + sdb + scol),
-                     chunk, min(g.m, t * step), min(g.m, (t + 1) * step))
-        if _blas.set_threads != NULL:
+        for u in prange(pl.U, schedule="dynamic", num_threads=pl.T):
+            _dw_unit(g, &pl, direct, lddw, nrows, x, dz, off, ws, u, threadid())
+        if not direct and _blas.set_threads != NULL:
             fnn_blas_leave(<fnn_set_threads_t>_blas.set_threads)
-    # the threads' partial sums, in thread order
+    # the units' partial sums, in unit order
+    _sum_units(<floating*>base, pl.unit // sizeof(floating), pl.U, K * lddw, <floating*>base)
     for i in range(K):
         for o in range(O):
-            s = (<floating*>(ws + base))[i * lddw + o]
-            for t in range(1, T):
-                s = s + (<floating*>(ws + base + t * per))[i * lddw + o]
-            dw[i * O + o] = s
+            dw[i * O + o] = (<floating*>base)[i * lddw + o]
     for o in range(O):
-        sd = (<double*>(ws + base + sdw))[o]
-        for t in range(1, T):
-            sd = sd + (<double*>(ws + base + t * per + sdw))[o]
+        sd = (<double*>(base + sdw))[o]
+        for u in range(1, pl.U):
+            sd = sd + (<double*>(base + u * pl.unit + sdw))[o]
         db[o] = <floating>sd
 
 
 cdef Py_ssize_t _backward_workspace(const geom* g, Py_ssize_t itemsize) noexcept nogil:
     cdef wgeom wg
+    cdef dwplan pl
+    cdef Py_ssize_t lddw, nrows
     if _winograd_fits(g):
         _wgeom(&wg, g.n, g.h, g.w, g.c, g.p, g.q, g.o, g.top, g.left, itemsize)
-        return _wino_workspace(&wg, itemsize, True)
-    cdef Py_ssize_t K = g.k, O = g.o, lddw = (O + FNN_VL - 1) // FNN_VL * FNN_VL
-    cdef Py_ssize_t nrows = _buffer_rows(g, itemsize)
-    return _align(K * sizeof(Py_ssize_t)) + _num_threads * (
-        _align(K * lddw * itemsize) + _align(O * sizeof(double)) + _align(nrows * K * itemsize)
-        + _align(nrows * lddw * itemsize))
+        _wino_dw_plan(&wg, itemsize, &pl)
+        return _dw_plan_bytes(&pl)
+    _conv_backward_plan(g, itemsize, &pl, &lddw, &nrows)
+    return _dw_plan_bytes(&pl)
 
 
 # ------------------------------------------------------------------ backprop
@@ -1063,15 +1120,17 @@ cdef void _conv_backprop(int act, const geom* g, const floating* dz, const float
     cdef Py_ssize_t chunk = _chunk_rows(K, itemsize)
     cdef Py_ssize_t per = _align(chunk * K * itemsize)
     cdef int T = _threads_for(<double>g.m * K * O, PAR_MIN_FLOPS, g.n)
-    cdef Py_ssize_t t, step = (g.n + T - 1) // T
+    # groups of whole images (a thread owns an image: col2im adds into it), of
+    # about a chunk of rows each, handed out as the threads come free
+    cdef Py_ssize_t t, step = max(1, min(chunk // (g.p * g.q), _block(g.n, T)))
     if T == 1:
         _backprop_images(act, g, dz, w, zb, yb, dx, <floating*>ws, chunk, 0, g.n)
         return
     if _blas.set_threads != NULL:
         fnn_blas_enter(<fnn_set_threads_t>_blas.set_threads, <fnn_get_threads_t>_blas.get_threads)
-    for t in prange(T, schedule="static", num_threads=T):
-        _backprop_images(act, g, dz, w, zb, yb, dx, <floating*>(ws + t * per), chunk,
-                         min(g.n, t * step), min(g.n, (t + 1) * step))
+    for t in prange((g.n + step - 1) // step, schedule="dynamic", num_threads=T):
+        _backprop_images(act, g, dz, w, zb, yb, dx, <floating*>(ws + threadid() * per), chunk,
+                         t * step, min(g.n, (t + 1) * step))
     if _blas.set_threads != NULL:
         fnn_blas_leave(<fnn_set_threads_t>_blas.set_threads)
 
@@ -1137,16 +1196,32 @@ cdef void _wino_patch(const wgeom* g, const floating* x, const floating* zero, P
                 ptr[4 * a + b] = zero
 
 
+cdef inline Py_ssize_t _plane(Py_ssize_t n, Py_ssize_t itemsize) noexcept nogil:
+    """Elements between two of the 16 transform planes of ``n`` elements: an odd
+    number of cache lines, so that the 16 streams a transform writes (or
+    reads) never sit at one offset modulo 4 KB (at 128 tiles of 32 channels
+    the planes were 16 KB apart and dw's transforms ran 1.2x slower: L1's 4K
+    aliasing)."""
+    cdef Py_ssize_t lines = (n * itemsize + 63) // 64
+    return (lines | 1) * 64 // itemsize
+
+
+cdef inline Py_ssize_t _planes(Py_ssize_t tt, Py_ssize_t ch, Py_ssize_t itemsize) noexcept nogil:
+    """Bytes of 16 planes of ``tt`` tiles by ``ch`` channels (``_plane``'s gaps)."""
+    return _align(16 * (tt * ch * itemsize + 128))
+
+
 cdef void _wino_in_chunk(const wgeom* g, const floating* x, const floating* zero,
-                         floating* V, Py_ssize_t t0, Py_ssize_t e) noexcept nogil:
+                         floating* V, Py_ssize_t plane, Py_ssize_t t0,
+                         Py_ssize_t e) noexcept nogil:
     cdef const floating* ptr[16]
-    cdef Py_ssize_t t, m = e - t0
+    cdef Py_ssize_t t
     for t in range(t0, e):
         _wino_patch(g, x, zero, t, ptr)
         if floating is float:
-            fnn_wino_in_f(ptr, g.ci, V + (t - t0) * g.ci, m * g.ci)
+            fnn_wino_in_f(ptr, g.ci, V + (t - t0) * g.ci, plane)
         else:
-            fnn_wino_in_d(ptr, g.ci, V + (t - t0) * g.ci, m * g.ci)
+            fnn_wino_in_d(ptr, g.ci, V + (t - t0) * g.ci, plane)
 
 
 cdef void _wino_conv_tiles(int mode, int act, const wgeom* g, const floating* x,
@@ -1162,13 +1237,16 @@ cdef void _wino_conv_tiles(int mode, int act, const wgeom* g, const floating* x,
     cdef floating* zrow
     cdef Py_ssize_t off
     cdef bint right
+    cdef Py_ssize_t vp, mp
     while t0 < t1:
         e = min(t1, t0 + g.tt)
         m = e - t0
-        _wino_in_chunk(g, x, zero, V, t0, e)
+        vp = _plane(m * g.ci, sizeof(floating))
+        mp = _plane(m * CO, sizeof(floating))
+        _wino_in_chunk(g, x, zero, V, vp, t0, e)
         for xi in range(16):
             gemm_with(_blas, c'N', c'N', <int>CO, <int>m, <int>g.ci, U + xi * g.ci * CO, <int>CO,
-                      V + xi * m * g.ci, <int>g.ci, 0, M + xi * m * CO, <int>CO)
+                      V + xi * vp, <int>g.ci, 0, M + xi * mp, <int>CO)
         for t in range(t0, e):
             n = t // per
             ty = (t - n * per) // g.tw
@@ -1182,10 +1260,10 @@ cdef void _wino_conv_tiles(int mode, int act, const wgeom* g, const floating* x,
                 else:
                     ys[k] = scratch + k * CO
             if floating is float:
-                fnn_wino_out_f(M + (t - t0) * CO, m * CO, CO, b if mode == 0 else NULL,
+                fnn_wino_out_f(M + (t - t0) * CO, mp, CO, b if mode == 0 else NULL,
                                ys[0], ys[1], ys[2], ys[3])
             else:
-                fnn_wino_out_d(M + (t - t0) * CO, m * CO, CO, b if mode == 0 else NULL,
+                fnn_wino_out_d(M + (t - t0) * CO, mp, CO, b if mode == 0 else NULL,
                                ys[0], ys[1], ys[2], ys[3])
             for k in range(2):          # the tile's one or two rows of outputs
                 yy = 2 * ty + k
@@ -1214,10 +1292,13 @@ cdef void _wino_dw_tiles(const wgeom* g, const floating* x, const floating* dz,
     if t0 >= t1:
         for k in range(16 * g.ci * CO):
             S[k] = 0
+    cdef Py_ssize_t vp, dp
     while t0 < t1:
         e = min(t1, t0 + g.tt)
         m = e - t0
-        _wino_in_chunk(g, x, zero, V, t0, e)
+        vp = _plane(m * g.ci, sizeof(floating))
+        dp = _plane(m * CO, sizeof(floating))
+        _wino_in_chunk(g, x, zero, V, vp, t0, e)
         for t in range(t0, e):
             n = t // per
             ty = (t - n * per) // g.tw
@@ -1227,12 +1308,12 @@ cdef void _wino_dw_tiles(const wgeom* g, const floating* x, const floating* dz,
                 xx = 2 * tx + k % 2
                 gp[k] = dz + ((n * g.p + yy) * g.q + xx) * CO if yy < g.p and xx < g.q else zero
             if floating is float:
-                fnn_wino_dz_f(gp[0], gp[1], gp[2], gp[3], CO, D + (t - t0) * CO, m * CO, dbt)
+                fnn_wino_dz_f(gp[0], gp[1], gp[2], gp[3], CO, D + (t - t0) * CO, dp, dbt)
             else:
-                fnn_wino_dz_d(gp[0], gp[1], gp[2], gp[3], CO, D + (t - t0) * CO, m * CO, dbt)
+                fnn_wino_dz_d(gp[0], gp[1], gp[2], gp[3], CO, D + (t - t0) * CO, dp, dbt)
         for xi in range(16):
-            gemm_with(_blas, c'N', c'T', <int>CO, <int>g.ci, <int>m, D + xi * m * CO, <int>CO,
-                      V + xi * m * g.ci, <int>g.ci, 0 if first else 1, S + xi * g.ci * CO,
+            gemm_with(_blas, c'N', c'T', <int>CO, <int>g.ci, <int>m, D + xi * dp, <int>CO,
+                      V + xi * vp, <int>g.ci, 0 if first else 1, S + xi * g.ci * CO,
                       <int>CO)
         first = False
         t0 = e
@@ -1276,30 +1357,30 @@ cdef void _wino_dw_out(const floating* S, Py_ssize_t C, Py_ssize_t O, floating* 
             dw[(3 * a + 2) * CO + k] = (t[a][1] + t[a][2]) * half + t[a][3]
 
 
-cdef Py_ssize_t _wino_workspace(const wgeom* g, Py_ssize_t itemsize, bint dw) noexcept nogil:
-    """Bytes: shared ``U`` (or the threads' ``S``) and zero row; per thread ``V``,
-    ``M``/``D``, scratch, ``db``."""
+cdef Py_ssize_t _wino_workspace(const wgeom* g, Py_ssize_t itemsize) noexcept nogil:
+    """Bytes of the forward pass (and the delta below): shared ``U``, its flipped
+    copy and a zero row; per thread ``V``, ``M`` and scratch."""
     cdef Py_ssize_t shared = (2 * _align(16 * g.ci * g.co * itemsize)
                               + _align(max(g.ci, g.co) * itemsize))
-    cdef Py_ssize_t per = (_align(16 * g.tt * g.ci * itemsize) + _align(16 * g.tt * g.co * itemsize)
-                           + _align(4 * g.co * itemsize) + _align(g.co * sizeof(double))
-                           + (_align(16 * g.ci * g.co * itemsize) if dw else 0))
+    cdef Py_ssize_t per = (_planes(g.tt, g.ci, itemsize) + _planes(g.tt, g.co, itemsize)
+                           + _align(4 * g.co * itemsize))
     return shared + _num_threads * per
 
 
 cdef void _wino_run(int mode, int act, const wgeom* g, const floating* x, const floating* w,
                     bint flip, const floating* b, floating* z, floating* out, const floating* zb,
                     const floating* yb, char* ws) noexcept nogil:
-    """The forward pass (mode 0) or the delta below (mode 1) by Winograd."""
-    cdef Py_ssize_t itemsize = sizeof(floating), t, k
+    """The forward pass (mode 0) or the delta below (mode 1) by Winograd; the
+    chunks of tiles go to the threads as they come free."""
+    cdef Py_ssize_t itemsize = sizeof(floating), t, k, nch
     cdef Py_ssize_t ushare = _align(16 * g.ci * g.co * itemsize)
     cdef Py_ssize_t shared = 2 * ushare + _align(max(g.ci, g.co) * itemsize)
-    cdef Py_ssize_t vsz = _align(16 * g.tt * g.ci * itemsize), msz = _align(16 * g.tt * g.co * itemsize)
-    cdef Py_ssize_t per = vsz + msz + _align(4 * g.co * itemsize) + _align(g.co * sizeof(double))
+    cdef Py_ssize_t vsz = _planes(g.tt, g.ci, itemsize), msz = _planes(g.tt, g.co, itemsize)
+    cdef Py_ssize_t per = vsz + msz + _align(4 * g.co * itemsize)
     cdef floating* U = <floating*>ws
     cdef floating* zero = <floating*>(ws + ushare)
     cdef int T = _threads_for(<double>g.tiles * 16 * g.ci * g.co / 2.25, PAR_MIN_FLOPS, g.tiles)
-    cdef Py_ssize_t step = (g.tiles + T - 1) // T
+    cdef wgeom gp = g[0]
     cdef char* mine
     for k in range(max(g.ci, g.co)):
         zero[k] = 0
@@ -1313,66 +1394,75 @@ cdef void _wino_run(int mode, int act, const wgeom* g, const floating* x, const 
         _wino_conv_tiles(mode, act, g, x, U, b, z, out, zb, yb, zero, <floating*>mine,
                          <floating*>(mine + vsz), <floating*>(mine + vsz + msz), 0, g.tiles)
         return
+    # smaller chunks when there are few (a tile's result does not depend on its chunk)
+    gp.tt = min(g.tt, max(<Py_ssize_t>16, (g.tiles + 4 * T - 1) // (4 * T)))
+    nch = (g.tiles + gp.tt - 1) // gp.tt
     if _blas.set_threads != NULL:
         fnn_blas_enter(<fnn_set_threads_t>_blas.set_threads, <fnn_get_threads_t>_blas.get_threads)
-    for t in prange(T, schedule="static", num_threads=T):
-        _wino_conv_tiles(mode, act, g, x, U, b, z, out, zb, yb, zero,
-                         <floating*>(ws + shared + t * per),
-                         <floating*>(ws + shared + t * per + vsz),
-                         <floating*>(ws + shared + t * per + vsz + msz),
-                         min(g.tiles, t * step), min(g.tiles, (t + 1) * step))
+    for t in prange(nch, schedule="dynamic", num_threads=T):
+        _wino_conv_tiles(mode, act, &gp, x, U, b, z, out, zb, yb, zero,
+                         <floating*>(ws + shared + threadid() * per),
+                         <floating*>(ws + shared + threadid() * per + vsz),
+                         <floating*>(ws + shared + threadid() * per + vsz + msz),
+                         t * gp.tt, min(g.tiles, (t + 1) * gp.tt))
     if _blas.set_threads != NULL:
         fnn_blas_leave(<fnn_set_threads_t>_blas.set_threads)
 
 
+cdef void _wino_dw_plan(const wgeom* g, Py_ssize_t itemsize, dwplan* pl) noexcept nogil:
+    """Units of ``dw`` over the tiles: shared zero row and sum; per unit ``S`` and
+    ``db``; per thread ``V`` and ``D``."""
+    cdef Py_ssize_t n16 = 16 * g.ci * g.co
+    _dw_plan(pl, <double>g.tiles * n16 / 2.25, g.tiles, 128,
+             _align(n16 * itemsize) + _align(max(g.ci, g.co) * itemsize),
+             _align(n16 * itemsize) + _align(g.co * sizeof(double)),
+             _planes(g.tt, g.ci, itemsize) + _planes(g.tt, g.co, itemsize))
+
+
+cdef void _wino_dw_unit(const wgeom* g, const dwplan* pl, const floating* x, const floating* dz,
+                        const floating* zero, char* ws, Py_ssize_t u, Py_ssize_t t) noexcept nogil:
+    cdef Py_ssize_t n16 = 16 * g.ci * g.co
+    cdef char* mine = ws + pl.shared + u * pl.unit
+    cdef char* scratch = ws + pl.shared + pl.U * pl.unit + t * pl.thread
+    _wino_dw_tiles(g, x, dz, zero, <floating*>scratch,
+                   <floating*>(scratch + _planes(g.tt, g.ci, sizeof(floating))),
+                   <floating*>mine, <double*>(mine + _align(n16 * sizeof(floating))),
+                   u * pl.parts // pl.U, (u + 1) * pl.parts // pl.U)
+
+
 cdef void _wino_backward(const wgeom* g, const floating* x, const floating* dz, floating* dw,
                          floating* db, char* ws) noexcept nogil:
-    cdef Py_ssize_t itemsize = sizeof(floating), t, k, CO = g.co, n16 = 16 * g.ci * g.co
-    cdef Py_ssize_t shared = _align(n16 * itemsize) + _align(max(g.ci, g.co) * itemsize)
-    cdef Py_ssize_t vsz = _align(16 * g.tt * g.ci * itemsize), msz = _align(16 * g.tt * g.co * itemsize)
-    cdef Py_ssize_t ssz = _align(n16 * itemsize), dsz = _align(g.co * sizeof(double))
-    cdef Py_ssize_t per = vsz + msz + _align(4 * g.co * itemsize) + dsz + ssz
+    """``dw`` and ``db`` by Winograd: units of tiles (``_dw_plan``), each summing
+    ``S[xi] = V[xi].T @ D[xi]`` into its own buffer, then ``S`` in unit order
+    and ``dw = G^T S G``."""
+    cdef Py_ssize_t itemsize = sizeof(floating), u, k, CO = g.co, n16 = 16 * g.ci * g.co
+    cdef Py_ssize_t ssz = _align(n16 * itemsize)
+    cdef dwplan pl
     cdef floating* S = <floating*>ws
-    cdef floating* zero = <floating*>(ws + _align(n16 * itemsize))
-    cdef int T = _threads_for(<double>g.tiles * 16 * g.ci * g.co / 2.25, PAR_MIN_FLOPS, g.tiles)
-    cdef Py_ssize_t step = (g.tiles + T - 1) // T
-    cdef floating acc
+    cdef floating* zero = <floating*>(ws + ssz)
     cdef double sd
-    cdef char* mine
+    cdef char* base
+    _wino_dw_plan(g, itemsize, &pl)
+    base = ws + pl.shared
     for k in range(max(g.ci, g.co)):
         zero[k] = 0
-    if T == 1:
-        mine = ws + shared
-        _wino_dw_tiles(g, x, dz, zero, <floating*>mine, <floating*>(mine + vsz),
-                       <floating*>(mine + vsz + msz + _align(4 * g.co * itemsize) + dsz),
-                       <double*>(mine + vsz + msz + _align(4 * g.co * itemsize)), 0, g.tiles)
+    if pl.T == 1:
+        for u in range(pl.U):
+            _wino_dw_unit(g, &pl, x, dz, zero, ws, u, 0)
     else:
         if _blas.set_threads != NULL:
             fnn_blas_enter(<fnn_set_threads_t>_blas.set_threads,
                            <fnn_get_threads_t>_blas.get_threads)
-        for t in prange(T, schedule="static", num_threads=T):
-            _wino_dw_tiles(g, x, dz, zero, <floating*>(ws + shared + t * per),
-                           <floating*>(ws + shared + t * per + vsz),
-                           <floating*>(ws + shared + t * per + vsz + msz
-                                       + _align(4 * g.co * itemsize) + dsz),
-                           <double*>(ws + shared + t * per + vsz + msz
-                                     + _align(4 * g.co * itemsize)),
-                           min(g.tiles, t * step), min(g.tiles, (t + 1) * step))
+        for u in prange(pl.U, schedule="dynamic", num_threads=pl.T):
+            _wino_dw_unit(g, &pl, x, dz, zero, ws, u, threadid())
         if _blas.set_threads != NULL:
             fnn_blas_leave(<fnn_set_threads_t>_blas.set_threads)
-    # the threads' sums in thread order, then dw = G^T S G
-    for k in range(n16):
-        acc = (<floating*>(ws + shared + vsz + msz + _align(4 * g.co * itemsize) + dsz))[k]
-        for t in range(1, T):
-            acc = acc + (<floating*>(ws + shared + t * per + vsz + msz
-                                     + _align(4 * g.co * itemsize) + dsz))[k]
-        S[k] = acc
+    _sum_units(<floating*>base, pl.unit // itemsize, pl.U, n16, S)
     _wino_dw_out(S, g.ci, g.co, dw)
     for k in range(CO):
-        sd = (<double*>(ws + shared + vsz + msz + _align(4 * g.co * itemsize)))[k]
-        for t in range(1, T):
-            sd = sd + (<double*>(ws + shared + t * per + vsz + msz
-                                 + _align(4 * g.co * itemsize)))[k]
+        sd = (<double*>(base + ssz))[k]
+        for u in range(1, pl.U):
+            sd = sd + (<double*>(base + u * pl.unit + ssz))[k]
         db[k] = <floating>sd
 
 
@@ -1380,7 +1470,7 @@ cdef Py_ssize_t _backprop_workspace(const geom* g, Py_ssize_t itemsize) noexcept
     cdef wgeom wg
     if _winograd_fits(g):
         _wgeom(&wg, g.n, g.p, g.q, g.o, g.h, g.w, g.c, 2 - g.top, 2 - g.left, itemsize)
-        return _wino_workspace(&wg, itemsize, False)
+        return _wino_workspace(&wg, itemsize)
     return _num_threads * _align(_chunk_rows(g.k, itemsize) * g.k * itemsize)
 
 
@@ -1627,14 +1717,14 @@ cdef void _pool_typed(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out
     cdef floating* op = &out[0, 0, 0, 0]
     cdef int32_t* ap = &argmax[0, 0, 0, 0]
     cdef int T = _threads_for(<double>N * P * Q * C * ph * pw, PAR_MIN_POOL, N * P)
-    cdef Py_ssize_t t, step = (N * P + T - 1) // T
+    cdef Py_ssize_t t, step = _block(N * P, T)
     with nogil:
         if T == 1:
             _pool_rows(xp, op, ap, H, W, C, P, Q, ph, pw, sh, sw, 0, N * P)
         else:
-            for t in prange(T, schedule="static", num_threads=T):
-                _pool_rows(xp, op, ap, H, W, C, P, Q, ph, pw, sh, sw,
-                           min(N * P, t * step), min(N * P, (t + 1) * step))
+            for t in prange((N * P + step - 1) // step, schedule="dynamic", num_threads=T):
+                _pool_rows(xp, op, ap, H, W, C, P, Q, ph, pw, sh, sw, t * step,
+                           min(N * P, (t + 1) * step))
 
 
 cdef void _pool_back_typed(int act, const floating[:, :, :, ::1] dy,
@@ -1652,7 +1742,7 @@ cdef void _pool_back_typed(int act, const floating[:, :, :, ::1] dy,
     cdef bint overlap = sh < ph or sw < pw
     cdef Py_ssize_t parts = N if overlap else N * H
     cdef int T = _threads_for(<double>N * H * W * C, PAR_MIN_POOL, parts)
-    cdef Py_ssize_t t, step = (parts + T - 1) // T
+    cdef Py_ssize_t t, step = _block(parts, T)
     with nogil:
         if T == 1:
             if overlap:
@@ -1660,13 +1750,13 @@ cdef void _pool_back_typed(int act, const floating[:, :, :, ::1] dy,
             else:
                 _pool_back_rows(act, dp, ap, zp, yp, op, H, W, C, P, Q, ph, pw, sh, sw, 0, N * H)
         else:
-            for t in prange(T, schedule="static", num_threads=T):
+            for t in prange((parts + step - 1) // step, schedule="dynamic", num_threads=T):
                 if overlap:
                     _pool_back_images(act, dp, ap, zp, yp, op, H, W, C, P, Q, ph, pw, sh, sw,
-                                      min(parts, t * step), min(parts, (t + 1) * step))
+                                      t * step, min(parts, (t + 1) * step))
                 else:
                     _pool_back_rows(act, dp, ap, zp, yp, op, H, W, C, P, Q, ph, pw, sh, sw,
-                                    min(parts, t * step), min(parts, (t + 1) * step))
+                                    t * step, min(parts, (t + 1) * step))
 
 
 # ------------------------------------------------------------------ the contract's kernels
