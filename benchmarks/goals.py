@@ -169,7 +169,7 @@ class Goal:
         if self.unit == "x":
             return f"{v:.2f}x" if v >= 0.1 else f"{v:.2g}x"
         if self.unit == "%":
-            return f"{v:.0f}%"
+            return f"{v:.1f}%"
         if self.unit == "MB":
             return f"{v:,.1f} MB"
         return f"{v:.2f} {self.unit}"
