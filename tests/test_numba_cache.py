@@ -268,3 +268,47 @@ def test_a_change_in_any_file_of_the_package_recompiles(tmp_path):
     assert "\nLEAKY_SLOPE = 0.01\n" in source
     math_py.write_text(source.replace("\nLEAKY_SLOPE = 0.01\n", "\nLEAKY_SLOPE = 0.5\n"))
     assert run() == pytest.approx([-0.5, 2.0])
+
+
+SERIAL = textwrap.dedent(r"""
+    import numpy as np
+    from fastnn.kernels import numba_cpu as nb, reference as ref
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((9, 5)).astype(np.float32)
+    w = rng.standard_normal((5, 4)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    got, want = np.empty((9, 4), np.float32), np.empty((9, 4), np.float32)
+    nb.dense_forward(x, w, b, "gelu", got)
+    ref.dense_forward(x, w, b, "gelu", want)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    labels = rng.integers(0, 4, 9)
+    g1, g2 = np.empty_like(got), np.empty_like(got)
+    assert abs(nb.softmax_cross_entropy(want, labels, g1)
+               - ref.softmax_cross_entropy(want, labels, g2)) < 1e-6
+    p, g = rng.standard_normal(50).astype(np.float32), rng.standard_normal(50).astype(np.float32)
+    s = [p.copy(), np.zeros(50, np.float32), np.zeros(50, np.float32)]
+    t = [p.copy(), np.zeros(50, np.float32), np.zeros(50, np.float32)]
+    nb.adam_step(*s[:1], g, *s[1:], 1, 1e-3, 0.9, 0.999, 1e-8, 0.1, True, 0.0, None)
+    ref.adam_step(*t[:1], g, *t[1:], 1, 1e-3, 0.9, 0.999, 1e-8, 0.1, True, 0.0, None)
+    np.testing.assert_array_equal(s[0], t[0])
+    print("ok")
+""")
+
+
+def test_a_second_process_loads_the_serial_kernels_from_the_cache(tmp_path):
+    """Small arrays (the serial entry points): a second process sharing the
+    cache loads what the first compiled, adds nothing to it, and computes what
+    the reference computes (a cached entry's environment failed to load once:
+    dense_forward raised in every process after the first)."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+
+    def run():
+        proc = subprocess.run([sys.executable, "-c", SERIAL], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert proc.stdout.split() == ["ok"]
+        return sorted(f for _, _, files in os.walk(tmp_path / "cache") for f in files)
+
+    first = run()
+    assert any(f.endswith(".nbc") for f in first)
+    assert run() == first, "the second process compiled again"
