@@ -18,6 +18,8 @@ contiguous rows while every batch still mixes rows from ``SHUFFLE_BLOCK_BATCHES`
 batches' worth of data.
 """
 
+import mmap
+
 import numpy as np
 
 #: ``shuffle="batch"``: the rows of this many consecutive batches form a block.
@@ -56,6 +58,36 @@ def epoch_order(rng, n, shuffle, batch):
     return order
 
 
+#: Pages of a memmap read through the mapping count in the process' resident
+#: memory until the kernel drops them, so a 2 GB memmap read once would hold
+#: 2 GB of resident memory; after this many bytes of rows read, they are
+#: handed back (madvise MADV_DONTNEED: they stay in the page cache, and a
+#: later read maps them again without touching the disk).
+RELEASE_BYTES = 64 << 20
+
+
+class Pages:
+    """Hands back the pages of a read-only (or shared) memmap every
+    ``RELEASE_BYTES`` read; does nothing for other arrays and for copy-on-write
+    memmaps (``mode="c"``, whose written pages would be lost)."""
+
+    def __init__(self, a):
+        m = getattr(a, "_mmap", None) if isinstance(a, np.memmap) else None
+        ok = (m is not None and getattr(a, "mode", "c") in ("r", "r+")
+              and hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"))
+        self.mmap = m if ok else None
+        self.unread = RELEASE_BYTES
+
+    def read(self, nbytes):
+        """Count ``nbytes`` read; hand the pages back when enough were."""
+        if self.mmap is None:
+            return
+        self.unread -= nbytes
+        if self.unread <= 0:
+            self.unread = RELEASE_BYTES
+            self.mmap.madvise(mmap.MADV_DONTNEED)
+
+
 class Source:
     """Where the batches of one array (and its targets) come from.
 
@@ -79,6 +111,8 @@ class Source:
         self.gather = be.gather_rows
         self.copy_from_host = be.copy_from_host
         self._ramp = None
+        self.pages = Pages(x)
+        self.row_bytes = x[:1].nbytes
 
     def in_order(self, start, stop):
         """Indices ``start:stop`` (a view of one cached ``arange``)."""
@@ -89,6 +123,7 @@ class Source:
     def batch(self, plan, order, start, stop):
         """``(xb, yb)`` for rows ``order[start:stop]`` (or ``start:stop`` when
         ``order`` is None), in ``plan``'s buffers unless a slice will do."""
+        self.pages.read((stop - start) * self.row_bytes)
         if order is None and self.direct:
             return self.x[start:stop], None if self.y is None else self.y[start:stop]
         index = self.in_order(start, stop) if order is None else order[start:stop]

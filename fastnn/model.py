@@ -1302,8 +1302,10 @@ def _check_finite(a, name):
         return
     rows = max(1, _FINITE_CHUNK_BYTES // max(1, a[:1].nbytes))
     flat = a.reshape(a.shape[0], -1)
+    pages = _batches.Pages(a)
     for start in range(0, a.shape[0], rows):
         chunk = flat[start:start + rows]
+        pages.read(chunk.nbytes)
         ok = np.isfinite(chunk).all(axis=1) if chunk.ndim == 2 else np.isfinite(chunk)
         if not ok.all():
             row = start + int(np.argmin(ok))
