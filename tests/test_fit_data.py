@@ -163,3 +163,36 @@ def test_bad_shuffle_argument():
         with pytest.raises(TypeError, match="shuffle"):
             model.fit(x, y, shuffle=bad, verbose=0)
     assert model.optimizer.iterations == 0
+
+
+def _rss_file_kb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+@pytest.mark.parametrize("mode,released", [("r", True), ("c", False)])
+def test_memmap_pages_are_handed_back(tmp_path, monkeypatch, mode, released):
+    """Rows read through a read-only memmap do not stay in the process' resident
+    memory (a 2 GB memmap would hold 2 GB): every RELEASE_BYTES read they are
+    handed back; a copy-on-write map (mode "c") is left alone."""
+    import os
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs Linux's /proc")
+    monkeypatch.setattr(_batches, "RELEASE_BYTES", 1 << 20)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.random((8192, 512), dtype=np.float32))   # 16 MB
+    y = rng.integers(0, 3, 8192)
+    xm = np.load(tmp_path / "x.npy", mmap_mode=mode)
+    model = fn.Sequential([fn.Dense(3)], input_dim=512, seed=0)
+    model.compile("softmax_cross_entropy", "sgd")
+    model.fit(np.array(xm[:512]), y[:512], epochs=1, batch_size=256, verbose=0)  # code loaded
+    before = _rss_file_kb()
+    model.fit(xm, y, epochs=1, batch_size=256, verbose=0)
+    grown = _rss_file_kb() - before
+    if released:
+        assert grown < 4096, grown     # at most a few MB of the 16 MB stay mapped
+    else:
+        assert grown > 12000, grown    # the whole file was read and stays mapped
