@@ -43,6 +43,10 @@ ctypedef struct blas_t:
     dgemm64_t dgemm64
     set_threads_t set_threads   # the library's thread count (OpenBLAS), or NULL
     get_threads_t get_threads
+    # OpenBLAS' ``thread_timeout`` (cycles an idle worker spins before it
+    # sleeps; an internal variable found through the library's symbol table),
+    # or NULL
+    unsigned int* thread_timeout
 
 
 cdef inline void gemm_with(const blas_t* t, char ta, char tb, int m, int n, int k,

@@ -1,49 +1,58 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Convolution, max pooling and dropout, NHWC (Cython, OpenMP, GEMMs by BLAS).
 
-A convolution is GEMMs over im2col columns (row ``(n, p, q)`` holds the window
-``xpad[n, p*sh:p*sh+kh, q*sw:q*sw+kw, :]`` in ``(i, j, c)`` order, the order of
-``w.reshape(kh*kw*c, o)``), never materialised for the whole batch: the rows
-are cut into chunks of about ``CHUNK_BYTES`` of columns, and each chunk is
-written into a per-thread workspace, multiplied at once (one GEMM per chunk)
-and finished while it is in cache:
+Three ways to a convolution, chosen by its geometry:
 
-* ``conv2d_forward``: columns, ``z = cols @ w`` (BLAS), then bias and
-  activation over the chunk's rows (``preact`` keeps ``z``);
-* ``conv2d_backward``: columns, ``dw += cols.T @ dz`` (BLAS, ``beta = 1``
-  after a thread's first chunk), and ``db`` summed in float64 over the
-  chunk's rows of ``dz``; the threads' partial sums are added in thread order;
-* ``conv2d_backprop``: ``dcols = dz @ w.T`` (BLAS), col2im adds them into the
-  chunk's images, and an image is multiplied by the derivative of the
-  activation below once its last row is in (the threads own whole images,
-  so no two write one image).
+* Winograd F(2x2, 3x3) for 3x3 kernels at stride 1 with at least
+  ``WINOGRAD_MIN_CHANNELS`` channels in and out (conv2 of Keras' MNIST
+  convnet): 2x2 output tiles, each tile's 4x4 input patch transformed, 16
+  GEMMs per chunk of tiles (``M[xi] = V[xi] @ U[xi]``, K = input channels),
+  the inverse transform with bias and activation fused: 4 multiplications
+  per output and channel pair instead of 9. ``dw`` is its adjoint (16 GEMMs
+  ``S[xi] += V[xi].T @ D[xi]`` with K = tiles, then ``dw = G^T S G``); the
+  delta below is the same forward algorithm on ``dz`` with the kernel
+  flipped, channels swapped and the derivative of the activation below
+  fused into the inverse transform. Rounding in float32: measured against
+  float64 at conv2's shapes, the forward pass's largest error is 0.35-0.55x
+  im2col's, ``dw``'s 1.0-1.3x, the delta's 1.7-2.0x, at most 5e-7 of the
+  largest output (``tests/test_cython.py::test_winograd_rounding``).
+* A register-blocked loop of our own where the column width ``K = kh*kw*c``
+  is at most ``DIRECT_MAX_K`` (conv1: ``K = 9``, where a GEMM runs far below
+  its peak): 8 output pixels by 16 channels of accumulators (GCC vector
+  extensions: one AVX-512 register a row in float32), multiply then add,
+  ``k`` in order, so every CPU variant gives the same bits; it reads the
+  columns from ``x`` itself (a table of offsets) where the windows lie inside
+  the image, from im2col rows at the borders. ``dw`` likewise, 16 channels
+  by up to 12 rows of ``dw`` in registers, ``db`` summed in float64 in the
+  same pass over ``dz``.
+* Otherwise im2col GEMMs, never materialised for the whole batch: chunks of
+  about ``CHUNK_BYTES`` of columns written into a per-thread workspace, one
+  GEMM per chunk, finished while in cache (forward: bias and activation;
+  ``dw``: ``beta = 1`` after the first chunk; delta below: col2im into whole
+  images owned by one thread, then the derivative). A 1x1 kernel at stride 1
+  without padding reads ``x`` as its columns.
 
-A 1x1 kernel at stride 1 without padding needs no columns: the GEMMs read
-``x`` (and write ``out``) directly. Where the column width ``K = kh*kw*c`` is
-small (``DIRECT_MAX_K``: conv1 of an MNIST network has ``K = 9``), a GEMM runs
-far below its peak, and the forward pass and ``dw`` run a register-blocked
-loop of our own instead: 8 rows by 16 output channels of accumulators (GCC
-vector extensions: one AVX-512 register a row in float32), multiply then
-add, ``k`` in order, so every CPU variant gives the same bits.
-
-Threads: above ``PAR_MIN_FLOPS`` the rows (whole images for
-``conv2d_backprop``) are split into one contiguous range per OpenMP thread,
-and each thread runs its chunks with single-threaded GEMMs. For that the
-BLAS (OpenBLAS: ``blas_t.set_threads``) is set to one thread for the length
-of the parallel region and set back afterwards (a process-wide setting:
-a GEMM another Python thread runs meanwhile gets one thread too); a BLAS
-without that function gets one thread of ours and its own threads. Below
-the threshold everything runs on the calling thread.
+Threads: above ``PAR_MIN_FLOPS`` (multiply-adds) the work is cut into blocks
+(rows, chunks, tiles, images) handed to the OpenMP threads as they come free
+(``schedule(dynamic)``: a thread that shares its core with another process
+takes fewer), each running its GEMMs on one BLAS thread. ``dw`` and ``db``
+are summed in units (``DW_UNITS``) whose count depends on the geometry only,
+each into its own buffer, then added in unit order: the same bits on 1 to
+16 threads. Around every parallel region OpenBLAS is set to one thread and
+its idle workers are sent to sleep (``fnn_region_enter``: after a GEMM an
+OpenBLAS worker spins for about 0.1 s, so a region right after the dense
+layer's GEMMs shared a core with it); both are restored afterwards.
 
 Workspace: one buffer per calling Python thread (``threading.local``),
-grown to the largest size asked for and reused, sliced per OpenMP thread;
-so a training step allocates nothing after its first batch.
+grown to the largest size asked for and reused, sliced per OpenMP thread and
+per unit; so a training step allocates nothing after its first batch.
 
 Max pooling: one pass over the windows' rows, the channel loop vectorized
 with selects (NaN wins; the first maximum on ties; bit for bit the
 reference); its backward pass writes each input row once (windows that do
-not overlap) or adds in the reference's order (windows that overlap), then
-multiplies the derivative of the activation below while the row is in cache.
+not overlap; the ReLU derivative in the same pass) or adds in the
+reference's order (windows that overlap), then multiplies the derivative of
+the activation below while the row is in cache.
 
 Dropout: the splitmix64 hash of each element's index computed in the loop
 that applies the mask (vectorized in uint64), so no mask is stored and the
@@ -74,35 +83,55 @@ cdef extern from *:
     #ifdef _OPENMP
     #include <omp.h>
     #endif
-    /* The BLAS thread count around a parallel region whose threads each call
-       the BLAS: set to 1 by the first region to enter, set back by the last
-       to leave (several Python threads may run regions at once). */
+    /* Around every parallel region of this module (several Python threads may
+       run regions at once: the first to enter saves, the last to leave
+       restores):
+       - the BLAS thread count is set to 1, since each thread of ours calls
+         the BLAS itself;
+       - OpenBLAS' idle workers are sent to sleep: after a GEMM they spin for
+         about 2^28 cycles (0.1 s) on a core of their own, so a region that
+         follows a GEMM (the dense layer's, every step) shares a core with
+         that spin; its thread_timeout, lowered to 16 cycles for the region,
+         ends the spin at its next check and is restored afterwards, so the
+         next GEMM wakes the worker once and it spins again as before. */
     typedef void (*fnn_set_threads_t)(int);
     typedef int (*fnn_get_threads_t)(void);
     #ifdef _OPENMP
-    static omp_lock_t fnn_blas_lock;
+    static omp_lock_t fnn_region_lock;
     #endif
-    static int fnn_blas_users = 0, fnn_blas_saved = 1;
-    static void fnn_blas_lock_init(void) {
+    static int fnn_region_users = 0, fnn_saved_threads = 1;
+    static unsigned int fnn_saved_timeout = 0;
+    static void fnn_region_lock_init(void) {
     #ifdef _OPENMP
-        omp_init_lock(&fnn_blas_lock);
+        omp_init_lock(&fnn_region_lock);
     #endif
     }
-    static void fnn_blas_enter(fnn_set_threads_t set, fnn_get_threads_t get) {
+    static void fnn_region_enter(fnn_set_threads_t set, fnn_get_threads_t get,
+                                 unsigned int* timeout) {
     #ifdef _OPENMP
-        omp_set_lock(&fnn_blas_lock);
-        if (fnn_blas_users++ == 0) {
-            fnn_blas_saved = get();
-            if (fnn_blas_saved != 1) set(1);
+        omp_set_lock(&fnn_region_lock);
+        if (fnn_region_users++ == 0) {
+            fnn_saved_threads = 1;
+            if (set && get) {
+                fnn_saved_threads = get();
+                if (fnn_saved_threads != 1) set(1);
+            }
+            if (timeout) {
+                fnn_saved_timeout = *(volatile unsigned int*)timeout;
+                *(volatile unsigned int*)timeout = 16;
+            }
         }
-        omp_unset_lock(&fnn_blas_lock);
+        omp_unset_lock(&fnn_region_lock);
     #endif
     }
-    static void fnn_blas_leave(fnn_set_threads_t set) {
+    static void fnn_region_leave(fnn_set_threads_t set, unsigned int* timeout) {
     #ifdef _OPENMP
-        omp_set_lock(&fnn_blas_lock);
-        if (--fnn_blas_users == 0 && fnn_blas_saved != 1) set(fnn_blas_saved);
-        omp_unset_lock(&fnn_blas_lock);
+        omp_set_lock(&fnn_region_lock);
+        if (--fnn_region_users == 0) {
+            if (set && fnn_saved_threads != 1) set(fnn_saved_threads);
+            if (timeout) *(volatile unsigned int*)timeout = fnn_saved_timeout;
+        }
+        omp_unset_lock(&fnn_region_lock);
     #endif
     }
 
@@ -394,9 +423,10 @@ cdef extern from *:
     """
     ctypedef void (*fnn_set_threads_t)(int) noexcept nogil
     ctypedef int (*fnn_get_threads_t)() noexcept nogil
-    void fnn_blas_lock_init() noexcept nogil
-    void fnn_blas_enter(fnn_set_threads_t s, fnn_get_threads_t g) noexcept nogil
-    void fnn_blas_leave(fnn_set_threads_t s) noexcept nogil
+    void fnn_region_lock_init() noexcept nogil
+    void fnn_region_enter(fnn_set_threads_t s, fnn_get_threads_t g,
+                          unsigned int* timeout) noexcept nogil
+    void fnn_region_leave(fnn_set_threads_t s, unsigned int* timeout) noexcept nogil
     uint64_t FNN_GOLDEN
     uint64_t FNN_MIX1
     uint64_t FNN_MIX2
@@ -439,13 +469,15 @@ cdef extern from *:
     void fnn_wino_dz_d(const double* g0, const double* g1, const double* g2, const double* g3,
                        Py_ssize_t O, double* d, Py_ssize_t plane, double* db) noexcept nogil
 
-fnn_blas_lock_init()
+fnn_region_lock_init()
 
 #: True when this extension was compiled with OpenMP.
 OPENMP = bool(FASTNN_OPENMP)
 
-# Work (multiply-adds of the convolution, or elements for pooling) from which
-# the threads split it; see the measurements in set_tuning's docstring.
+# Work from which the threads split it: multiply-adds of a convolution (4 M:
+# about 0.1 ms on one core, twice what waking a second thread after a BLAS
+# call cost here, see _cy_elementwise), elements of a pooling pass (about
+# 80 us) or of dropout.
 cdef double PAR_MIN_FLOPS = 4e6
 cdef Py_ssize_t PAR_MIN_POOL = 1 << 18
 cdef Py_ssize_t PAR_MIN_DROPOUT = 1 << 19
@@ -512,6 +544,28 @@ def _use_blas_table(uintptr_t address):
     _blas = <const blas_t*>address
 
 
+# Resolved on the first call of a kernel here (a symbol-table lookup of a few
+# ms, kept out of ``import fastnn``): cython_cpu's ``_quiet_openblas``.
+_quiet_hook = None
+cdef bint _quiet_ready = False
+
+
+def _set_quiet_hook(hook):
+    """``hook()`` points the BLAS table at OpenBLAS' ``thread_timeout``; it runs
+    on the next kernel call (again after every call of this function)."""
+    global _quiet_hook, _quiet_ready
+    _quiet_hook = hook
+    _quiet_ready = False
+
+
+cdef int _check_quiet() except -1:
+    global _quiet_ready
+    _quiet_ready = True
+    if _quiet_hook is not None:
+        _quiet_hook()
+    return 0
+
+
 cdef int _ensure_blas() except -1:
     """Used alone (not through ``cython_cpu``), read the table of the same
     variant's ``_cy_dense``, which then loads SciPy's BLAS as its kernels do."""
@@ -576,6 +630,37 @@ cdef inline int _threads_for(double work, double min_work, Py_ssize_t parts) noe
     if _num_threads <= 1 or work < min_work or parts < 2:
         return 1
     return <int>min(<Py_ssize_t>_num_threads, parts)
+
+
+cdef inline void _region_enter() noexcept nogil:
+    """Before a parallel region: one BLAS thread, OpenBLAS' idle workers asleep
+    (see ``fnn_region_enter``)."""
+    if _blas != NULL:
+        fnn_region_enter(<fnn_set_threads_t>_blas.set_threads,
+                         <fnn_get_threads_t>_blas.get_threads, _blas.thread_timeout)
+
+
+cdef inline void _region_leave() noexcept nogil:
+    if _blas != NULL:
+        fnn_region_leave(<fnn_set_threads_t>_blas.set_threads, _blas.thread_timeout)
+
+
+def _region_probe():
+    """``(BLAS threads, OpenBLAS thread_timeout)`` as a parallel region of this
+    module sees them (``-1`` where the BLAS does not say): for tests."""
+    cdef int threads = -1
+    cdef long long timeout = -1
+    _ensure_blas()
+    if not _quiet_ready:
+        _check_quiet()
+    with nogil:
+        _region_enter()
+        if _blas.get_threads != NULL:
+            threads = _blas.get_threads()
+        if _blas.thread_timeout != NULL:
+            timeout = _blas.thread_timeout[0]
+        _region_leave()
+    return threads, timeout
 
 
 cdef inline Py_ssize_t _block(Py_ssize_t parts, int T) noexcept nogil:
@@ -806,22 +891,22 @@ cdef void _conv_forward(int act, const geom* g, const floating* x, const floatin
                              0, rows)
             return
         step = _block(rows, T)
+        _region_enter()
         for t in prange((rows + step - 1) // step, schedule="dynamic", num_threads=T):
             _fwd_direct_rows(act, g, x, wpad, ldw, b, z, out, off,
                              <floating*>(ws + shared + threadid() * per),
                              t * step, min(rows, (t + 1) * step))
+        _region_leave()
         return
     T = _threads_for(<double>g.m * K * O, PAR_MIN_FLOPS, (g.m + chunk - 1) // chunk)
     if T == 1:
         _fwd_gemm_rows(act, g, x, w, b, z, out, <floating*>(ws + shared), chunk, 0, g.m)
         return
-    if _blas.set_threads != NULL:
-        fnn_blas_enter(<fnn_set_threads_t>_blas.set_threads, <fnn_get_threads_t>_blas.get_threads)
+    _region_enter()
     for t in prange((g.m + chunk - 1) // chunk, schedule="dynamic", num_threads=T):
         _fwd_gemm_rows(act, g, x, w, b, z, out, <floating*>(ws + shared + threadid() * per),
                        chunk, t * chunk, min(g.m, (t + 1) * chunk))
-    if _blas.set_threads != NULL:
-        fnn_blas_leave(<fnn_set_threads_t>_blas.set_threads)
+    _region_leave()
 
 
 cdef Py_ssize_t _forward_workspace(const geom* g, Py_ssize_t itemsize) noexcept nogil:
@@ -1040,13 +1125,10 @@ cdef void _conv_backward(const geom* g, const floating* x, const floating* dz, f
         for u in range(pl.U):
             _dw_unit(g, &pl, direct, lddw, nrows, x, dz, off, ws, u, 0)
     else:
-        if not direct and _blas.set_threads != NULL:
-            fnn_blas_enter(<fnn_set_threads_t>_blas.set_threads,
-                           <fnn_get_threads_t>_blas.get_threads)
+        _region_enter()
         for u in prange(pl.U, schedule="dynamic", num_threads=pl.T):
             _dw_unit(g, &pl, direct, lddw, nrows, x, dz, off, ws, u, threadid())
-        if not direct and _blas.set_threads != NULL:
-            fnn_blas_leave(<fnn_set_threads_t>_blas.set_threads)
+        _region_leave()
     # the units' partial sums, in unit order
     _sum_units(<floating*>base, pl.unit // sizeof(floating), pl.U, K * lddw, <floating*>base)
     for i in range(K):
@@ -1126,13 +1208,11 @@ cdef void _conv_backprop(int act, const geom* g, const floating* dz, const float
     if T == 1:
         _backprop_images(act, g, dz, w, zb, yb, dx, <floating*>ws, chunk, 0, g.n)
         return
-    if _blas.set_threads != NULL:
-        fnn_blas_enter(<fnn_set_threads_t>_blas.set_threads, <fnn_get_threads_t>_blas.get_threads)
+    _region_enter()
     for t in prange((g.n + step - 1) // step, schedule="dynamic", num_threads=T):
         _backprop_images(act, g, dz, w, zb, yb, dx, <floating*>(ws + threadid() * per), chunk,
                          t * step, min(g.n, (t + 1) * step))
-    if _blas.set_threads != NULL:
-        fnn_blas_leave(<fnn_set_threads_t>_blas.set_threads)
+    _region_leave()
 
 
 
@@ -1397,16 +1477,14 @@ cdef void _wino_run(int mode, int act, const wgeom* g, const floating* x, const 
     # smaller chunks when there are few (a tile's result does not depend on its chunk)
     gp.tt = min(g.tt, max(<Py_ssize_t>16, (g.tiles + 4 * T - 1) // (4 * T)))
     nch = (g.tiles + gp.tt - 1) // gp.tt
-    if _blas.set_threads != NULL:
-        fnn_blas_enter(<fnn_set_threads_t>_blas.set_threads, <fnn_get_threads_t>_blas.get_threads)
+    _region_enter()
     for t in prange(nch, schedule="dynamic", num_threads=T):
         _wino_conv_tiles(mode, act, &gp, x, U, b, z, out, zb, yb, zero,
                          <floating*>(ws + shared + threadid() * per),
                          <floating*>(ws + shared + threadid() * per + vsz),
                          <floating*>(ws + shared + threadid() * per + vsz + msz),
                          t * gp.tt, min(g.tiles, (t + 1) * gp.tt))
-    if _blas.set_threads != NULL:
-        fnn_blas_leave(<fnn_set_threads_t>_blas.set_threads)
+    _region_leave()
 
 
 cdef void _wino_dw_plan(const wgeom* g, Py_ssize_t itemsize, dwplan* pl) noexcept nogil:
@@ -1450,13 +1528,10 @@ cdef void _wino_backward(const wgeom* g, const floating* x, const floating* dz, 
         for u in range(pl.U):
             _wino_dw_unit(g, &pl, x, dz, zero, ws, u, 0)
     else:
-        if _blas.set_threads != NULL:
-            fnn_blas_enter(<fnn_set_threads_t>_blas.set_threads,
-                           <fnn_get_threads_t>_blas.get_threads)
+        _region_enter()
         for u in prange(pl.U, schedule="dynamic", num_threads=pl.T):
             _wino_dw_unit(g, &pl, x, dz, zero, ws, u, threadid())
-        if _blas.set_threads != NULL:
-            fnn_blas_leave(<fnn_set_threads_t>_blas.set_threads)
+        _region_leave()
     _sum_units(<floating*>base, pl.unit // itemsize, pl.U, n16, S)
     _wino_dw_out(S, g.ci, g.co, dw)
     for k in range(CO):
@@ -1625,9 +1700,11 @@ cdef void _dropout_typed(const floating[::1] x, floating[::1] out, uint64_t seed
             _dropout_range(xp, op, seed, threshold, s, 0, n)
         else:
             step = chunk_step(n, chunks)
+            _region_enter()
             for c in prange(chunks, schedule="static", num_threads=chunks):
                 _dropout_range(xp, op, seed, threshold, s, min(n, c * step),
                                min(n, (c + 1) * step))
+            _region_leave()
 
 
 def dropout_forward(x, rate, seed, out):
@@ -1648,6 +1725,8 @@ def dropout_forward(x, rate, seed, out):
     out : ndarray, same shape and dtype
         OUT; may be ``x``.
     """
+    if not _quiet_ready:
+        _check_quiet()
     cdef double r = rate
     if r == 0:
         if out is not x:
@@ -1722,9 +1801,11 @@ cdef void _pool_typed(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out
         if T == 1:
             _pool_rows(xp, op, ap, H, W, C, P, Q, ph, pw, sh, sw, 0, N * P)
         else:
+            _region_enter()
             for t in prange((N * P + step - 1) // step, schedule="dynamic", num_threads=T):
                 _pool_rows(xp, op, ap, H, W, C, P, Q, ph, pw, sh, sw, t * step,
                            min(N * P, (t + 1) * step))
+            _region_leave()
 
 
 cdef void _pool_back_typed(int act, const floating[:, :, :, ::1] dy,
@@ -1750,6 +1831,7 @@ cdef void _pool_back_typed(int act, const floating[:, :, :, ::1] dy,
             else:
                 _pool_back_rows(act, dp, ap, zp, yp, op, H, W, C, P, Q, ph, pw, sh, sw, 0, N * H)
         else:
+            _region_enter()
             for t in prange((parts + step - 1) // step, schedule="dynamic", num_threads=T):
                 if overlap:
                     _pool_back_images(act, dp, ap, zp, yp, op, H, W, C, P, Q, ph, pw, sh, sw,
@@ -1757,6 +1839,7 @@ cdef void _pool_back_typed(int act, const floating[:, :, :, ::1] dy,
                 else:
                     _pool_back_rows(act, dp, ap, zp, yp, op, H, W, C, P, Q, ph, pw, sh, sw,
                                     t * step, min(parts, (t + 1) * step))
+            _region_leave()
 
 
 # ------------------------------------------------------------------ the contract's kernels
@@ -1790,6 +1873,8 @@ def conv2d_forward(x, w, b, str act, out, preact=None, stride=(1, 1), padding=(0
     padding : (int, int, int, int)
         ``(top, bottom, left, right)`` zeros.
     """
+    if not _quiet_ready:
+        _check_quiet()
     _ensure_blas()
     cdef int code = act_code(act)
     cdef geom g
@@ -1826,6 +1911,8 @@ def conv2d_backward(x, dz, dw, db, stride=(1, 1), padding=(0, 0, 0, 0)):
     stride, padding
         As in :func:`conv2d_forward`.
     """
+    if not _quiet_ready:
+        _check_quiet()
     _ensure_blas()
     cdef geom g
     cdef int size = x.dtype.itemsize
@@ -1861,6 +1948,8 @@ def conv2d_backprop(dz, w, z, y, str act, out, stride=(1, 1), padding=(0, 0, 0, 
     stride, padding
         As in :func:`conv2d_forward`.
     """
+    if not _quiet_ready:
+        _check_quiet()
     _ensure_blas()
     cdef int code = act_code(act)
     cdef geom g
@@ -1895,6 +1984,8 @@ def maxpool2d_forward(x, out, argmax, pool=(2, 2), stride=None):
     stride : (int, int) or None
         None: ``pool``.
     """
+    if not _quiet_ready:
+        _check_quiet()
     ph, pw = pool
     sh, sw = (ph, pw) if stride is None else stride
     if x.dtype.itemsize == 4:
@@ -1923,6 +2014,8 @@ def maxpool2d_backward(dy, argmax, z, y, str act, out, pool=(2, 2), stride=None)
     pool, stride
         As in :func:`maxpool2d_forward`.
     """
+    if not _quiet_ready:
+        _check_quiet()
     cdef int code = act_code(act)
     ph, pw = pool
     sh, sw = (ph, pw) if stride is None else stride

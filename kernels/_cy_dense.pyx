@@ -64,12 +64,15 @@ cdef blas_t _blas
 
 
 def _set_blas(uintptr_t sgemm_addr, uintptr_t dgemm_addr, bint ilp64,
-              uintptr_t set_threads_addr=0, uintptr_t get_threads_addr=0):
+              uintptr_t set_threads_addr=0, uintptr_t get_threads_addr=0,
+              uintptr_t thread_timeout_addr=0):
     """Call the Fortran ``sgemm``/``dgemm`` at these addresses (both non-zero),
     with 64-bit integers when ``ilp64``; ``set_threads_addr``/``get_threads_addr``:
     that library's ``openblas_set_num_threads``/``openblas_get_num_threads``
     (both, or 0 when unknown), which the convolutions use to run their GEMMs on
-    one BLAS thread each inside their own parallel region."""
+    one BLAS thread each inside their own parallel region;
+    ``thread_timeout_addr``: OpenBLAS' idle-spin limit (0 when unknown), which
+    they lower for the length of a region (see ``_cy_conv``)."""
     if sgemm_addr == 0 or dgemm_addr == 0:
         raise ValueError("_set_blas: both addresses are needed")
     if ilp64:
@@ -83,6 +86,12 @@ def _set_blas(uintptr_t sgemm_addr, uintptr_t dgemm_addr, bint ilp64,
         _blas.get_threads = <get_threads_t>get_threads_addr
     else:
         _blas.set_threads, _blas.get_threads = NULL, NULL
+    _blas.thread_timeout = <unsigned int*>thread_timeout_addr
+
+
+def _set_thread_timeout(uintptr_t address):
+    """Point the table at the BLAS' ``thread_timeout`` (0: none; see ``_set_blas``)."""
+    _blas.thread_timeout = <unsigned int*>address
 
 
 def _blas_table(bint load=False):

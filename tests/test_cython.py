@@ -8,6 +8,7 @@ against the reference; these tests cover what is particular to it.)
 """
 
 import contextlib
+import sys
 
 import numpy as np
 import pytest
@@ -778,3 +779,33 @@ def test_no_allocation_after_the_first_call(threads):
             call()      # the first call at this size may grow the workspace
         for call in calls:
             assert _traced_peak(call) < 2048, call
+
+
+# ------------------------------------------------------------ OpenBLAS' idle workers
+
+def test_elf_symbols_of_a_file_that_is_no_elf(tmp_path):
+    path = tmp_path / "not_elf.so"
+    path.write_bytes(b"MZ" + b"\0" * 100)
+    assert cy._elf_symbols(str(path), ["thread_timeout"]) == {}
+    assert cy._thread_timeout_address(str(path), "sgemm_", 12345) == 0
+
+
+@pytest.mark.skipif(not NUMPY_BLAS_USABLE or not sys.platform.startswith("linux"),
+                    reason="NumPy's bundled OpenBLAS on Linux")
+@pytest.mark.parametrize("blas", ["numpy", "scipy"])
+def test_openblas_in_a_region_one_thread_workers_asleep_and_restored(blas):
+    """Inside a parallel region the BLAS runs on one thread and OpenBLAS'
+    thread_timeout (found in the library's symbol table) is 16 cycles, so a
+    worker spinning after a GEMM goes to sleep at its next check; both are as
+    before afterwards."""
+    import ctypes
+
+    with _using_blas(blas), fastnn.num_threads(2):
+        threads, timeout = _cy_conv._region_probe()
+        address = cy._TIMEOUTS.get(blas, 0)
+        assert address, f"thread_timeout not found in {blas}'s OpenBLAS"
+        after = ctypes.c_uint.from_address(address).value
+        assert (threads, timeout) == (1, 16)
+        assert after >= 1 << 4 and after & (after - 1) == 0 and after != 16
+        assert _cy_conv._region_probe() == (1, 16)
+        assert ctypes.c_uint.from_address(address).value == after
