@@ -410,16 +410,41 @@ cdef extern from *:
             }                                                                          \
         }                                                                              \
     }                                                                                  \
-    /* dst[xi][o][c] = src[xi][c][o] */                                                \
+    /* dst[xi][o][c] = src[xi][c][o], in 8x8 blocks */                                 \
     static void fnn_transpose16_##SUF(const T* src, Py_ssize_t C, Py_ssize_t O,        \
                                       T* FNN_RESTRICT dst) {                           \
         for (Py_ssize_t xi = 0; xi < 16; xi++)                                         \
-            for (Py_ssize_t c = 0; c < C; c++)                                         \
-                for (Py_ssize_t o = 0; o < O; o++)                                     \
-                    dst[(xi * O + o) * C + c] = src[(xi * C + c) * O + o];             \
+            for (Py_ssize_t c0 = 0; c0 < C; c0 += 8)                                   \
+                for (Py_ssize_t o0 = 0; o0 < O; o0 += 8)                               \
+                    for (Py_ssize_t c = c0; c < c0 + 8 && c < C; c++)                  \
+                        for (Py_ssize_t o = o0; o < o0 + 8 && o < O; o++)              \
+                            dst[(xi * O + o) * C + c] = src[(xi * C + c) * O + o];     \
     }
     FNN_WKER(float, f)
     FNN_WKER(double, d)
+    /* dw[i][j][k] = (G^T S[:, k] G)[i][j], G^T = [1 .5 .5 0; 0 .5 -.5 0; 0 .5 .5 1],
+       for the n channel pairs k (S: 16 planes of n, dw: 9 planes of n) */
+    #define FNN_WDWOUT(T, SUF)                                                          \
+    static void fnn_wino_dw_out_##SUF(const T* s, Py_ssize_t n, T* FNN_RESTRICT dw) {  \
+        const T half = 0.5;                                                            \
+        FNN_IVDEP for (Py_ssize_t k = 0; k < n; k++) {                                 \
+            T t[3][4];                                                                 \
+            for (int a = 0; a < 4; a++) {                                              \
+                T s0 = s[a * n + k], s1 = s[(4 + a) * n + k];                          \
+                T s2 = s[(8 + a) * n + k], s3 = s[(12 + a) * n + k];                   \
+                t[0][a] = s0 + (s1 + s2) * half;                                       \
+                t[1][a] = (s1 - s2) * half;                                            \
+                t[2][a] = (s1 + s2) * half + s3;                                       \
+            }                                                                          \
+            for (int a = 0; a < 3; a++) {                                              \
+                dw[(3 * a) * n + k] = t[a][0] + (t[a][1] + t[a][2]) * half;            \
+                dw[(3 * a + 1) * n + k] = (t[a][1] - t[a][2]) * half;                  \
+                dw[(3 * a + 2) * n + k] = (t[a][1] + t[a][2]) * half + t[a][3];        \
+            }                                                                          \
+        }                                                                              \
+    }
+    FNN_WDWOUT(float, f)
+    FNN_WDWOUT(double, d)
     """
     ctypedef void (*fnn_set_threads_t)(int) noexcept nogil
     ctypedef int (*fnn_get_threads_t)() noexcept nogil
@@ -452,6 +477,8 @@ cdef extern from *:
     void fnn_transpose16_f(const float* src, Py_ssize_t C, Py_ssize_t O, float* dst) noexcept nogil
     void fnn_transpose16_d(const double* src, Py_ssize_t C, Py_ssize_t O,
                            double* dst) noexcept nogil
+    void fnn_wino_dw_out_f(const float* s, Py_ssize_t n, float* dw) noexcept nogil
+    void fnn_wino_dw_out_d(const double* s, Py_ssize_t n, double* dw) noexcept nogil
     void fnn_colsum_f(const float* d, Py_ssize_t ld, Py_ssize_t rows, Py_ssize_t O,
                       double* acc) noexcept nogil
     void fnn_colsum_d(const double* d, Py_ssize_t ld, Py_ssize_t rows, Py_ssize_t O,
@@ -607,6 +634,7 @@ ctypedef struct geom:
     Py_ssize_t sh, sw, top, left
     Py_ssize_t k                  # kh*kw*c: the width of a column row
     Py_ssize_t m                  # n*p*q: the column rows
+    int threads                   # the thread count read once per call (the workspace's)
     bint identity                 # 1x1, stride 1, no padding: the columns are x
 
 
@@ -620,16 +648,18 @@ cdef int _geometry(geom* g, tuple xshape, tuple wshape, tuple oshape, stride, pa
     g.top, g.left = top, left
     g.k = g.kh * g.kw * g.c
     g.m = g.n * g.p * g.q
+    g.threads = _num_threads
     g.identity = (g.kh == 1 and g.kw == 1 and g.sh == 1 and g.sw == 1 and top == 0
                   and bottom == 0 and left == 0 and right == 0)
     return 0
 
 
-cdef inline int _threads_for(double work, double min_work, Py_ssize_t parts) noexcept nogil:
+cdef inline int _threads_for(int threads, double work, double min_work,
+                             Py_ssize_t parts) noexcept nogil:
     """Threads to split ``work`` over: 1 below ``min_work``, at most ``parts``."""
-    if _num_threads <= 1 or work < min_work or parts < 2:
+    if threads <= 1 or work < min_work or parts < 2:
         return 1
-    return <int>min(<Py_ssize_t>_num_threads, parts)
+    return <int>min(<Py_ssize_t>threads, parts)
 
 
 cdef inline void _region_enter() noexcept nogil:
@@ -867,7 +897,7 @@ cdef void _conv_forward(int act, const geom* g, const floating* x, const floatin
                         const floating* b, floating* z, floating* out, char* ws) noexcept nogil:
     cdef wgeom wg
     if _winograd_fits(g):
-        _wgeom(&wg, g.n, g.h, g.w, g.c, g.p, g.q, g.o, g.top, g.left, sizeof(floating))
+        _wgeom(&wg, g.n, g.h, g.w, g.c, g.p, g.q, g.o, g.top, g.left, sizeof(floating), g.threads)
         _wino_run(0, act, &wg, x, w, False, b, z, out, NULL, NULL, ws)
         return
     cdef Py_ssize_t itemsize = sizeof(floating), K = g.k, O = g.o, rows = g.n * g.p
@@ -885,7 +915,7 @@ cdef void _conv_forward(int act, const geom* g, const floating* x, const floatin
         for i in range(K):
             for j in range(ldw):
                 wpad[i * ldw + j] = w[i * O + j] if j < O else 0
-        T = _threads_for(<double>g.m * K * O, PAR_MIN_FLOPS, rows)
+        T = _threads_for(g.threads, <double>g.m * K * O, PAR_MIN_FLOPS, rows)
         if T == 1:
             _fwd_direct_rows(act, g, x, wpad, ldw, b, z, out, off, <floating*>(ws + shared),
                              0, rows)
@@ -898,7 +928,8 @@ cdef void _conv_forward(int act, const geom* g, const floating* x, const floatin
                              t * step, min(rows, (t + 1) * step))
         _region_leave()
         return
-    T = _threads_for(<double>g.m * K * O, PAR_MIN_FLOPS, (g.m + chunk - 1) // chunk)
+    T = _threads_for(g.threads, <double>g.m * K * O, PAR_MIN_FLOPS,
+                     (g.m + chunk - 1) // chunk)
     if T == 1:
         _fwd_gemm_rows(act, g, x, w, b, z, out, <floating*>(ws + shared), chunk, 0, g.m)
         return
@@ -912,11 +943,11 @@ cdef void _conv_forward(int act, const geom* g, const floating* x, const floatin
 cdef Py_ssize_t _forward_workspace(const geom* g, Py_ssize_t itemsize) noexcept nogil:
     cdef wgeom wg
     if _winograd_fits(g):
-        _wgeom(&wg, g.n, g.h, g.w, g.c, g.p, g.q, g.o, g.top, g.left, itemsize)
+        _wgeom(&wg, g.n, g.h, g.w, g.c, g.p, g.q, g.o, g.top, g.left, itemsize, g.threads)
         return _wino_workspace(&wg, itemsize)
     cdef Py_ssize_t K = g.k, ldw = (g.o + FNN_VL - 1) // FNN_VL * FNN_VL
     return (_align(K * sizeof(Py_ssize_t)) + _align(K * ldw * itemsize)
-            + _num_threads * _align(_buffer_rows(g, itemsize) * K * itemsize))
+            + g.threads * _align(_buffer_rows(g, itemsize) * K * itemsize))
 
 
 # ------------------------------------------------------------------ dw, db
@@ -1027,6 +1058,7 @@ cdef void _dw_direct_rows(const geom* g, const floating* x, const floating* dz,
 
 ctypedef struct dwplan:
     int T                       # threads
+    int threads                 # the threads the workspace is sized for (>= T)
     Py_ssize_t U                # units of work, each with its own partial dw and db
     Py_ssize_t parts            # what the units split: output rows, 8-row blocks, tiles
     Py_ssize_t shared           # bytes before the units' buffers
@@ -1034,7 +1066,7 @@ ctypedef struct dwplan:
     Py_ssize_t thread           # bytes of a thread's scratch
 
 
-cdef void _dw_plan(dwplan* pl, double work, Py_ssize_t parts, Py_ssize_t least,
+cdef void _dw_plan(dwplan* pl, int threads, double work, Py_ssize_t parts, Py_ssize_t least,
                    Py_ssize_t shared, Py_ssize_t unit, Py_ssize_t thread) noexcept nogil:
     """Split ``dw``'s sums into units of at least ``least`` parts: ``DW_UNITS``
     of them at most (fewer when their partial sums would pass
@@ -1042,7 +1074,8 @@ cdef void _dw_plan(dwplan* pl, double work, Py_ssize_t parts, Py_ssize_t least,
     threads as they come free and added in unit order: the result does not
     depend on which thread ran which unit, nor (up to ``DW_UNITS`` threads)
     on the thread count."""
-    pl.T = _threads_for(work, PAR_MIN_FLOPS, parts)
+    pl.T = _threads_for(threads, work, PAR_MIN_FLOPS, parts)
+    pl.threads = threads
     pl.U = min(<Py_ssize_t>DW_UNITS, max(<Py_ssize_t>1, parts // least))
     if pl.U * unit > DW_UNIT_BYTES:
         pl.U = max(min(<Py_ssize_t>pl.T, parts), DW_UNIT_BYTES // unit)
@@ -1066,7 +1099,7 @@ cdef void _sum_units(floating* first, Py_ssize_t stride, Py_ssize_t U, Py_ssize_
 
 
 cdef inline Py_ssize_t _dw_plan_bytes(const dwplan* pl) noexcept nogil:
-    return pl.shared + pl.U * pl.unit + _num_threads * pl.thread
+    return pl.shared + pl.U * pl.unit + pl.threads * pl.thread
 
 
 cdef void _conv_backward_plan(const geom* g, Py_ssize_t itemsize, dwplan* pl,
@@ -1076,7 +1109,8 @@ cdef void _conv_backward_plan(const geom* g, Py_ssize_t itemsize, dwplan* pl,
     nrows[0] = _buffer_rows(g, itemsize)
     lddw[0] = (O + FNN_VL - 1) // FNN_VL * FNN_VL if direct else O
     # units of at least 256 column rows (whole output rows on the small-K path)
-    _dw_plan(pl, <double>g.m * K * O, g.n * g.p if direct else (g.m + FNN_RG - 1) // FNN_RG,
+    _dw_plan(pl, g.threads, <double>g.m * K * O,
+             g.n * g.p if direct else (g.m + FNN_RG - 1) // FNN_RG,
              (256 + g.q - 1) // g.q if direct else 32, _align(K * sizeof(Py_ssize_t)),
              _align(K * lddw[0] * itemsize) + _align(O * sizeof(double)),
              _align(nrows[0] * K * itemsize) + _align(nrows[0] * lddw[0] * itemsize))
@@ -1105,7 +1139,7 @@ cdef void _conv_backward(const geom* g, const floating* x, const floating* dz, f
                          floating* db, char* ws) noexcept nogil:
     cdef wgeom wg
     if _winograd_fits(g):
-        _wgeom(&wg, g.n, g.h, g.w, g.c, g.p, g.q, g.o, g.top, g.left, sizeof(floating))
+        _wgeom(&wg, g.n, g.h, g.w, g.c, g.p, g.q, g.o, g.top, g.left, sizeof(floating), g.threads)
         _wino_backward(&wg, x, dz, dw, db, ws)
         return
     cdef Py_ssize_t K = g.k, O = g.o, lddw, nrows
@@ -1146,7 +1180,7 @@ cdef Py_ssize_t _backward_workspace(const geom* g, Py_ssize_t itemsize) noexcept
     cdef dwplan pl
     cdef Py_ssize_t lddw, nrows
     if _winograd_fits(g):
-        _wgeom(&wg, g.n, g.h, g.w, g.c, g.p, g.q, g.o, g.top, g.left, itemsize)
+        _wgeom(&wg, g.n, g.h, g.w, g.c, g.p, g.q, g.o, g.top, g.left, itemsize, g.threads)
         _wino_dw_plan(&wg, itemsize, &pl)
         return _dw_plan_bytes(&pl)
     _conv_backward_plan(g, itemsize, &pl, &lddw, &nrows)
@@ -1195,13 +1229,14 @@ cdef void _conv_backprop(int act, const geom* g, const floating* dz, const float
                          char* ws) noexcept nogil:
     cdef wgeom wg
     if _winograd_fits(g):   # dz convolved with the flipped kernel, the pads turned around
-        _wgeom(&wg, g.n, g.p, g.q, g.o, g.h, g.w, g.c, 2 - g.top, 2 - g.left, sizeof(floating))
+        _wgeom(&wg, g.n, g.p, g.q, g.o, g.h, g.w, g.c, 2 - g.top, 2 - g.left, sizeof(floating),
+               g.threads)
         _wino_run(1, act, &wg, dz, w, True, NULL, dx, dx, zb, yb, ws)
         return
     cdef Py_ssize_t itemsize = sizeof(floating), K = g.k, O = g.o
     cdef Py_ssize_t chunk = _chunk_rows(K, itemsize)
     cdef Py_ssize_t per = _align(chunk * K * itemsize)
-    cdef int T = _threads_for(<double>g.m * K * O, PAR_MIN_FLOPS, g.n)
+    cdef int T = _threads_for(g.threads, <double>g.m * K * O, PAR_MIN_FLOPS, g.n)
     # groups of whole images (a thread owns an image: col2im adds into it), of
     # about a chunk of rows each, handed out as the threads come free
     cdef Py_ssize_t t, step = max(1, min(chunk // (g.p * g.q), _block(g.n, T)))
@@ -1240,12 +1275,14 @@ ctypedef struct wgeom:
     Py_ssize_t th, tw           # tiles down / across an image
     Py_ssize_t tiles            # n*th*tw
     Py_ssize_t tt               # tiles per chunk
+    int threads                 # as geom.threads
 
 
 cdef void _wgeom(wgeom* g, Py_ssize_t n, Py_ssize_t h, Py_ssize_t w, Py_ssize_t ci, Py_ssize_t p,
                  Py_ssize_t q, Py_ssize_t co, Py_ssize_t pt, Py_ssize_t pl,
-                 Py_ssize_t itemsize) noexcept nogil:
+                 Py_ssize_t itemsize, int threads) noexcept nogil:
     g.n, g.h, g.w, g.ci, g.p, g.q, g.co, g.pt, g.pl = n, h, w, ci, p, q, co, pt, pl
+    g.threads = threads
     g.th = (p + 1) // 2
     g.tw = (q + 1) // 2
     g.tiles = n * g.th * g.tw
@@ -1419,22 +1456,11 @@ cdef void _wino_kernel(const floating* w, Py_ssize_t C, Py_ssize_t O, bint flip,
 
 
 cdef void _wino_dw_out(const floating* S, Py_ssize_t C, Py_ssize_t O, floating* dw) noexcept nogil:
-    """``dw[:, :, c, o] = G^T S[:, c, o] G``, G^T = [1 .5 .5 0; 0 .5 -.5 0; 0 .5 .5 1]."""
-    cdef Py_ssize_t c, o, a, k, CO = C * O
-    cdef floating s[16]
-    cdef floating t[3][4]
-    cdef floating half = 0.5
-    for k in range(CO):
-        for a in range(16):
-            s[a] = S[a * CO + k]
-        for a in range(4):
-            t[0][a] = s[a] + (s[4 + a] + s[8 + a]) * half
-            t[1][a] = (s[4 + a] - s[8 + a]) * half
-            t[2][a] = (s[4 + a] + s[8 + a]) * half + s[12 + a]
-        for a in range(3):
-            dw[(3 * a) * CO + k] = t[a][0] + (t[a][1] + t[a][2]) * half
-            dw[(3 * a + 1) * CO + k] = (t[a][1] - t[a][2]) * half
-            dw[(3 * a + 2) * CO + k] = (t[a][1] + t[a][2]) * half + t[a][3]
+    """``dw[:, :, c, o] = G^T S[:, c, o] G`` (``fnn_wino_dw_out``)."""
+    if floating is float:
+        fnn_wino_dw_out_f(S, C * O, dw)
+    else:
+        fnn_wino_dw_out_d(S, C * O, dw)
 
 
 cdef Py_ssize_t _wino_workspace(const wgeom* g, Py_ssize_t itemsize) noexcept nogil:
@@ -1444,7 +1470,7 @@ cdef Py_ssize_t _wino_workspace(const wgeom* g, Py_ssize_t itemsize) noexcept no
                               + _align(max(g.ci, g.co) * itemsize))
     cdef Py_ssize_t per = (_planes(g.tt, g.ci, itemsize) + _planes(g.tt, g.co, itemsize)
                            + _align(4 * g.co * itemsize))
-    return shared + _num_threads * per
+    return shared + g.threads * per
 
 
 cdef void _wino_run(int mode, int act, const wgeom* g, const floating* x, const floating* w,
@@ -1459,7 +1485,8 @@ cdef void _wino_run(int mode, int act, const wgeom* g, const floating* x, const 
     cdef Py_ssize_t per = vsz + msz + _align(4 * g.co * itemsize)
     cdef floating* U = <floating*>ws
     cdef floating* zero = <floating*>(ws + ushare)
-    cdef int T = _threads_for(<double>g.tiles * 16 * g.ci * g.co / 2.25, PAR_MIN_FLOPS, g.tiles)
+    cdef int T = _threads_for(g.threads, <double>g.tiles * 16 * g.ci * g.co / 2.25,
+                              PAR_MIN_FLOPS, g.tiles)
     cdef wgeom gp = g[0]
     cdef char* mine
     for k in range(max(g.ci, g.co)):
@@ -1491,7 +1518,7 @@ cdef void _wino_dw_plan(const wgeom* g, Py_ssize_t itemsize, dwplan* pl) noexcep
     """Units of ``dw`` over the tiles: shared zero row and sum; per unit ``S`` and
     ``db``; per thread ``V`` and ``D``."""
     cdef Py_ssize_t n16 = 16 * g.ci * g.co
-    _dw_plan(pl, <double>g.tiles * n16 / 2.25, g.tiles, 128,
+    _dw_plan(pl, g.threads, <double>g.tiles * n16 / 2.25, g.tiles, 128,
              _align(n16 * itemsize) + _align(max(g.ci, g.co) * itemsize),
              _align(n16 * itemsize) + _align(g.co * sizeof(double)),
              _planes(g.tt, g.ci, itemsize) + _planes(g.tt, g.co, itemsize))
@@ -1544,9 +1571,9 @@ cdef void _wino_backward(const wgeom* g, const floating* x, const floating* dz, 
 cdef Py_ssize_t _backprop_workspace(const geom* g, Py_ssize_t itemsize) noexcept nogil:
     cdef wgeom wg
     if _winograd_fits(g):
-        _wgeom(&wg, g.n, g.p, g.q, g.o, g.h, g.w, g.c, 2 - g.top, 2 - g.left, itemsize)
+        _wgeom(&wg, g.n, g.p, g.q, g.o, g.h, g.w, g.c, 2 - g.top, 2 - g.left, itemsize, g.threads)
         return _wino_workspace(&wg, itemsize)
-    return _num_threads * _align(_chunk_rows(g.k, itemsize) * g.k * itemsize)
+    return g.threads * _align(_chunk_rows(g.k, itemsize) * g.k * itemsize)
 
 
 # ------------------------------------------------------------------ max pooling
@@ -1795,7 +1822,7 @@ cdef void _pool_typed(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out
     cdef const floating* xp = &x[0, 0, 0, 0]
     cdef floating* op = &out[0, 0, 0, 0]
     cdef int32_t* ap = &argmax[0, 0, 0, 0]
-    cdef int T = _threads_for(<double>N * P * Q * C * ph * pw, PAR_MIN_POOL, N * P)
+    cdef int T = _threads_for(_num_threads, <double>N * P * Q * C * ph * pw, PAR_MIN_POOL, N * P)
     cdef Py_ssize_t t, step = _block(N * P, T)
     with nogil:
         if T == 1:
@@ -1822,7 +1849,7 @@ cdef void _pool_back_typed(int act, const floating[:, :, :, ::1] dy,
     cdef floating* op = &out[0, 0, 0, 0]
     cdef bint overlap = sh < ph or sw < pw
     cdef Py_ssize_t parts = N if overlap else N * H
-    cdef int T = _threads_for(<double>N * H * W * C, PAR_MIN_POOL, parts)
+    cdef int T = _threads_for(_num_threads, <double>N * H * W * C, PAR_MIN_POOL, parts)
     cdef Py_ssize_t t, step = _block(parts, T)
     with nogil:
         if T == 1:
