@@ -249,6 +249,119 @@ cdef extern from *:
     FNN_TILES(float, fnn_vf, f)
     FNN_TILES(double, fnn_vd, d)
 
+    /* Max pooling of one output pixel: out[c] = max over the window's KK
+       elements s0[koff[k] + c] (k in row-major window order), am[c] = the first
+       k that reached it; a NaN wins (the first NaN). 16 channels at a time with
+       the maximum and its index in registers. */
+    #if defined(__GNUC__)
+    typedef int fnn_vi __attribute__((vector_size(64)));
+    typedef long long fnn_vl __attribute__((vector_size(128)));
+    #define FNN_POOL(T, V, M, SUF, TOI)                                                 \
+    static void fnn_pool_px_##SUF(const T* s0, const Py_ssize_t* koff, int KK,          \
+                                  Py_ssize_t C, T* out, int* am) {                     \
+        Py_ssize_t c = 0;                                                              \
+        for (; c + 16 <= C; c += 16) {                                                 \
+            V cur, v;                                                                  \
+            M idx = {0}, vb, cb, take;                                                 \
+            __builtin_memcpy(&cur, s0 + c, sizeof(V));                                 \
+            for (int k = 1; k < KK; k++) {                                             \
+                __builtin_memcpy(&v, s0 + koff[k] + c, sizeof(V));                     \
+                take = ~(v <= cur) & (cur == cur);                                     \
+                __builtin_memcpy(&vb, &v, sizeof(V));                                  \
+                __builtin_memcpy(&cb, &cur, sizeof(V));                                \
+                cb = (vb & take) | (cb & ~take);                                       \
+                __builtin_memcpy(&cur, &cb, sizeof(V));                                \
+                idx = ((idx * 0 + k) & take) | (idx & ~take);                          \
+            }                                                                          \
+            __builtin_memcpy(out + c, &cur, sizeof(V));                                \
+            fnn_vi ii = TOI(idx);                                                      \
+            __builtin_memcpy(am + c, &ii, sizeof(fnn_vi));                             \
+        }                                                                              \
+        for (; c < C; c++) {                                                           \
+            T cur = s0[c];                                                             \
+            int idx = 0;                                                               \
+            for (int k = 1; k < KK; k++) {                                             \
+                T v = s0[koff[k] + c];                                                 \
+                int take = !(v <= cur) && (cur == cur);                                \
+                cur = take ? v : cur;                                                  \
+                idx = take ? k : idx;                                                  \
+            }                                                                          \
+            out[c] = cur;                                                              \
+            am[c] = idx;                                                               \
+        }                                                                              \
+    }
+    #define FNN_TOI_F(x) (x)
+    #define FNN_TOI_D(x) __builtin_convertvector((x), fnn_vi)
+    FNN_POOL(float, fnn_vf, fnn_vi, f, FNN_TOI_F)
+    FNN_POOL(double, fnn_vd, fnn_vl, d, FNN_TOI_D)
+    /* One input pixel of the pooling gradient whose window chose index k:
+       o[c] = (am[c] == k ? 0 + d[c] : 0), times (y[c] > 0 ? 1 : 0) when y
+       (ReLU below), 16 channels at a time */
+    #define FNN_POOLB(T, V, M, SUF, TOM)                                                \
+    static void fnn_pool_back_px_##SUF(const T* d, const int* am, int k, const T* y,    \
+                                       Py_ssize_t C, T* o) {                           \
+        Py_ssize_t c = 0;                                                              \
+        const V zero = {0}, one = zero + 1;                                            \
+        for (; c + 16 <= C; c += 16) {                                                 \
+            V dv, g, yv, f;                                                            \
+            M bits, mask, fb;                                                          \
+            fnn_vi a;                                                                  \
+            __builtin_memcpy(&dv, d + c, sizeof(V));                                   \
+            __builtin_memcpy(&a, am + c, sizeof(fnn_vi));                              \
+            g = zero + dv;                                                             \
+            __builtin_memcpy(&bits, &g, sizeof(V));                                    \
+            bits &= TOM(a == k);                       /* chosen: 0 + d, else +0 */    \
+            __builtin_memcpy(&g, &bits, sizeof(V));                                    \
+            if (y) {                                                                   \
+                __builtin_memcpy(&yv, y + c, sizeof(V));                               \
+                mask = yv > zero;                                                      \
+                __builtin_memcpy(&fb, &one, sizeof(V));                                \
+                fb &= mask;                            /* 1 where y > 0, else 0 */     \
+                __builtin_memcpy(&f, &fb, sizeof(V));                                  \
+                g = g * f;                                                             \
+            }                                                                          \
+            __builtin_memcpy(o + c, &g, sizeof(V));                                    \
+        }                                                                              \
+        for (; c < C; c++) {                                                           \
+            T g = am[c] == k ? (T)0 + d[c] : (T)0;                                     \
+            o[c] = y ? g * (y[c] > 0 ? (T)1 : (T)0) : g;                               \
+        }                                                                              \
+    }
+    #define FNN_TOM_F(m) (m)
+    #define FNN_TOM_D(m) __builtin_convertvector((m), fnn_vl)
+    FNN_POOLB(float, fnn_vf, fnn_vi, f, FNN_TOM_F)
+    FNN_POOLB(double, fnn_vd, fnn_vl, d, FNN_TOM_D)
+    #else
+    #define FNN_POOL(T, SUF)                                                            \
+    static void fnn_pool_px_##SUF(const T* s0, const Py_ssize_t* koff, int KK,          \
+                                  Py_ssize_t C, T* out, int* am) {                     \
+        for (Py_ssize_t c = 0; c < C; c++) {                                           \
+            T cur = s0[c];                                                             \
+            int idx = 0;                                                               \
+            for (int k = 1; k < KK; k++) {                                             \
+                T v = s0[koff[k] + c];                                                 \
+                int take = !(v <= cur) && (cur == cur);                                \
+                cur = take ? v : cur;                                                  \
+                idx = take ? k : idx;                                                  \
+            }                                                                          \
+            out[c] = cur;                                                              \
+            am[c] = idx;                                                               \
+        }                                                                              \
+    }
+    FNN_POOL(float, f)
+    FNN_POOL(double, d)
+    #define FNN_POOLB(T, SUF)                                                           \
+    static void fnn_pool_back_px_##SUF(const T* d, const int* am, int k, const T* y,    \
+                                       Py_ssize_t C, T* o) {                           \
+        for (Py_ssize_t c = 0; c < C; c++) {                                           \
+            T g = am[c] == k ? (T)0 + d[c] : (T)0;                                     \
+            o[c] = y ? g * (y[c] > 0 ? (T)1 : (T)0) : g;                               \
+        }                                                                              \
+    }
+    FNN_POOLB(float, f)
+    FNN_POOLB(double, d)
+    #endif
+
     /* acc[o] += sum_r d[r*ld + o] in float64, rows in order, eight columns at a
        time with the partial sums in registers (a loop over rows that loads
        and stores acc each time is bound by store-to-load latency) */
@@ -479,6 +592,14 @@ cdef extern from *:
                            double* dst) noexcept nogil
     void fnn_wino_dw_out_f(const float* s, Py_ssize_t n, float* dw) noexcept nogil
     void fnn_wino_dw_out_d(const double* s, Py_ssize_t n, double* dw) noexcept nogil
+    void fnn_pool_px_f(const float* s0, const Py_ssize_t* koff, int KK, Py_ssize_t C, float* out,
+                       int32_t* am) noexcept nogil
+    void fnn_pool_px_d(const double* s0, const Py_ssize_t* koff, int KK, Py_ssize_t C,
+                       double* out, int32_t* am) noexcept nogil
+    void fnn_pool_back_px_f(const float* d, const int32_t* am, int k, const float* y,
+                            Py_ssize_t C, float* o) noexcept nogil
+    void fnn_pool_back_px_d(const double* d, const int32_t* am, int k, const double* y,
+                            Py_ssize_t C, double* o) noexcept nogil
     void fnn_colsum_f(const float* d, Py_ssize_t ld, Py_ssize_t rows, Py_ssize_t O,
                       double* acc) noexcept nogil
     void fnn_colsum_d(const double* d, Py_ssize_t ld, Py_ssize_t rows, Py_ssize_t O,
@@ -1590,6 +1711,12 @@ cdef void _pool_rows(const floating* x, floating* out, int32_t* am, Py_ssize_t H
     cdef floating v, cur
     cdef bint take
     cdef int32_t kk
+    cdef Py_ssize_t koff[64]
+    cdef bint small = ph * pw <= 64
+    if small:           # the window's elements relative to its first
+        for k in range(ph * pw):
+            i = k // pw
+            koff[k] = (i * W + k - i * pw) * C
     for row in range(a, b):
         n = row // P
         p = row - n * P
@@ -1597,6 +1724,12 @@ cdef void _pool_rows(const floating* x, floating* out, int32_t* am, Py_ssize_t H
             o = out + (row * Q + q) * C
             ai = am + (row * Q + q) * C
             s0 = x + ((n * H + p * sh) * W + q * sw) * C
+            if small:
+                if floating is float:
+                    fnn_pool_px_f(s0, koff, <int>(ph * pw), C, o, ai)
+                else:
+                    fnn_pool_px_d(s0, koff, <int>(ph * pw), C, o, ai)
+                continue
             for c in range(C):
                 o[c] = s0[c]
                 ai[c] = 0
@@ -1645,13 +1778,11 @@ cdef void _pool_back_rows(int act, const floating* dy, const int32_t* am, const 
                 k = <int32_t>(i * pw + j)
                 d = dy + ((n * P + p) * Q + q) * C
                 ai = am + ((n * P + p) * Q + q) * C
-                if relu:        # the derivative in the same pass: g * (y > 0)
-                    for c in range(C):
-                        o[w * C + c] = ((zero + d[c]) if ai[c] == k else zero) * \
-                            (one if yr[w * C + c] > zero else zero)
+                # with ReLU below, its derivative in the same pass: g * (y > 0)
+                if floating is float:
+                    fnn_pool_back_px_f(d, ai, k, yr + w * C if relu else NULL, C, o + w * C)
                 else:
-                    for c in range(C):
-                        o[w * C + c] = (zero + d[c]) if ai[c] == k else zero
+                    fnn_pool_back_px_d(d, ai, k, yr + w * C if relu else NULL, C, o + w * C)
             else:
                 for c in range(C):
                     o[w * C + c] = zero
