@@ -6,7 +6,7 @@ the numpy backend and PyTorch.
     python benchmarks/conv_bench.py                   # kernels and training, batches 32 and 128
     python benchmarks/conv_bench.py --only kernels    # or: training
     python benchmarks/conv_bench.py --quick           # fewer repeats
-    python benchmarks/conv_bench.py --threads 2 --batches 32,128 --samples 4096
+    python benchmarks/conv_bench.py --threads 2 --batches 32,128 --samples 2048
 
 Every figure is a ratio measured in the same run, float32, on ``--threads``
 threads (default: all cores): round robin over the callables, the minimum of
@@ -277,7 +277,7 @@ def torch_training(networks, batches, x, y, repeats, threads, timeout=900):
     return None, f"PyTorch failed (exit {proc.returncode}): {tail}"
 
 
-def training_rows(networks=NETWORKS, batches=(32, 128), samples=4096, repeats=5, torch=True):
+def training_rows(networks=NETWORKS, batches=(32, 128), samples=2048, repeats=5, torch=True):
     """``[{network, batch, cython, numpy, torch}]`` in samples/s (``torch`` None
     when PyTorch is unavailable), and a note on PyTorch."""
     x, y = mnist_images(samples)
@@ -311,7 +311,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batches", default="32,128")
-    ap.add_argument("--samples", type=int, default=4096, help="training samples per epoch")
+    ap.add_argument("--samples", type=int, default=2048, help="training samples per epoch")
     ap.add_argument("--no-torch", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:

@@ -809,3 +809,42 @@ def test_openblas_in_a_region_one_thread_workers_asleep_and_restored(blas):
         assert after >= 1 << 4 and after & (after - 1) == 0 and after != 16
         assert _cy_conv._region_probe() == (1, 16)
         assert ctypes.c_uint.from_address(address).value == after
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pool, stride", [((2, 2), None), ((3, 3), (2, 2)), ((2, 3), (3, 1)),
+                                          ((9, 8), (1, 1))])
+def test_pooling_vector_lanes_ties_and_nan(pool, stride, dtype):
+    """37 channels (two vectors of 16 and a scalar tail), few distinct values
+    (ties everywhere), NaN and inf: the reference's maxima, first indices and
+    gradients bit for bit, with the ReLU below and with gelu (which goes
+    through the separate derivative pass); a window of 72 elements takes the
+    loop for windows of more than 64."""
+    rng = np.random.default_rng(9)
+    n, h, w, c = 2, 11, 10, 37
+    x = np.round(rng.standard_normal((n, h, w, c)) * 1.5).astype(dtype)
+    flat = x.reshape(-1)
+    flat[rng.integers(0, flat.size, 40)] = np.nan
+    flat[rng.integers(0, flat.size, 40)] = np.inf
+    sh, sw = pool if stride is None else stride
+    p, q = (h - pool[0]) // sh + 1, (w - pool[1]) // sw + 1
+    out, am, eout, eam = (np.empty((n, p, q, c), t) for t in (dtype, np.int32, dtype, np.int32))
+    cy.maxpool2d_forward(x, out, am, pool, stride)
+    ref.maxpool2d_forward(x, eout, eam, pool, stride)
+    np.testing.assert_array_equal(out, eout)
+    np.testing.assert_array_equal(np.signbit(out), np.signbit(eout))
+    np.testing.assert_array_equal(am, eam)
+    dy = rng.standard_normal((n, p, q, c)).astype(dtype)
+    dy.reshape(-1)[::7] = -0.0
+    for act in ("relu", "identity", "gelu"):
+        z = rng.standard_normal((n, h, w, c)).astype(dtype)
+        y = np.empty_like(z)
+        ref.activation_forward(act, z, y)
+        got, expected = np.empty_like(x), np.empty_like(x)
+        cy.maxpool2d_backward(dy, am, z, y, act, got, pool, stride)
+        ref.maxpool2d_backward(dy, eam, z, y, act, expected, pool, stride)
+        if act == "gelu":
+            assert_close(got, expected, dtype, reduction=pool[0] * pool[1], err_msg=act)
+        else:
+            np.testing.assert_array_equal(got, expected, err_msg=act)
+            np.testing.assert_array_equal(np.signbit(got), np.signbit(expected), err_msg=act)
