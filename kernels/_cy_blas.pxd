@@ -35,6 +35,8 @@ ctypedef void (*dgemm64_t)(const char*, const char*, const int64_t*, const int64
 # OpenBLAS' ``openblas_set_num_threads`` / ``openblas_get_num_threads``
 ctypedef void (*set_threads_t)(int) noexcept nogil
 ctypedef int (*get_threads_t)() noexcept nogil
+# ``_cy_dense``'s region guards (see ``blas_t.region_enter``)
+ctypedef void (*region_fn_t)() noexcept nogil
 
 ctypedef struct blas_t:
     sgemm32_t sgemm32       # LP64 entry points, or NULL
@@ -47,6 +49,11 @@ ctypedef struct blas_t:
     # sleeps; an internal variable found through the library's symbol table),
     # or NULL
     unsigned int* thread_timeout
+    # Called around every OpenMP region of the modules that share this table
+    # (set by ``_cy_dense`` at import, one lock and one saved state for all):
+    # the BLAS on one thread, OpenBLAS' idle workers asleep; restored after.
+    region_fn_t region_enter
+    region_fn_t region_leave
 
 
 cdef inline void gemm_with(const blas_t* t, char ta, char tb, int m, int n, int k,

@@ -39,9 +39,10 @@ takes fewer), each running its GEMMs on one BLAS thread. ``dw`` and ``db``
 are summed in units (``DW_UNITS``) whose count depends on the geometry only,
 each into its own buffer, then added in unit order: the same bits on 1 to
 16 threads. Around every parallel region OpenBLAS is set to one thread and
-its idle workers are sent to sleep (``fnn_region_enter``: after a GEMM an
-OpenBLAS worker spins for about 0.1 s, so a region right after the dense
-layer's GEMMs shared a core with it); both are restored afterwards.
+its idle workers are sent to sleep (``_cy_dense``'s ``fnn_region_enter``:
+after a GEMM an OpenBLAS worker spins for about 0.1 s, so a region right
+after the dense layer's GEMMs shared a core with it); both are restored
+afterwards.
 
 Workspace: one buffer per calling Python thread (``threading.local``),
 grown to the largest size asked for and reused, sliced per OpenMP thread and
@@ -71,7 +72,7 @@ from libc.math cimport floor
 from libc.stdint cimport int32_t, uint64_t, uintptr_t
 from libc.string cimport memcpy, memset
 
-from _cy_blas cimport blas_t, gemm_with, get_threads_t, set_threads_t
+from _cy_blas cimport blas_t, gemm_with
 from _cy_math cimport (
     ACT_RELU, FASTNN_OPENMP, act_backward_range, act_code, act_forward_range, bias_act_rows,
     chunk_step, n_chunks,
@@ -80,61 +81,6 @@ from _cy_math cimport (
 cdef extern from *:
     """
     #include <string.h>
-    #ifdef _OPENMP
-    #include <omp.h>
-    #endif
-    /* Around every parallel region of this module (several Python threads may
-       run regions at once: the first to enter saves, the last to leave
-       restores):
-       - the BLAS thread count is set to 1, since each thread of ours calls
-         the BLAS itself;
-       - OpenBLAS' idle workers are sent to sleep: after a GEMM they spin for
-         about 2^28 cycles (0.1 s) on a core of their own, so a region that
-         follows a GEMM (the dense layer's, every step) shares a core with
-         that spin; its thread_timeout, lowered to 16 cycles for the region,
-         ends the spin at its next check and is restored afterwards, so the
-         next GEMM wakes the worker once and it spins again as before. */
-    typedef void (*fnn_set_threads_t)(int);
-    typedef int (*fnn_get_threads_t)(void);
-    #ifdef _OPENMP
-    static omp_lock_t fnn_region_lock;
-    #endif
-    static int fnn_region_users = 0, fnn_saved_threads = 1;
-    static unsigned int fnn_saved_timeout = 0;
-    static void fnn_region_lock_init(void) {
-    #ifdef _OPENMP
-        omp_init_lock(&fnn_region_lock);
-    #endif
-    }
-    static void fnn_region_enter(fnn_set_threads_t set, fnn_get_threads_t get,
-                                 unsigned int* timeout) {
-    #ifdef _OPENMP
-        omp_set_lock(&fnn_region_lock);
-        if (fnn_region_users++ == 0) {
-            fnn_saved_threads = 1;
-            if (set && get) {
-                fnn_saved_threads = get();
-                if (fnn_saved_threads != 1) set(1);
-            }
-            if (timeout) {
-                fnn_saved_timeout = *(volatile unsigned int*)timeout;
-                *(volatile unsigned int*)timeout = 16;
-            }
-        }
-        omp_unset_lock(&fnn_region_lock);
-    #endif
-    }
-    static void fnn_region_leave(fnn_set_threads_t set, unsigned int* timeout) {
-    #ifdef _OPENMP
-        omp_set_lock(&fnn_region_lock);
-        if (--fnn_region_users == 0) {
-            if (set && fnn_saved_threads != 1) set(fnn_saved_threads);
-            if (timeout) *(volatile unsigned int*)timeout = fnn_saved_timeout;
-        }
-        omp_unset_lock(&fnn_region_lock);
-    #endif
-    }
-
     /* Register-blocked tiles of the small-K loops: FNN_RG rows by FNN_VL
        output channels. GCC/clang vector extensions keep the accumulators in
        registers (float32: one AVX-512 register a row); every lane is a plain
@@ -559,12 +505,6 @@ cdef extern from *:
     FNN_WDWOUT(float, f)
     FNN_WDWOUT(double, d)
     """
-    ctypedef void (*fnn_set_threads_t)(int) noexcept nogil
-    ctypedef int (*fnn_get_threads_t)() noexcept nogil
-    void fnn_region_lock_init() noexcept nogil
-    void fnn_region_enter(fnn_set_threads_t s, fnn_get_threads_t g,
-                          unsigned int* timeout) noexcept nogil
-    void fnn_region_leave(fnn_set_threads_t s, unsigned int* timeout) noexcept nogil
     uint64_t FNN_GOLDEN
     uint64_t FNN_MIX1
     uint64_t FNN_MIX2
@@ -617,7 +557,6 @@ cdef extern from *:
     void fnn_wino_dz_d(const double* g0, const double* g1, const double* g2, const double* g3,
                        Py_ssize_t O, double* d, Py_ssize_t plane, double* db) noexcept nogil
 
-fnn_region_lock_init()
 
 #: True when this extension was compiled with OpenMP.
 OPENMP = bool(FASTNN_OPENMP)
@@ -785,15 +724,14 @@ cdef inline int _threads_for(int threads, double work, double min_work,
 
 cdef inline void _region_enter() noexcept nogil:
     """Before a parallel region: one BLAS thread, OpenBLAS' idle workers asleep
-    (see ``fnn_region_enter``)."""
-    if _blas != NULL:
-        fnn_region_enter(<fnn_set_threads_t>_blas.set_threads,
-                         <fnn_get_threads_t>_blas.get_threads, _blas.thread_timeout)
+    (``_cy_dense``'s guard, shared through the BLAS table)."""
+    if _blas != NULL and _blas.region_enter != NULL:
+        _blas.region_enter()
 
 
 cdef inline void _region_leave() noexcept nogil:
-    if _blas != NULL:
-        fnn_region_leave(<fnn_set_threads_t>_blas.set_threads, _blas.thread_timeout)
+    if _blas != NULL and _blas.region_leave != NULL:
+        _blas.region_leave()
 
 
 def _region_probe():

@@ -28,6 +28,71 @@ from _cy_math cimport (
     FASTNN_OPENMP, act_backward, act_code, act_is_transcendental, bias_act_rows, n_chunks,
 )
 
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    #endif
+    /* Around every parallel region of the modules sharing the BLAS table
+       (_cy_dense's epilogues, _cy_conv; several Python threads may
+       run regions at once: the first to enter saves, the last to leave
+       restores):
+       - the BLAS thread count is set to 1, since each thread of ours calls
+         the BLAS itself;
+       - OpenBLAS' idle workers are sent to sleep: after a GEMM they spin for
+         about 2^28 cycles (0.1 s) on a core of their own, so a region that
+         follows a GEMM (the dense layer's, every step) shares a core with
+         that spin; its thread_timeout, lowered to 16 cycles for the region,
+         ends the spin at its next check and is restored afterwards, so the
+         next GEMM wakes the worker once and it spins again as before. */
+    typedef void (*fnn_set_threads_t)(int);
+    typedef int (*fnn_get_threads_t)(void);
+    #ifdef _OPENMP
+    static omp_lock_t fnn_region_lock;
+    #endif
+    static int fnn_region_users = 0, fnn_saved_threads = 1;
+    static unsigned int fnn_saved_timeout = 0;
+    static void fnn_region_lock_init(void) {
+    #ifdef _OPENMP
+        omp_init_lock(&fnn_region_lock);
+    #endif
+    }
+    static void fnn_region_enter(fnn_set_threads_t set, fnn_get_threads_t get,
+                                 unsigned int* timeout) {
+    #ifdef _OPENMP
+        omp_set_lock(&fnn_region_lock);
+        if (fnn_region_users++ == 0) {
+            fnn_saved_threads = 1;
+            if (set && get) {
+                fnn_saved_threads = get();
+                if (fnn_saved_threads != 1) set(1);
+            }
+            if (timeout) {
+                fnn_saved_timeout = *(volatile unsigned int*)timeout;
+                *(volatile unsigned int*)timeout = 16;
+            }
+        }
+        omp_unset_lock(&fnn_region_lock);
+    #endif
+    }
+    static void fnn_region_leave(fnn_set_threads_t set, unsigned int* timeout) {
+    #ifdef _OPENMP
+        omp_set_lock(&fnn_region_lock);
+        if (--fnn_region_users == 0) {
+            if (set && fnn_saved_threads != 1) set(fnn_saved_threads);
+            if (timeout) *(volatile unsigned int*)timeout = fnn_saved_timeout;
+        }
+        omp_unset_lock(&fnn_region_lock);
+    #endif
+    }
+    """
+    ctypedef void (*fnn_set_threads_t)(int) noexcept nogil
+    ctypedef int (*fnn_get_threads_t)() noexcept nogil
+    void fnn_region_lock_init() noexcept nogil
+    void fnn_region_enter(fnn_set_threads_t s, fnn_get_threads_t g,
+                          unsigned int* timeout) noexcept nogil
+    void fnn_region_leave(fnn_set_threads_t s, unsigned int* timeout) noexcept nogil
+
 #: True when this extension was compiled with OpenMP.
 OPENMP = bool(FASTNN_OPENMP)
 
@@ -53,6 +118,18 @@ def _set_parallel_min(Py_ssize_t cheap, Py_ssize_t trans):
     return old
 
 
+cdef void _region_enter() noexcept nogil:
+    """Before an OpenMP region (here or in ``_cy_conv``, through
+    ``blas_t.region_enter``): the BLAS on one thread, OpenBLAS' idle workers
+    asleep (``fnn_region_enter``)."""
+    fnn_region_enter(<fnn_set_threads_t>_blas.set_threads, <fnn_get_threads_t>_blas.get_threads,
+                     _blas.thread_timeout)
+
+
+cdef void _region_leave() noexcept nogil:
+    fnn_region_leave(<fnn_set_threads_t>_blas.set_threads, _blas.thread_timeout)
+
+
 cdef inline Py_ssize_t _act_chunks(int act, Py_ssize_t n) noexcept nogil:
     return n_chunks(n, PAR_MIN_TRANS if act_is_transcendental(act) else PAR_MIN_CHEAP,
                     _num_threads)
@@ -61,6 +138,9 @@ cdef inline Py_ssize_t _act_chunks(int act, Py_ssize_t n) noexcept nogil:
 # The BLAS entry points (``_cy_blas.pxd``): one table, read by ``_cy_conv`` too
 # through ``_blas_table()``
 cdef blas_t _blas
+fnn_region_lock_init()
+_blas.region_enter = _region_enter
+_blas.region_leave = _region_leave
 
 
 def _set_blas(uintptr_t sgemm_addr, uintptr_t dgemm_addr, bint ilp64,
@@ -160,8 +240,10 @@ cdef void _dense_forward_p(int act, const floating* x, const floating* w, const 
         bias_act_rows(act, z, bp, o, 0, m, n)
     else:
         step = (m + nc - 1) // nc
+        _region_enter()
         for c in prange(nc, schedule="static", num_threads=nc):
             bias_act_rows(act, z, bp, o, min(m, c * step), min(m, (c + 1) * step), n)
+        _region_leave()
 
 
 cdef void _backprop_delta(int act,
@@ -181,9 +263,14 @@ cdef void _backprop_delta_p(int act, const floating* dy, const floating* w, cons
                             int n) noexcept nogil:
     """``o = (dy @ w.T) * act'`` for ``dy`` (m, k), ``w`` (n, k); ``zp``/``yp``
     NULL when not given."""
-    cdef Py_ssize_t size = <Py_ssize_t>m * n
+    cdef Py_ssize_t size = <Py_ssize_t>m * n, chunks
     gemm(c'T', c'N', n, m, k, w, k, dy, k, o, n)
-    act_backward(act, o, zp, yp, o, size, _act_chunks(act, size))
+    chunks = _act_chunks(act, size)
+    if chunks > 1:      # right after a GEMM: its OpenBLAS worker would share a core
+        _region_enter()
+    act_backward(act, o, zp, yp, o, size, chunks)
+    if chunks > 1:
+        _region_leave()
 
 
 cdef void _dense_backward(const floating[:, ::1] x,   # IN (batch, in)
