@@ -169,7 +169,8 @@ def _conv_battery(k, a, dtype, r):
     (K = 9), the GEMM path with padding and strides, overlapping pools."""
     for tag, (n, h, w, c, o, kh, kw, stride, pads) in (
             ("direct", (3, 12, 11, 1, 20, 3, 3, (1, 1), (0, 0, 0, 0))),
-            ("gemm", (2, 9, 10, 6, 11, 3, 2, (2, 1), (1, 1, 0, 1)))):
+            ("gemm", (2, 9, 10, 6, 11, 3, 2, (2, 1), (1, 1, 0, 1))),
+            ("winograd", (2, 9, 8, 16, 17, 3, 3, (1, 1), (1, 1, 1, 1)))):
         p = (h + pads[0] + pads[1] - kh) // stride[0] + 1
         q = (w + pads[2] + pads[3] - kw) // stride[1] + 1
         x, wk, b = a(n, h, w, c), a(kh, kw, c, o, scale=0.3), a(o)
@@ -186,18 +187,18 @@ def _conv_battery(k, a, dtype, r):
         dw, db = np.empty_like(wk), np.empty_like(b)
         k.conv2d_backward(x, a(n, p, q, o), dw, db, stride, pads)
         r[f"conv2d_backward.{tag}.dw"], r[f"conv2d_backward.{tag}.db"] = dw, db
-    x = a(3, 9, 8, 5, special=True)
+    x = a(3, 9, 8, 37, special=True)      # 37 channels: two vectors of 16 and a tail
     for pool, stride in (((2, 2), None), ((3, 2), (2, 1))):
         p, q = (9 - pool[0]) // (stride or pool)[0] + 1, (8 - pool[1]) // (stride or pool)[1] + 1
-        out, am = np.empty((3, p, q, 5), dtype), np.empty((3, p, q, 5), np.int32)
+        out, am = np.empty((3, p, q, 37), dtype), np.empty((3, p, q, 37), np.int32)
         k.maxpool2d_forward(x, out, am, pool, stride)
         r[f"maxpool2d_forward{pool}"], r[f"maxpool2d_forward.argmax{pool}"] = out, am
         for act in ("relu", "tanh", "leaky_relu"):
-            zb = a(3, 9, 8, 5, scale=2)
+            zb = a(3, 9, 8, 37, scale=2)
             yb = np.empty_like(zb)
             ref.activation_forward(act, zb, yb)
             g = np.empty_like(x)
-            k.maxpool2d_backward(a(3, p, q, 5), am, zb, yb, act, g, pool, stride)
+            k.maxpool2d_backward(a(3, p, q, 37), am, zb, yb, act, g, pool, stride)
             r[f"maxpool2d_backward{pool}[{act}]"] = g
     d = np.empty_like(x)
     k.dropout_forward(x, 0.4, 2**64 - 3, d)
