@@ -418,7 +418,7 @@ cdef void _gemm_typed(bint ta, bint tb,
 def _gemm(a, b, c, trans_a=False, trans_b=False):
     """The bare BLAS GEMM of this module, ``c = op(a) @ op(b)`` (``op``
     transposes when asked), with nothing around it, on the BLAS the kernels
-    use: the baseline of the dense-layer goals (benchmarks/cython_goals.py)."""
+    use: the baseline of the dense-layer goals (benchmarks/goals.py, kernels section)."""
     _ensure_blas()
     if a.dtype.itemsize == 4:
         _gemm_typed[float](trans_a, trans_b, a, b, c)

@@ -140,6 +140,9 @@ def test_torch_per_call_ops():
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = [b for b in ("cython", "numba") if __import__("fastnn").backends()[b].available]
+GOALS = os.path.join(ROOT, "benchmarks", "goals.py")
+needs_goals = pytest.mark.skipif(
+    not os.path.exists(GOALS), reason="benchmarks/ is not beside tests/ (installed-package run)")
 
 
 def test_quick_cases_cover_the_new_kernels():
@@ -353,13 +356,14 @@ def test_bench_sections_chosen():
     assert _cli_bench._networks(parse(["bench", "--only", "convnet,softmax"])) == ("convnet",)
 
 
+@needs_goals
 def test_goals_smoke():
     """``benchmarks/goals.py --smoke``: every section runs at tiny sizes and
     prints its goals as PASS/FAIL/INFO lines and a summary (no timed assertion:
     the figures of a smoke run mean nothing)."""
     sections = "kernels,conv,training,data,startup,gpu,thresholds"
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "goals.py"), "--smoke", "--threads",
+        [sys.executable, GOALS, "--smoke", "--threads",
          "1", "--no-torch", "--section", sections],
         capture_output=True, text=True, timeout=900, cwd=ROOT)
     out = proc.stdout
@@ -375,7 +379,8 @@ def test_goals_smoke():
     assert "goals PASS" in out and "serial" in out     # the summary; the thresholds table
 
 
+@needs_goals
 def test_goals_unknown_section():
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "goals.py"),
-                           "--section", "nope"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, GOALS, "--section", "nope"], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 2 and "unknown section" in proc.stderr

@@ -112,7 +112,7 @@ def _scalar_fma(fn):
 # Below these element counts a kernel runs its serial loop, above them the
 # prange path. Measured on the development machine (2 cores, a KVM guest,
 # numba 0.68 omp layer, GOMP_SPINCOUNT=1000 from fastnn/__init__.py, quiet:
-# load < 0.8; ``python benchmarks/numba_goals.py --thresholds``). Serially,
+# load < 0.8; ``python benchmarks/goals.py --section thresholds``). Serially,
 # relu forward takes 66 us per 1 M float32 (memory-bound), sigmoid 190 us,
 # Adam 180 us (in cache). A parallel call right after another one costs
 # 1-2 us more than its work (relu over 4 k: 0.5 us serial, 1.7 us parallel),
