@@ -196,3 +196,114 @@ def test_memmap_pages_are_handed_back(tmp_path, monkeypatch, mode, released):
         assert grown < 16384, grown
     else:
         assert grown > 50000, grown    # the whole file was read and stays mapped
+
+
+class _AdviceLog:
+    """Stands in for a memmap's mmap object and logs the advice given to it."""
+
+    def __init__(self, m):
+        self.m, self.log = m, []
+
+    def __len__(self):
+        return len(self.m)
+
+    def madvise(self, *args):
+        self.log.append(args)
+        return self.m.madvise(*args)
+
+
+def _log_advice(monkeypatch):
+    logs = []
+    original = _batches.Pages.__init__
+
+    def init(self, a):
+        original(self, a)
+        if self.mmap is not None:
+            self.mmap = _AdviceLog(self.mmap)
+            logs.append(self)
+    monkeypatch.setattr(_batches.Pages, "__init__", init)
+    return logs
+
+
+def test_read_ahead_asks_for_the_next_rows(tmp_path, monkeypatch):
+    """``Pages.ahead``: the byte range of the rows asked for, from a page
+    boundary, each byte once, nothing for rows too far apart; none for an
+    array in memory or a copy-on-write map."""
+    import mmap
+    monkeypatch.setattr(_batches, "AHEAD_MAX_BYTES", 1 << 20)
+    rows, width = 4096, 100
+    np.save(tmp_path / "x.npy", np.zeros((rows, width), np.float32))
+    xm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    pages = _batches.Pages(xm)
+    assert pages.offset == xm.offset and pages.row_bytes == width * 4
+    pages.mmap = log = _AdviceLog(pages.mmap)
+    rb, at = pages.row_bytes, pages.offset
+    pages.ahead(0, 127)
+    pages.ahead(0, 127)                   # asked already
+    pages.ahead(64, 299)                  # the part not asked yet
+    far = _batches.AHEAD_MAX_BYTES // rb + 1
+    pages.ahead(0, far)                   # too far apart
+    pages.ahead(1000, 1099)
+    willneed = mmap.MADV_WILLNEED
+    assert log.log == [(willneed, 0, at + 128 * rb),
+                       (willneed, (at + 128 * rb) // mmap.PAGESIZE * mmap.PAGESIZE,
+                        at + 300 * rb - (at + 128 * rb) // mmap.PAGESIZE * mmap.PAGESIZE),
+                       (willneed, (at + 1000 * rb) // mmap.PAGESIZE * mmap.PAGESIZE,
+                        at + 1100 * rb - (at + 1000 * rb) // mmap.PAGESIZE * mmap.PAGESIZE)]
+    for x in (np.zeros((10, 3)), np.load(tmp_path / "x.npy", mmap_mode="c")):
+        p = _batches.Pages(x)
+        assert p.offset is None
+        p.ahead(0, 5)                     # nothing to advise, no error
+
+
+@pytest.mark.parametrize("shuffle", [False, "batch", True])
+def test_fit_reads_ahead_of_the_batches_on_a_memmap(tmp_path, monkeypatch, shuffle):
+    """When a block of batches starts, the rows of the next block are asked of
+    the disk: in order and for shuffle="batch", every batch's rows were asked
+    for before the batch is read; a fully shuffled epoch (rows too far apart)
+    asks nothing. The model is the one trained on the array in memory."""
+    import mmap
+    logs = _log_advice(monkeypatch)
+    monkeypatch.setattr(_batches, "AHEAD_MAX_BYTES", 200_000)    # the file: 768,000 bytes
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3000, 64)).astype(np.float32)
+    y = rng.integers(0, 3, 3000)
+    np.save(tmp_path / "x.npy", x)
+    xm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    reads = []
+    original = _batches.Source.batch
+
+    def batch(self, plan, order, start, stop, ahead=True):
+        out = original(self, plan, order, start, stop, ahead)   # advice first, then the read
+        rows = np.arange(start, stop) if order is None else np.array(order[start:stop])
+        log = self.pages.mmap.log if isinstance(self.pages.mmap, _AdviceLog) else None
+        reads.append((rows, None if log is None else len(log)))
+        return out
+    monkeypatch.setattr(_batches.Source, "batch", batch)
+    model = fn.Sequential([fn.Dense(3)], input_dim=64, dtype="float32", seed=0)
+    model.compile("softmax_cross_entropy", fn.Adam(1e-2))
+    model.fit(xm, y, epochs=2, batch_size=50, shuffle=shuffle, seed=5, verbose=0)
+    monkeypatch.setattr(_batches.Source, "batch", original)
+    ref = fn.Sequential([fn.Dense(3)], input_dim=64, dtype="float32", seed=0)
+    ref.compile("softmax_cross_entropy", fn.Adam(1e-2))
+    ref.fit(x, y, epochs=2, batch_size=50, shuffle=shuffle, seed=5, verbose=0)
+    np.testing.assert_array_equal(model.params, ref.params)
+
+    pages = logs[-1]                      # fit's training source
+    log = pages.mmap.log
+    advised = [a[1:] for a in log if a[0] == mmap.MADV_WILLNEED]
+    if shuffle is True:
+        assert advised == []
+        return
+    assert advised
+    for start, length in advised:
+        assert start % mmap.PAGESIZE == 0 and 0 < length <= 200_000 + mmap.PAGESIZE
+    ours = [(rows, n) for rows, n in reads if n is not None][-60:]       # the second epoch
+    assert len(ours) == 60
+    rb, at = pages.row_bytes, pages.offset
+    for k, (rows, n) in enumerate(ours):
+        asked = np.zeros(at + 3000 * rb + mmap.PAGESIZE, bool)
+        for a in log[:n]:
+            if a[0] == mmap.MADV_WILLNEED:
+                asked[a[1]:a[1] + a[2]] = True
+        assert all(asked[at + r * rb:at + (r + 1) * rb].all() for r in rows), k
