@@ -287,7 +287,19 @@ def _call_with(kernel, stride, pads, *args):
 
 # ---------------------------------------------------------------- Dense
 
-class Dense(Layer):
+class _WeightsAndBias:
+    """``w`` and ``b``: a layer's two parameter arrays once built (else None)."""
+
+    @property
+    def w(self):
+        return self.params[0] if self.params else None
+
+    @property
+    def b(self):
+        return self.params[1] if self.params else None
+
+
+class Dense(_WeightsAndBias, Layer):
     """A fully connected layer: ``y = act(x @ w + b)``.
 
     Parameters
@@ -347,14 +359,6 @@ class Dense(Layer):
     def input_dim(self):
         return None if self.input_shape is None else self.input_shape[0]
 
-    @property
-    def w(self):
-        return self.params[0] if self.params else None
-
-    @property
-    def b(self):
-        return self.params[1] if self.params else None
-
     def compute_output_shape(self, input_shape):
         if len(input_shape) != 1:
             raise ValueError(f"{self._label()} needs a flat input (features,), got "
@@ -397,7 +401,7 @@ def conv_padding(padding, size, kernel, stride):
     return total // 2, total - total // 2
 
 
-class Conv2D(Layer):
+class Conv2D(_WeightsAndBias, Layer):
     """A 2-D convolution over channels-last images: ``y = act(conv(x, w) + b)``.
 
     ``z[n,p,q,o] = b[o] + sum_{i,j,c} xpad[n, p*sh+i, q*sw+j, c] * w[i,j,c,o]``
@@ -455,14 +459,6 @@ class Conv2D(Layer):
     @property
     def initializer(self):
         return "he_normal" if self._act in HE_ACTIVATIONS else "glorot_uniform"
-
-    @property
-    def w(self):
-        return self.params[0] if self.params else None
-
-    @property
-    def b(self):
-        return self.params[1] if self.params else None
 
     def _geometry(self, input_shape):
         if len(input_shape) != 3:
