@@ -70,16 +70,6 @@ RELEASE_BYTES = 64 << 20
 #: rows of 2 KiB from a 64 MiB memmap left 54 MiB mapped. So a row gathered
 #: from a random place counts as this many bytes resident.
 FAULT_AROUND = 2 << 20
-#: Read-ahead: when a block of ``SHUFFLE_BLOCK_BATCHES`` batches starts, the
-#: rows of the next block are asked of the disk (madvise MADV_WILLNEED,
-#: asynchronous) when they lie within ``AHEAD_MAX_BYTES`` of one another: in
-#: order, and for ``shuffle="batch"`` (a block is a run of contiguous rows),
-#: not for a fully shuffled epoch. Without it a cold 512 MB memmap read with
-#: shuffle="batch" at batch 128 went at ~180 MB/s (page faults of 128 KiB,
-#: one after another, the step waiting on each: 56,800 samples/s), a fifth of
-#: what the disk gives in large reads (700 MB/s - 1.2 GB/s measured here);
-#: with it, 97,600 samples/s.
-AHEAD_MAX_BYTES = 16 << 20
 
 
 class Pages:
@@ -93,15 +83,6 @@ class Pages:
               and hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"))
         self.mmap = m if ok else None
         self.unread = RELEASE_BYTES
-        self.ahead_to = (-1, -1)      # the byte range last asked for
-        self.offset = None            # of row 0 in the mapping, where read-ahead can run
-        if self.mmap is not None and hasattr(mmap, "MADV_WILLNEED") and a.flags.c_contiguous \
-                and a.ndim and a.shape[0]:
-            view = np.frombuffer(m, np.uint8, count=1)      # the mapping's first byte
-            self.offset = a.ctypes.data - view.ctypes.data
-            self.size = len(m)
-            self.row_bytes = a[:1].nbytes
-            del view
 
     def read(self, nbytes):
         """Count ``nbytes`` read; hand the pages back when enough were."""
@@ -111,29 +92,6 @@ class Pages:
         if self.unread <= 0:
             self.unread = RELEASE_BYTES
             self.mmap.madvise(mmap.MADV_DONTNEED)
-
-    def ahead(self, lo, hi):
-        """Ask the disk for rows ``lo`` to ``hi`` (inclusive) now, without
-        waiting, unless they are too far apart or were asked for already."""
-        if self.offset is None:
-            return
-        start = self.offset + lo * self.row_bytes
-        stop = min(self.offset + (hi + 1) * self.row_bytes, self.size)
-        if stop - start > AHEAD_MAX_BYTES:
-            return
-        done_lo, done_hi = self.ahead_to
-        if done_lo <= start and stop <= done_hi:
-            return
-        if done_lo <= start < done_hi:     # asked already up to done_hi
-            self.ahead_to = (done_lo, stop)
-            start = done_hi
-        else:
-            self.ahead_to = (start, stop)
-        start -= start % mmap.PAGESIZE
-        try:
-            self.mmap.madvise(mmap.MADV_WILLNEED, start, stop - start)
-        except (OSError, ValueError):      # advice only: a kernel may refuse it
-            self.offset = None
 
 
 class Source:
@@ -162,44 +120,17 @@ class Source:
         self.pages = Pages(x)
         self.row_bytes = x[:1].nbytes
 
-    def _ahead(self, order, start, stop, block):
-        """Read-ahead of rows ``order[start:stop]`` (``start:stop`` in order):
-        of the one or two blocks of ``block`` rows (``epoch_order``'s, aligned
-        in the file) they lie in; nothing when they are spread wider (a fully
-        shuffled epoch)."""
-        stop = min(stop, self.n)
-        if start >= stop:
-            return
-        if order is None:
-            self.pages.ahead(start, stop - 1)
-            return
-        ids = order[start:stop] // block
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo != hi and np.count_nonzero((ids != lo) & (ids != hi)):
-            return
-        for k in (lo, hi) if lo != hi else (lo,):
-            self.pages.ahead(k * block, min((k + 1) * block, self.n) - 1)
-
     def in_order(self, start, stop):
         """Indices ``start:stop`` (a view of one cached ``arange``)."""
         if self._ramp is None:
             self._ramp = np.arange(self.n, dtype=np.intp)
         return self._ramp[start:stop]
 
-    def batch(self, plan, order, start, stop, ahead=True):
+    def batch(self, plan, order, start, stop):
         """``(xb, yb)`` for rows ``order[start:stop]`` (or ``start:stop`` when
-        ``order`` is None), in ``plan``'s buffers unless a slice will do;
-        ``ahead``: read ahead on a memmap (not for a batch read out of turn)."""
-        pages = self.pages
-        pages.read((stop - start) * (self.row_bytes if order is None else
-                                     max(self.row_bytes, FAULT_AROUND)))
-        if ahead and pages.offset is not None:
-            block = SHUFFLE_BLOCK_BATCHES * plan.batch
-            if start % block == 0:
-                if start == 0:             # a new pass: what was read may be gone
-                    pages.ahead_to = (-1, -1)
-                    self._ahead(order, 0, block, block)
-                self._ahead(order, start + block, start + 2 * block, block)
+        ``order`` is None), in ``plan``'s buffers unless a slice will do."""
+        self.pages.read((stop - start) * (self.row_bytes if order is None else
+                                          max(self.row_bytes, FAULT_AROUND)))
         if order is None and self.direct:
             return self.x[start:stop], None if self.y is None else self.y[start:stop]
         index = self.in_order(start, stop) if order is None else order[start:stop]

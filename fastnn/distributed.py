@@ -408,7 +408,7 @@ class _Trainer:
         else:
             p = plan if nb == plan.batch else plan.view(self.model, self.be, nb)
             if not p.checked:
-                self.model._check_plan(p, *self.source.batch(p, order, lo, hi, ahead=False))
+                self.model._check_plan(p, *self.source.batch(p, order, lo, hi))
             scale = self.dtype.type(nb / rows)
             step = self.model._make_step(self.be, p, self.opt_step, self.seeds,
                                          self.reducer.sync(scale))

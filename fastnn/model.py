@@ -873,7 +873,7 @@ class Sequential:
         source = _batches.Source(be, x, y, self.dtype, host)
         plan = self._plan(be, batch if dist is None else dist.plan_rows(batch), True)
         self._plan_inputs(be, plan, x, y)
-        self._check_plan(plan, *source.batch(plan, None, 0, plan.batch, ahead=False))
+        self._check_plan(plan, *source.batch(plan, None, 0, plan.batch))
         full_step = self._step_for(be, plan)
         # distributed: this rank's parts of the batches, run by trainer.epoch
         trainer = None if dist is None else dist.trainer(self, be, source, plan, batch, n)
