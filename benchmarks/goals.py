@@ -519,6 +519,13 @@ def _mb(nbytes):
     return None if nbytes is None else nbytes / 2**20
 
 
+def _steps_alone(result):
+    """The step-only samples/s of a fit_process run (the compute rate: on a
+    shared machine it moves, and the wall rate with it)."""
+    steps = result.get("history", {}).get("step_samples_per_s") or []
+    return f"{steps[-1]:,.0f}" if steps else "n/a"
+
+
 def _drop_cache(path):
     """Evict a file's pages from the page cache (Linux; no root needed for
     clean pages). Returns whether it could."""
@@ -636,8 +643,9 @@ def section_data(run):
                          "rate (shuffle=True)", be,
                          None if mem is None else 100 * r["samples_per_s"] / mem["samples_per_s"],
                          ">=" if name == "memmap batch" else None, 80, unit="%",
-                         figures=f"memmap {r['samples_per_s']:,.0f}, in memory "
-                                 f"{mem['samples_per_s']:,.0f} samples/s; {cache}"
+                         figures=f"memmap {r['samples_per_s']:,.0f} (steps alone "
+                                 f"{_steps_alone(r)}), in memory {mem['samples_per_s']:,.0f} "
+                                 f"(steps alone {_steps_alone(mem)}) samples/s; {cache}"
                          if mem else "the in-memory run failed"))
 
 
