@@ -163,7 +163,8 @@ def _sync_for(backend_name):
 
 
 def measure(fns, repeats=7, min_time=0.02, max_time=3.0, warmup=1):
-    """Median seconds per call of each callable, sampled round robin.
+    """Median seconds per call of each callable, sampled round robin (the
+    order turned by one each round).
 
     Parameters
     ----------
@@ -202,7 +203,11 @@ def measure(fns, repeats=7, min_time=0.02, max_time=3.0, warmup=1):
     gc.disable()
     try:
         for r in range(max(reps.values(), default=0)):
-            for name in names:
+            # the order turns each round: a callable runs after a different one each
+            # time (what runs before moves a sample: OpenBLAS' workers still
+            # spinning, caches, the clock), not always after the same neighbour
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
                 if r >= reps[name]:
                     continue
                 fn, n = fns[name], loops[name]

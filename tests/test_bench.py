@@ -384,3 +384,16 @@ def test_goals_unknown_section():
     proc = subprocess.run([sys.executable, GOALS, "--section", "nope"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "unknown section" in proc.stderr
+
+
+def test_measure_turns_the_order_each_round():
+    """``_bench.measure`` samples round robin, the order turned by one each
+    round, so no callable always runs right after the same neighbour."""
+    from fastnn import _bench
+
+    log = []
+    fns = {name: (lambda name=name: log.append(name)) for name in "abc"}
+    times = _bench.measure(fns, repeats=3, min_time=0.0, warmup=0)
+    assert set(times) == set("abc") and all(t >= 0 for t in times.values())
+    assert log[:3] == list("abc")                          # one probe call each
+    assert log[3:] == list("abc") + list("bca") + list("cab")
