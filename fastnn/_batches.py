@@ -16,9 +16,32 @@ into blocks of ``SHUFFLE_BLOCK_BATCHES`` batches, the order of the blocks is
 shuffled and then the rows within each block, so every read is a run of
 contiguous rows while every batch still mixes rows from ``SHUFFLE_BLOCK_BATCHES``
 batches' worth of data.
+
+Staged reads: for a memmap of a file, a thread reads the rows of the coming
+batches with ``pread`` into a ring of ``STAGE_SLOTS`` buffers of
+``STAGE_BYTES`` (a segment: the rows of consecutive batches that lie that
+close together), in the order the epoch will use them, and the batches are
+gathered from there: the disk works while the network trains, and the mapping
+is not touched (no page faults, which cost more than the copy on a VM, and no
+file pages resident). Batches whose rows spread wider (``shuffle=True``) are
+random reads: they are gathered through the mapping. Measured (512 MB
+memmap, MLP at batch 128, ``shuffle="batch"``, fresh processes): evicted from
+the page cache 83-85 % of the in-memory rate against 70 % through the mapping
+with the file read ahead into the page cache and 40-80 % through the mapping
+alone; 93 % when the file is in the page cache.
+
+Finite check of a memmap: ``fit(check_finite=True)`` checks an array in memory
+in one pass before training (~15 GB/s), but a pass over a file on a disk
+costs as long as reading it, and a file larger than memory would then be read
+twice per ``fit``. So a memmap's rows are checked as the first epoch gathers
+them, each batch before its step; a bad row raises ``NotFinite`` and ``fit``
+puts the model back as it was before the call (``Snapshot``).
 """
 
+import math
 import mmap
+import os
+import threading
 
 import numpy as np
 
@@ -94,6 +117,245 @@ class Pages:
             self.mmap.madvise(mmap.MADV_DONTNEED)
 
 
+class NotFinite(ValueError):
+    """A batch of a memmap checked as read holds NaN or inf."""
+
+
+class Snapshot:
+    """The state ``fit`` changes (parameters, optimizer state and step, its
+    rate, the model's generator and history), taken before training a memmap
+    checked as read, so that a bad row leaves the model as it was."""
+
+    def __init__(self, model, be):
+        to_host = model._space[3]
+        self.model, self.be = model, be
+        self.arrays = [model._params] + list(model.optimizer._state_arrays().values())
+        self.copies = [np.array(to_host(a)) for a in self.arrays]
+        opt = model.optimizer
+        self.opt = (opt._t, opt._lr, opt._schedule)
+        self.rng = model._rng.bit_generator.state
+        self.history = getattr(model, "history", None)
+
+    def restore(self):
+        """Write the state back, in place (the buffers the plans hold)."""
+        model, opt = self.model, self.model.optimizer
+        for a, c in zip(self.arrays, self.copies):
+            if isinstance(a, np.ndarray):
+                a[...] = c
+            else:
+                self.be.copy_from_host(a, c)
+        opt._t, opt._lr, opt._schedule = self.opt
+        model._rng.bit_generator.state = self.rng
+        model.history = self.history
+        model.stop_training = False
+
+
+def check_rows(x, index, xb):
+    """Raise ``NotFinite`` naming the first bad row when the gathered batch
+    ``xb`` (rows ``index`` of ``x``, or ``x[index]`` directly) holds NaN or inf.
+    One sum over the batch (NaN and inf propagate; a finite sum proves every
+    value finite), the exact check only when it is not finite."""
+    if xb.dtype.kind != "f":
+        return
+    with np.errstate(over="ignore", invalid="ignore"):
+        if math.isfinite(np.add.reduce(xb.reshape(-1))):
+            return
+    ok = np.isfinite(xb.reshape(xb.shape[0], -1)).all(axis=1)
+    if ok.all():
+        return                 # the sum overflowed: every value is finite
+    rows = np.asarray(index)[~ok]
+    row = int(rows.min())
+    if x.dtype.kind == "f" and np.isfinite(x[row]).all():
+        raise NotFinite(f"x row {row} does not fit the model's dtype {xb.dtype} (it overflows "
+                        f"to inf); scale the data")
+    raise NotFinite(f"x holds NaN or inf, in row {row} (checked as the first epoch read it: the "
+                    f"model is left as it was); fix the data (or fit(check_finite=False) to "
+                    f"train on it anyway)")
+
+
+#: Staged reads of a memmap: the size of one buffer (a segment of rows read
+#: with one ``pread``), and how many buffers (the reading thread is at most
+#: this many segments ahead of the batch being trained).
+STAGE_BYTES = 8 << 20
+STAGE_SLOTS = 3
+#: a batch whose rows lie further apart than this is random access: read
+#: through the mapping instead
+STAGE_SPAN_MAX = 64 << 20
+#: the thread ends when no batch is taken for this long (a loop left early)
+STAGE_IDLE_S = 60.0
+
+
+class Stager:
+    """Reads the rows of the coming batches of a file-backed memmap with
+    ``pread`` into a ring of buffers, on a thread, so the batches are gathered
+    from memory: the disk works while the network trains, and the mapping is
+    never touched (no page faults, no resident file pages).
+
+    The rows are read in windows of ``W`` rows (``[k*W, (k+1)*W)``): for
+    ``shuffle="batch"`` the blocks of ``epoch_order`` (each block's rows are
+    used together, so each window is read once), in order about
+    ``STAGE_BYTES``. ``epoch(order, spans)`` starts the thread for batches
+    ``order[lo:hi]`` (rows ``lo:hi`` when ``order`` is None) taken in the order
+    of ``spans``; an order that visits a window more than once (``shuffle=True``)
+    is random access and is not staged. ``take(lo, hi)`` gives the batch's
+    pieces ``[(rows, first, p0, p1)]``: positions ``p0:p1`` of the batch have
+    their rows in ``rows`` (row ``r`` of ``x`` at ``rows[r - first]``); a
+    batch straddles two or three windows where a short block lies. None (a
+    batch out of the expected order, or a failed read) means: read through
+    the mapping. Reading is an optimisation only: an error ends the thread and
+    the batches fall back.
+    """
+
+    def __init__(self, x, path, base):
+        self.x, self.path, self.base = x, path, base
+        self.stride = x.strides[0]
+        self.extent = x[:1].nbytes if x[:1].flags.c_contiguous else self.stride
+        self.state = None
+        self.slots = None
+
+    @classmethod
+    def of(cls, x):
+        """A Stager for ``x`` when it is a memmap of a file with rows at a
+        positive stride, else None."""
+        m = getattr(x, "_mmap", None) if isinstance(x, np.memmap) else None
+        path = getattr(x, "filename", None)
+        if m is None or path is None or x.ndim == 0 or x.shape[0] < 2 or x.strides[0] <= 0:
+            return None
+        try:
+            start = np.frombuffer(m, np.uint8, count=1).ctypes.data
+        except (TypeError, ValueError, BufferError):
+            return None
+        offset = int(getattr(x, "offset", 0))
+        base = x.ctypes.data - start + offset - offset % mmap.ALLOCATIONGRANULARITY
+        return cls(x, os.fspath(path), base)
+
+    def epoch(self, order, spans):
+        self.close()
+        spans = list(spans)
+        st = self._plan(order, spans)
+        if st is None:
+            return
+        need = (st.window - 1) * self.stride + self.extent
+        if self.slots is None or self.slots[0].size < need or len(self.slots) != STAGE_SLOTS:
+            self.slots = [np.empty(need, np.uint8) for _ in range(STAGE_SLOTS)]
+        st.free = threading.Semaphore(len(self.slots))
+        self.state = st
+        threading.Thread(target=self._run, args=(st, self.slots), daemon=True,
+                         name="fastnn-stage").start()
+
+    def _plan(self, order, spans):
+        """The windows to read and which of them each span needs, or None."""
+        n = self.x.shape[0]
+        if not spans or spans[-1][1] > n:
+            return None
+        batch = max(1, spans[0][1] - spans[0][0])
+        if order is None:
+            window = batch * max(SHUFFLE_BLOCK_BATCHES, STAGE_BYTES // (batch * self.stride))
+            pos = np.arange(0, spans[-1][1], window)
+            ids = pos // window
+        else:
+            window = SHUFFLE_BLOCK_BATCHES * batch
+            wid = order // window
+            pos = np.concatenate(([0], np.flatnonzero(wid[1:] != wid[:-1]) + 1))
+            ids = wid[pos]
+            if pos.size > -(-n // window):     # a window visited twice: random
+                return None
+        if (window - 1) * self.stride + self.extent > STAGE_SPAN_MAX:
+            return None
+        lo = np.array([a for a, _ in spans], np.intp)
+        hi = np.array([b for _, b in spans], np.intp)
+        first = np.searchsorted(pos, lo, "right") - 1
+        last = np.searchsorted(pos, hi - 1, "right") - 1
+        if (last - first).max(initial=0) + 1 > STAGE_SLOTS:
+            return None
+        ends = np.append(pos[1:], spans[-1][1])
+        return _StageState(spans, window, ids.tolist(), pos.tolist(), ends.tolist(),
+                           first.tolist(), last.tolist())
+
+    def take(self, lo, hi):
+        st = self.state
+        if st is None:
+            return None
+        at = st.at
+        if at < len(st.spans) and st.spans[at] == (lo, hi):
+            st.at = at + 1
+        elif at > 0 and st.spans[at - 1] == (lo, hi):   # asked twice (a check)
+            at -= 1
+        else:
+            return None
+        s0, s1 = st.first[at], st.last[at]
+        while st.released < s0:              # the slots of the windows done with
+            st.released += 1
+            st.free.release()
+        if st.filled <= s1:
+            with st.cond:
+                while st.filled <= s1 and not st.failed:
+                    st.cond.wait()
+            if st.filled <= s1:
+                return None
+        x, w, k = self.x, st.window, len(self.slots)
+        pieces = []
+        for s in range(s0, s1 + 1):
+            first = st.ids[s] * w
+            rows = np.ndarray((min(w, x.shape[0] - first),) + x.shape[1:], x.dtype,
+                              self.slots[s % k], 0, x.strides)
+            pieces.append((rows, first, max(lo, st.pos[s]), min(hi, st.ends[s])))
+        return pieces
+
+    def close(self):
+        st, self.state = self.state, None
+        if st is not None:
+            st.stopped = True
+            st.free.release()
+
+    def _run(self, st, slots):
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            st.fail()
+            return
+        n, w = self.x.shape[0], st.window
+        try:
+            for s, wid in enumerate(st.ids):
+                if not st.free.acquire(timeout=STAGE_IDLE_S) or st.stopped:
+                    break   # close() releases it at once
+                a, b = wid * w, min(n, (wid + 1) * w)
+                start = self.base + a * self.stride
+                nbytes = (b - 1 - a) * self.stride + self.extent
+                view = memoryview(slots[s % len(slots)])
+                done = 0
+                while done < nbytes:
+                    got = os.preadv(fd, [view[done:nbytes]], start + done)
+                    if got <= 0:
+                        raise OSError("short read")
+                    done += got
+                with st.cond:
+                    st.filled = s + 1
+                    st.cond.notify()
+        except (OSError, ValueError):
+            pass
+        finally:
+            os.close(fd)
+            st.fail()
+
+
+class _StageState:
+    def __init__(self, spans, window, ids, pos, ends, first, last):
+        self.spans, self.window = spans, window
+        self.ids, self.pos, self.ends = ids, pos, ends   # per window read
+        self.first, self.last = first, last               # per span: its windows
+        self.at, self.filled, self.released = 0, 0, 0
+        self.stopped = self.failed = False
+        self.free = None
+        self.cond = threading.Condition()
+
+    def fail(self):
+        """The thread has ended: no window past ``filled`` will come."""
+        with self.cond:
+            self.failed = True
+            self.cond.notify_all()
+
+
 class Source:
     """Where the batches of one array (and its targets) come from.
 
@@ -119,6 +381,9 @@ class Source:
         self._ramp = None
         self.pages = Pages(x)
         self.row_bytes = x[:1].nbytes
+        self.stager = Stager.of(x) if host else None
+        #: check every batch for NaN and inf before it is used (``check_rows``)
+        self.check = False
 
     def in_order(self, start, stop):
         """Indices ``start:stop`` (a view of one cached ``arange``)."""
@@ -126,16 +391,43 @@ class Source:
             self._ramp = np.arange(self.n, dtype=np.intp)
         return self._ramp[start:stop]
 
+    def epoch(self, order, spans):
+        """The batches ``order[lo:hi]`` for ``(lo, hi)`` in ``spans`` come next
+        (``order`` None: rows ``lo:hi``): a memmap's file is read ahead."""
+        if self.stager is not None:
+            self.stager.epoch(order, spans)
+
+    def close(self):
+        """Stop reading ahead (the thread also ends by itself when idle)."""
+        if self.stager is not None:
+            self.stager.close()
+
     def batch(self, plan, order, start, stop):
         """``(xb, yb)`` for rows ``order[start:stop]`` (or ``start:stop`` when
         ``order`` is None), in ``plan``'s buffers unless a slice will do."""
-        self.pages.read((stop - start) * (self.row_bytes if order is None else
-                                          max(self.row_bytes, FAULT_AROUND)))
-        if order is None and self.direct:
-            return self.x[start:stop], None if self.y is None else self.y[start:stop]
+        pieces = None if self.stager is None else self.stager.take(start, stop)
+        if pieces is None:
+            self.pages.read((stop - start) * (self.row_bytes if order is None else
+                                              max(self.row_bytes, FAULT_AROUND)))
+        if order is None and self.direct and (pieces is None or len(pieces) == 1):
+            if pieces is None:
+                xb = self.x[start:stop]
+            else:
+                rows, first = pieces[0][:2]
+                xb = rows[start - first:stop - first]
+            if self.check:
+                check_rows(self.x, self.in_order(start, stop), xb)
+            return xb, None if self.y is None else self.y[start:stop]
         index = self.in_order(start, stop) if order is None else order[start:stop]
         xb, yb, ystage = plan.inputs()
-        self.gather(self.x, index, xb)
+        if pieces is None:
+            self.gather(self.x, index, xb)
+        else:
+            for rows, first, p0, p1 in pieces:
+                self.gather(rows, index[p0 - start:p1 - start] - first,
+                            xb[p0 - start:p1 - start])
+        if self.check:
+            check_rows(self.x, index, xb)
         if self.y is not None:
             if order is None:
                 if self.host:

@@ -792,7 +792,12 @@ class Sequential:
         check_finite : bool
             Refuse an ``x`` or ``y`` holding NaN or inf (a ValueError naming
             the first such row) before training: one pass over the data. A
-            single inf would otherwise turn every parameter into NaN.
+            single inf would otherwise turn every parameter into NaN. An ``x``
+            that is a ``np.memmap`` is checked as the first epoch reads it,
+            each batch before its step (a pass first would read the file
+            twice): a bad row then stops ``fit`` in that epoch with the
+            ValueError, and the model is put back as it was before the call
+            (weights, optimizer state, generator, history).
         comm : mpi4py communicator, optional
             Train data-parallel over its ranks (``fastnn.distributed``); by
             default over ``fastnn.distributed.init()``'s, if it was called.
@@ -844,12 +849,6 @@ class Sequential:
                                  f"training: both need at least one")
             val = (x[-n_val:], y[-n_val:])
             x, y = x[:-n_val], y[:-n_val]
-        if check_finite:
-            _check_finite(x, "x")
-            _check_finite(y, "y")
-            if validation_data is not None:
-                _check_finite(val[0], "validation_data[0]")
-                _check_finite(val[1], "validation_data[1]")
         self._require_params()
         be = _backend.current()
         dist = _distributed._resolve(comm)
@@ -857,6 +856,17 @@ class Sequential:
             self._check_distributed(dist, be, x, y, val, shape, epochs, batch_size, shuffle,
                                     seed, callbacks)
             verbose = verbose if dist.rank == 0 else 0
+        # a memmap's rows are checked as the first epoch reads them (a pass first
+        # would read the file twice: see fastnn._batches), the rest here
+        x_as_read = (check_finite and isinstance(x, np.memmap) and dist is None
+                     and _space(be) == _HOST_SPACE)
+        if check_finite:
+            if not x_as_read:
+                _check_finite(x, "x")
+            _check_finite(y, "y")
+            if val is not None:
+                _check_finite(val[0], "validation_data[0]")
+                _check_finite(val[1], "validation_data[1]")
         # every check has passed: from here on the model changes
         if not self.built:
             self._build(shape)
@@ -875,6 +885,8 @@ class Sequential:
         self._plan_inputs(be, plan, x, y)
         self._check_plan(plan, *source.batch(plan, None, 0, plan.batch))
         full_step = self._step_for(be, plan)
+        snapshot = _batches.Snapshot(self, be) if x_as_read else None
+        source.check = x_as_read
         # distributed: this rank's parts of the batches, run by trainer.epoch
         trainer = None if dist is None else dist.trainer(self, be, source, plan, batch, n)
         rng = np.random.default_rng(seed) if seed is not None else self._rng
@@ -907,6 +919,8 @@ class Sequential:
             last_post = t0
             try:
                 order = _batches.epoch_order(rng, n, shuffle, batch)
+                if trainer is None:
+                    source.epoch(order, ((s, min(s + batch, n)) for s in starts))
                 if trainer is not None:   # sums over the ranks
                     total_loss, correct, step_time, seen = trainer.epoch(
                         order, bar, batch_cbs, classification)
@@ -965,9 +979,14 @@ class Sequential:
                 elif verbose == 2:
                     print(f"epoch {epoch + 1}/{epochs} - "
                           f"{_format_record(record, seconds, with_speed=True)}", flush=True)
+            except _batches.NotFinite:
+                snapshot.restore()   # raised only when checking as read
+                raise
             finally:
+                source.close()
                 if bar is not None:
                     bar.close()
+            source.check = False     # every row was checked in the first epoch
             if dist is not None:   # every rank stops together
                 self.stop_training = dist.any(self.stop_training)
             if self.stop_training:
@@ -1100,6 +1119,7 @@ class Sequential:
         loss_gate = getattr(_validate, self.loss.kernel)
         total, correct = 0.0, 0
         classification = self.loss.classification
+        source.epoch(None, ((s, min(s + full.batch, n)) for s in range(0, n, full.batch)))
         for start in range(0, n, full.batch):
             stop = min(start + full.batch, n)
             plan = self._eval_plan(be, full, source, start, stop)
@@ -1153,6 +1173,7 @@ class Sequential:
         top = self.layers[-1]
         softmax = loss is None and top.activation == "softmax"
         out = np.empty((n,) + top.output_shape, self.dtype)
+        source.epoch(None, ((s, min(s + full.batch, n)) for s in range(0, n, full.batch)))
         for start in range(0, n, full.batch):
             stop = min(start + full.batch, n)
             plan = self._eval_plan(be, full, source, start, stop)
