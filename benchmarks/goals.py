@@ -606,28 +606,37 @@ def section_data(run):
     with tempfile.TemporaryDirectory(prefix="fastnn-goals-memmap-", dir=run.args.tmpdir) as tmp:
         print(f"  writing a {mb:,} MB float32 memmap under {tmp} ...", flush=True)
         xp, yp, rows = _write_memmap(tmp, mb)
-        runs = {}
+        runs, peaks = {}, {}
         plan = [("memmap batch", "memmap", "batch"), ("in memory", "npy", True)]
         if sz.memmap_random:
             plan.insert(1, ("memmap shuffled", "memmap", True))
+        # the best of `rounds` fresh processes of each, alternating: on a shared
+        # machine one process in a few computes at half speed for a while
+        rounds = 1 if sz.name == "smoke" else 3
         cold = True
-        for name, data, shuffle in plan:
-            if data == "memmap":
-                cold = _drop_cache(xp) and cold
-            try:
-                runs[name] = _bench.fit_process("fastnn", data=data, path=xp, ypath=yp, n=rows,
-                                                batch=128, shuffle=shuffle, warmup=True)
-            except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                run.note(f"memmap run '{name}' failed: {exc}")
+        for _ in range(rounds):
+            for name, data, shuffle in plan:
+                if data == "memmap":
+                    cold = _drop_cache(xp) and cold
+                try:
+                    r = _bench.fit_process("fastnn", data=data, path=xp, ypath=yp, n=rows,
+                                           batch=128, shuffle=shuffle, warmup=True)
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    run.note(f"memmap run '{name}' failed: {exc}")
+                    continue
+                st = r["stages"]
+                peak = max(v.get("VmHWM", 0) for v in st.values()) - st["start"]["VmRSS"]
+                peaks[name] = max(peaks.get(name, 0), peak)
+                if name not in runs or r["samples_per_s"] > runs[name]["samples_per_s"]:
+                    runs[name] = r
         cache = ("read cold (evicted from the page cache first)" if cold else
                  "the page cache could not be emptied: reads may be warm")
         r = runs.get("memmap batch")
         if r is not None:
             st = r["stages"]
-            peak = max(s.get("VmHWM", 0) for s in st.values())
             run.add(Goal("data", "17", f"{mb:,} MB float32 memmap, one epoch, shuffle='batch': "
-                         "resident peak over the interpreter's start", be,
-                         _mb(peak - st["start"]["VmRSS"]), "<=", limit, "MB",
+                         "resident peak over the interpreter's start (the largest of "
+                         f"{rounds} runs)", be, _mb(peaks["memmap batch"]), "<=", limit, "MB",
                          figures=f"target: half the file (the issue's 1 GB for 2 GB); at the "
                                  f"end {st['end'].get('RssAnon', 0) / 2**20:,.0f} MB anonymous"
                                  f" + {st['end'].get('RssFile', 0) / 2**20:,.0f} MB file pages "
@@ -645,7 +654,8 @@ def section_data(run):
                          ">=" if name == "memmap batch" else None, 80, unit="%",
                          figures=f"memmap {r['samples_per_s']:,.0f} (steps alone "
                                  f"{_steps_alone(r)}), in memory {mem['samples_per_s']:,.0f} "
-                                 f"(steps alone {_steps_alone(mem)}) samples/s; {cache}"
+                                 f"(steps alone {_steps_alone(mem)}) samples/s, the best of "
+                                 f"{rounds} fresh processes each, alternating; {cache}"
                          if mem else "the in-memory run failed"))
 
 

@@ -264,3 +264,60 @@ def test_check_rows_sum_overflow_is_not_an_error():
     xb[2, 1] = np.nan
     with pytest.raises(_batches.NotFinite, match="row 7"):
         _batches.check_rows(np.zeros((9, 3), np.float32) + np.nan, np.arange(5, 9), xb)
+
+
+@pytest.mark.parametrize("how", ["buffered", "direct refused at open", "direct refused at read"])
+def test_reads_through_the_page_cache(tmp_path, monkeypatch, how):
+    """Without O_DIRECT (a file system without it, or one that refuses it when
+    reading) the windows are read through the page cache, with the same rows."""
+    import os
+
+    xm, y = _files(tmp_path, n=700, d=9)
+    if how == "buffered":
+        monkeypatch.setattr(_batches, "STAGE_DIRECT", False)
+    else:
+        direct = getattr(os, "O_DIRECT", None)
+        if direct is None:
+            pytest.skip("no O_DIRECT here")
+        real_open, real_preadv = os.open, os.preadv
+        fds = set()
+
+        def open_(path, flags, *a):
+            if flags & direct and how == "direct refused at open":
+                raise OSError(22, "Invalid argument")
+            fd = real_open(path, flags, *a)
+            if flags & direct:
+                fds.add(fd)
+            return fd
+
+        def preadv(fd, buffers, offset):
+            if fd in fds:
+                raise OSError(22, "Invalid argument")
+            return real_preadv(fd, buffers, offset)
+
+        def close(fd, real_close=os.close):
+            fds.discard(fd)
+            real_close(fd)
+        monkeypatch.setattr(_batches.os, "open", open_)
+        monkeypatch.setattr(_batches.os, "close", close)
+        monkeypatch.setattr(_batches.os, "preadv", preadv)
+    served = _spy_take(monkeypatch)
+    model, ref = _model(9), _model(9)
+    model.fit(xm, y, epochs=2, batch_size=16, shuffle="batch", seed=7, verbose=0)
+    ref.fit(np.array(xm), y, epochs=2, batch_size=16, shuffle="batch", seed=7, verbose=0)
+    np.testing.assert_array_equal(model.params, ref.params)
+    # (one batch read through the mapping: fit's check of its plan, before the epochs)
+    assert served["mapped"] == 1 and served["staged"] == 2 * -(-700 // 16)
+
+
+def test_copy_on_write_memmap_is_read_through_the_mapping(tmp_path):
+    """A mode="c" memmap may hold changes that are not in its file: its rows
+    are read through the mapping, changes included."""
+    xm, y = _files(tmp_path, n=200)
+    xc = np.load(tmp_path / "x.npy", mmap_mode="c")
+    xc[:, 0] = 5.0                      # in this process only, not in the file
+    assert _batches.Stager.of(xc) is None and _batches.Stager.of(xm) is not None
+    model, ref = _model(12), _model(12)
+    model.fit(xc, y, epochs=1, batch_size=16, shuffle="batch", seed=2, verbose=0)
+    ref.fit(np.array(xc), y, epochs=1, batch_size=16, shuffle="batch", seed=2, verbose=0)
+    np.testing.assert_array_equal(model.params, ref.params)
