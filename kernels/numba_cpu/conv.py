@@ -39,8 +39,8 @@ loop's window copies and the taps' offsets live in buffers of the calling
 thread (``threading.local``), grown on demand and reused, so a training step
 allocates nothing after its first batch. A chunk holds at most
 ``_CHUNK_BYTES`` of columns: few BLAS calls (each one wakes the BLAS's
-threads), a workspace that fits the L3 cache at the convnet's shapes and
-stays bounded for large images.
+threads), a workspace that stays in the L3 cache between the im2col that
+writes it and the GEMM that reads it, bounded for large images.
 
 Threads: the GEMMs use the BLAS's threads; our loops run serially below the
 thresholds of ``PARALLEL_MIN`` (elements of work) and as ``prange`` chunks
@@ -61,13 +61,16 @@ from .dense import backprop_delta
 
 # ------------------------------------------------------------ workspace
 
-#: Bytes of im2col columns (or ``dz @ w.T`` rows) per chunk. Few large GEMMs:
-#: each BLAS call wakes its threads, and under load a call cost a scheduler
-#: time slice (conv2 of Keras' convnet at batch 128, 2 threads, load 6: chunks
-#: of 1 MB took 8.9x its GEMM alone, 4 MB 2.6x, 16 MB 1.4x, one chunk 1.2x).
-#: 32 MB holds that layer's whole batch (17.8 MB) and caps the workspace for
-#: large images.
-_CHUNK_BYTES = 1 << 25
+#: Bytes of im2col columns (or ``dz @ w.T`` rows) per chunk: written and read
+#: back in the L3 cache, in few BLAS calls (each wakes the BLAS's threads).
+#: conv2 of Keras' convnet at batch 128 (17.8 MB of columns), 2 threads, time
+#: over its GEMM alone, median of 15 alternating calls, three runs at load
+#: ~1.2: 4 MB 1.08-1.15x forward, 1.03-1.21x backward, 1.24-1.39x backprop;
+#: 8 MB 1.22-1.29x, 1.10-1.24x, 1.29-1.36x; one chunk (32 MB) 1.27-1.36x,
+#: 1.29-1.41x, 1.42-1.44x. (At load 6 small chunks lost: 1 MB 8.9x, 4 MB 2.6x,
+#: one chunk 1.2x; and in this machine's slow phases, when every kernel runs
+#: at half speed, one chunk still wins.)
+_CHUNK_BYTES = 1 << 22
 #: Kernels with at most this many taps (``kh*kw*c``) run conv2d_forward as a
 #: direct loop (when ``_DIRECT_FWD``; tests switch it off to compare with the
 #: im2col path) and im2col tap by tap. Keras' first layer (3x3 on one channel,
