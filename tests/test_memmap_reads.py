@@ -46,6 +46,14 @@ def _spy_take(monkeypatch):
     return served
 
 
+def _same_as_the_array(xm, y, seed, epochs=2, shuffle="batch"):
+    """Train on the memmap and on a copy of it in memory: the same parameters."""
+    model, ref = _model(xm.shape[1]), _model(xm.shape[1])
+    model.fit(xm, y, epochs=epochs, batch_size=16, shuffle=shuffle, seed=seed, verbose=0)
+    ref.fit(np.array(xm), y, epochs=epochs, batch_size=16, shuffle=shuffle, seed=seed, verbose=0)
+    np.testing.assert_array_equal(model.params, ref.params)
+
+
 def _stage_threads():
     return [t for t in threading.enumerate() if t.name == "fastnn-stage"]
 
@@ -132,10 +140,7 @@ def test_failed_reads_fall_back_to_the_mapping(tmp_path, monkeypatch):
         return real(fd, buffers, offset)
     monkeypatch.setattr(_batches.os, "preadv", flaky)
     served = _spy_take(monkeypatch)
-    model, ref = _model(12), _model(12)
-    model.fit(xm, y, epochs=2, batch_size=16, shuffle="batch", seed=1, verbose=0)
-    ref.fit(np.array(xm), y, epochs=2, batch_size=16, shuffle="batch", seed=1, verbose=0)
-    np.testing.assert_array_equal(model.params, ref.params)
+    _same_as_the_array(xm, y, seed=1)
     assert served["staged"] >= 3 and served["mapped"] > 0
     assert _no_stage_threads()
 
@@ -302,10 +307,7 @@ def test_reads_through_the_page_cache(tmp_path, monkeypatch, how):
         monkeypatch.setattr(_batches.os, "close", close)
         monkeypatch.setattr(_batches.os, "preadv", preadv)
     served = _spy_take(monkeypatch)
-    model, ref = _model(9), _model(9)
-    model.fit(xm, y, epochs=2, batch_size=16, shuffle="batch", seed=7, verbose=0)
-    ref.fit(np.array(xm), y, epochs=2, batch_size=16, shuffle="batch", seed=7, verbose=0)
-    np.testing.assert_array_equal(model.params, ref.params)
+    _same_as_the_array(xm, y, seed=7)
     # (one batch read through the mapping: fit's check of its plan, before the epochs)
     assert served["mapped"] == 1 and served["staged"] == 2 * -(-700 // 16)
 
@@ -317,7 +319,4 @@ def test_copy_on_write_memmap_is_read_through_the_mapping(tmp_path):
     xc = np.load(tmp_path / "x.npy", mmap_mode="c")
     xc[:, 0] = 5.0                      # in this process only, not in the file
     assert _batches.Stager.of(xc) is None and _batches.Stager.of(xm) is not None
-    model, ref = _model(12), _model(12)
-    model.fit(xc, y, epochs=1, batch_size=16, shuffle="batch", seed=2, verbose=0)
-    ref.fit(np.array(xc), y, epochs=1, batch_size=16, shuffle="batch", seed=2, verbose=0)
-    np.testing.assert_array_equal(model.params, ref.params)
+    _same_as_the_array(xc, y, seed=2, epochs=1)
