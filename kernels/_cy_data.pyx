@@ -9,8 +9,8 @@ uses, so the results agree bit for bit; bool gives ``value != 0``). The rows of
 slice of rows or columns), the index at its own stride, int32 or int64 (other
 integer widths are converted to ``intp`` first: the index is small). Serial
 below ``PAR_MIN_BYTES`` moved, ``num_threads`` static chunks of rows above;
-the first lines of the row ``AHEAD`` rows on are prefetched while a row is
-copied (random rows come from memory).
+the first ``PREFETCH_BYTES`` of the row ``AHEAD`` rows on are prefetched while a
+row is copied (random rows come from memory).
 
 Native source dtypes: bool, (u)int8/16/32/64, float32, float64 in the
 machine's byte order and aligned. Anything else the gate accepts (float16,
@@ -36,14 +36,12 @@ cdef extern from *:
 
 cdef extern from *:
     """
-    /* Ask for the first FASTNN_PREFETCH_BYTES of a row read soon. Rows picked at
-       random from a large array come from memory, and the hardware prefetcher
-       follows a row only after missing in it; the rest of a long row it streams
-       by itself. */
-    #define FASTNN_PREFETCH_BYTES 4096
+    /* Ask for the first ``bytes`` of a row read soon. Rows picked at random
+       from a large array come from memory, and the hardware prefetcher follows
+       a row only after missing in it; the rest of a long row it streams by
+       itself. */
     static inline void fastnn_prefetch_row(const char* p, Py_ssize_t bytes) {
     #if defined(__GNUC__) || defined(__clang__)
-        if (bytes > FASTNN_PREFETCH_BYTES) bytes = FASTNN_PREFETCH_BYTES;
         for (Py_ssize_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
     #else
         (void)p; (void)bytes;
@@ -88,12 +86,19 @@ OPENMP = bool(FASTNN_OPENMP)
 # on 2 shared cores, so provisional). Parallel from 8 MB moved (~500 us
 # serial), where a wake-up costs at most a tenth: batches of fit stay serial.
 cdef Py_ssize_t PAR_MIN_BYTES = 1 << 23
-# Rows prefetched ahead of the one being copied. 128 random rows of 784 uint8
-# from 100,000 converted to float32 took 32 us without, 19 / 17 / 17 us with
-# 1 / 2 / 4 rows ahead (the reference: 28 us); 32 rows 8 -> 4 us. The plain
-# row copies (float32 -> float32, 50 us for 128 rows) are bound by bandwidth
-# and neither gain nor lose (one thread, load ~11 on 2 cores, provisional).
-cdef Py_ssize_t AHEAD = 4
+# Rows prefetched ahead of the one being copied, and bytes of each (from its
+# start). Median of 400 gathers of random rows of 784 from 100,000, us, one
+# thread, load ~1, (ahead, bytes):        (4, 4 KB)  (8, 256)  (8, 1 KB)
+#   128 rows uint8 -> float32               18.6      26.1      18.9
+#   128 rows float32 -> float32             50.8      41.3      42.4
+#   32 rows uint8 / float32               4.8 / 12.2  6.9 / 10.7  4.7 / 10.6
+# (no prefetch: 48.4 for 128 float32 rows; 32 us for uint8 in an older run). A
+# short row wants all of it early; of a long row the first lines are enough
+# (the hardware streams the rest) and more only queue behind the copy. In fit
+# (MLP, batch 128, 100,000 shuffled samples) the time outside the steps went
+# from 0.063 to 0.050 s an epoch with (16, 128) / (8, 256).
+cdef Py_ssize_t AHEAD = 8
+cdef Py_ssize_t PREFETCH_BYTES = 1024
 cdef int _num_threads = 1
 
 
@@ -101,6 +106,15 @@ def set_num_threads(int n):
     """Set the OpenMP threads of this module's parallel loops."""
     global _num_threads
     _num_threads = max(1, n)
+
+
+def _set_prefetch(Py_ssize_t ahead, Py_ssize_t nbytes):
+    """Set the rows prefetched ahead and the bytes of each (measurements);
+    returns the old pair."""
+    global AHEAD, PREFETCH_BYTES
+    old = (AHEAD, PREFETCH_BYTES)
+    AHEAD, PREFETCH_BYTES = max(0, ahead), max(0, nbytes)
+    return old
 
 
 def _set_parallel_min(Py_ssize_t n):
@@ -159,7 +173,7 @@ cdef inline void _prefetch_rows(const Gather* g, Py_ssize_t lo, Py_ssize_t hi,
                                 Py_ssize_t row_bytes) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(lo, hi):
-        prefetch_row(g.src + _row_of(g, i) * g.stride, row_bytes)
+        prefetch_row(g.src + _row_of(g, i) * g.stride, min(row_bytes, PREFETCH_BYTES))
 
 
 cdef void _copy_rows(const Gather* g, Py_ssize_t lo, Py_ssize_t hi,
@@ -168,7 +182,7 @@ cdef void _copy_rows(const Gather* g, Py_ssize_t lo, Py_ssize_t hi,
     _prefetch_rows(g, lo, min(hi, lo + AHEAD), row_bytes)
     for i in range(lo, hi):
         if i + AHEAD < hi:
-            prefetch_row(g.src + _row_of(g, i + AHEAD) * g.stride, row_bytes)
+            prefetch_row(g.src + _row_of(g, i + AHEAD) * g.stride, min(row_bytes, PREFETCH_BYTES))
         memcpy(g.out + i * row_bytes, g.src + _row_of(g, i) * g.stride, row_bytes)
 
 
@@ -182,7 +196,7 @@ cdef void _convert_rows(const src_t* kind, floating* okind, const Gather* g,
     _prefetch_rows(g, lo, min(hi, lo + AHEAD), row_bytes)
     for i in range(lo, hi):
         if i + AHEAD < hi:
-            prefetch_row(g.src + _row_of(g, i + AHEAD) * g.stride, row_bytes)
+            prefetch_row(g.src + _row_of(g, i + AHEAD) * g.stride, min(row_bytes, PREFETCH_BYTES))
         s = <const src_t*>(g.src + _row_of(g, i) * g.stride)
         o = <floating*>g.out + i * m
         for c in range(m):
@@ -198,7 +212,7 @@ cdef void _bool_rows(floating* okind, const Gather* g, Py_ssize_t lo, Py_ssize_t
     _prefetch_rows(g, lo, min(hi, lo + AHEAD), m)
     for i in range(lo, hi):
         if i + AHEAD < hi:
-            prefetch_row(g.src + _row_of(g, i + AHEAD) * g.stride, m)
+            prefetch_row(g.src + _row_of(g, i + AHEAD) * g.stride, min(m, PREFETCH_BYTES))
         s = <const uint8_t*>(g.src + _row_of(g, i) * g.stride)
         o = <floating*>g.out + i * m
         for c in range(m):
