@@ -226,8 +226,10 @@ class Stager:
         positive stride, else None."""
         m = getattr(x, "_mmap", None) if isinstance(x, np.memmap) else None
         path = getattr(x, "filename", None)
-        # a copy-on-write map ("c") may hold changes that are not in the file
+        # a copy-on-write map ("c") may hold changes that are not in the file;
+        # no os.preadv (Windows, macOS): read through the mapping
         if (m is None or path is None or getattr(x, "mode", "c") not in ("r", "r+", "w+")
+                or not hasattr(os, "preadv")
                 or x.ndim == 0 or x.shape[0] < 2 or x.strides[0] <= 0):
             return None
         try:
@@ -359,7 +361,7 @@ class Stager:
                 with st.cond:
                     st.filled = s + 1
                     st.cond.notify()
-        except (OSError, ValueError):
+        except Exception:   # reading ahead is an optimisation: the batches fall back
             pass
         finally:
             os.close(fd)

@@ -320,3 +320,12 @@ def test_copy_on_write_memmap_is_read_through_the_mapping(tmp_path):
     xc[:, 0] = 5.0                      # in this process only, not in the file
     assert _batches.Stager.of(xc) is None and _batches.Stager.of(xm) is not None
     _same_as_the_array(xc, y, seed=2, epochs=1)
+
+
+def test_without_preadv_the_mapping_is_read(tmp_path, monkeypatch):
+    """Where os.preadv is missing (Windows, macOS) nothing is staged, and the
+    memmap trains as before."""
+    xm, y = _files(tmp_path, n=150)
+    monkeypatch.delattr(_batches.os, "preadv")
+    assert _batches.Stager.of(xm) is None
+    _same_as_the_array(xm, y, seed=3)
