@@ -329,3 +329,15 @@ def test_without_preadv_the_mapping_is_read(tmp_path, monkeypatch):
     monkeypatch.delattr(_batches.os, "preadv")
     assert _batches.Stager.of(xm) is None
     _same_as_the_array(xm, y, seed=3)
+
+
+def test_changes_through_a_shared_mapping_are_read(tmp_path, monkeypatch):
+    """A mode="r+" memmap written in this process and not flushed: the staged
+    reads (O_DIRECT included) see the changes, as the mapping does."""
+    xm, y = _files(tmp_path, n=400)
+    xw = np.load(tmp_path / "x.npy", mmap_mode="r+")
+    xw[:, 0] = 7.0                       # dirty pages of the shared mapping
+    served = _spy_take(monkeypatch)
+    _same_as_the_array(xw, y, seed=4)
+    assert served["staged"] >= 2 * -(-400 // 16)
+    _same_as_the_array(xm, y, seed=4)    # a read-only map of the file sees them too
