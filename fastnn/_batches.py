@@ -439,11 +439,13 @@ class Source:
             self._ramp = np.arange(self.n, dtype=np.intp)
         return self._ramp[start:stop]
 
-    def epoch(self, order, spans):
-        """The batches ``order[lo:hi]`` for ``(lo, hi)`` in ``spans`` come next
-        (``order`` None: rows ``lo:hi``): a memmap's file is read ahead."""
+    def epoch(self, order, batch):
+        """Batches of ``batch`` rows, ``order[lo:hi]`` (rows ``lo:hi`` when
+        ``order`` is None) for ``lo`` = 0, batch, ..., come next: a memmap's
+        file is read ahead."""
         if self.stager is not None:
-            self.stager.epoch(order, spans)
+            self.stager.epoch(order, [(s, min(s + batch, self.n))
+                                      for s in range(0, self.n, batch)])
 
     def close(self):
         """Stop reading ahead (the thread also ends by itself when idle)."""

@@ -920,7 +920,7 @@ class Sequential:
             try:
                 order = _batches.epoch_order(rng, n, shuffle, batch)
                 if trainer is None:
-                    source.epoch(order, ((s, min(s + batch, n)) for s in starts))
+                    source.epoch(order, batch)
                 if trainer is not None:   # sums over the ranks
                     total_loss, correct, step_time, seen = trainer.epoch(
                         order, bar, batch_cbs, classification)
@@ -1119,7 +1119,7 @@ class Sequential:
         loss_gate = getattr(_validate, self.loss.kernel)
         total, correct = 0.0, 0
         classification = self.loss.classification
-        source.epoch(None, ((s, min(s + full.batch, n)) for s in range(0, n, full.batch)))
+        source.epoch(None, full.batch)
         for start in range(0, n, full.batch):
             stop = min(start + full.batch, n)
             plan = self._eval_plan(be, full, source, start, stop)
@@ -1173,7 +1173,7 @@ class Sequential:
         top = self.layers[-1]
         softmax = loss is None and top.activation == "softmax"
         out = np.empty((n,) + top.output_shape, self.dtype)
-        source.epoch(None, ((s, min(s + full.batch, n)) for s in range(0, n, full.batch)))
+        source.epoch(None, full.batch)
         for start in range(0, n, full.batch):
             stop = min(start + full.batch, n)
             plan = self._eval_plan(be, full, source, start, stop)
