@@ -7,7 +7,9 @@ and a per-process counter: two different loop bodies with the same qualified
 name (closures made by one factory) compiled in two fresh processes got the
 same symbol, and a process that loaded both ran whichever was loaded first
 (leaky_relu ran relu's loop, AdamW ran Adam's). So every specialised loop and
-parallel driver has a name of its own (``kernels/numba_cpu/_runtime.py``).
+parallel driver has a name of its own, and the loop numba compiles for each
+prange (named after an object's address) takes the body as an argument, so
+its symbol names it too (``kernels/numba_cpu/_runtime.py``).
 
 The test does what found it: one fresh cache folder; one process per case,
 one after the other (concurrent writers of one index file would drop each
@@ -18,7 +20,6 @@ reference.
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -155,26 +156,51 @@ LOSSES = ["loss:softmax_cross_entropy", "loss:sigmoid_binary_cross_entropy", "lo
           "loss:softmax", "loss:dense_backward"]
 
 
-def _run(cases, cache, prefix=()):
+#: Run before WORKER. numba names the function it compiles for each prange
+#: loop ``__numba_parfor_gufunc_<hash(parfor)>`` (an object's address) plus a
+#: per-process counter and the argument types. Two processes put that object at
+#: one address now and then (more often with address-space randomisation off);
+#: with these names pinned to one value they always do, so a loop whose symbol
+#: does not say what it computes shows every time instead of once in many CI
+#: runs. Counts the loops it named: the compiling processes must have compiled
+#: some (else the pin did not take, numba changed), the loading process none
+#: (else it did not load them from the cache).
+PIN = textwrap.dedent(r"""
+    import numba.parfors.parfor_lowering as _lowering
+    _pinned = []
+    def _pinned_hash(obj):
+        _pinned.append(obj)
+        return 0
+    _lowering.hash = _pinned_hash
+""")
+PINNED = '\nprint("PINNED", len(_pinned))\n'
+
+
+def _run(cases, cache):
+    """Runs WORKER, its prange names pinned (PIN): (report, loops compiled)."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
     env.pop("FASTNN_NUM_THREADS", None)
-    proc = subprocess.run([*prefix, sys.executable, "-c", WORKER, *cases], env=env,
+    proc = subprocess.run([sys.executable, "-c", PIN + WORKER + PINNED, *cases], env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT")][-1]
-    return json.loads(line[len("REPORT"):])
+    lines = proc.stdout.splitlines()
+    report = [ln for ln in lines if ln.startswith("REPORT")][-1]
+    pinned = [ln for ln in lines if ln.startswith("PINNED")][-1]
+    return json.loads(report[len("REPORT"):]), int(pinned.split()[1])
 
 
-def _shared_cache(cases, tmp_path, prefix=()):
+def _shared_cache(cases, tmp_path):
     """Each case compiled and cached in a process of its own, one after the
     other, then all of them loaded from the cache in one process (so every
     pair of cases meets there): the differences from the reference that are
     too large, by case."""
     cache = tmp_path / "numba-cache"
     for case in cases:
-        _run([case], cache, prefix)
+        _, compiled = _run([case], cache)
+        assert compiled > 0, f"{case}: no prange loop compiled (did the pin take?)"
     assert any(f.endswith(".nbi") for _, _, files in os.walk(cache) for f in files)
-    report = _run(cases, cache, prefix)
+    report, compiled = _run(cases, cache)
+    assert compiled == 0, f"{compiled} prange loops compiled again instead of loaded"
     # float32: the optimizers equal the reference, the rest differ by rounding
     # (1e-7); the wrong variant differs by 1e-3 (AdamW's decay) or more
     return {case: [(what, diff) for what, diff in results if diff > 1e-4]
@@ -195,33 +221,21 @@ def test_shared_cache_relu_leaky_relu_adam_adamw(tmp_path):
     assert not wrong, wrong
 
 
-def _no_aslr():
-    """``setarch <arch> -R`` (address-space randomisation off) where it works,
-    else nothing."""
-    setarch = shutil.which("setarch")
-    if setarch is None:
-        return ()
-    prefix = (setarch, os.uname().machine, "-R")
-    ok = subprocess.run([*prefix, sys.executable, "-c", "pass"], capture_output=True)
-    return prefix if ok.returncode == 0 else ()
-
-
 @pytest.mark.slow
 def test_shared_cache_every_specialised_kernel(tmp_path):
     """Every activation (elementwise forward and backward, the dense epilogues
     and backprop_delta), every optimizer variant, the losses, softmax and
     dense_backward: each cached by its own process, all loaded by one.
 
-    The processes run with address-space randomisation off where ``setarch``
-    allows: numba names each prange loop after its object's address
-    (``__numba_parfor_gufunc_0x...``), which randomisation alone keeps apart
-    between processes; without it only our names do. (Before the fix 9 of
-    these 28 cases were wrong, among them tanh', leaky_relu, SGD with
-    momentum, AdamW, centered RMSprop; 4 min on 2 loaded cores.)"""
+    Before the named loop bodies 9 of these 28 cases were wrong, among them
+    tanh', leaky_relu, SGD with momentum, AdamW, centered RMSprop; before the
+    body became an argument of the prange loop (its type named in the loop's
+    symbol) one CI run in several found leaky_relu' computing relu', and with
+    the loops' names pinned (PIN) every run did. 4 min on 2 loaded cores."""
     _parallel_path()
     cases = ([f"act:{a}" for a in KERNEL_ACTIVATIONS] + [f"dense:{a}" for a in KERNEL_ACTIVATIONS]
              + OPTIMIZERS + LOSSES)
-    wrong = _shared_cache(cases, tmp_path, _no_aslr())
+    wrong = _shared_cache(cases, tmp_path)
     assert not wrong, wrong
 
 

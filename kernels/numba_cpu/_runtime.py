@@ -144,6 +144,13 @@ _ALIGN = 64   # chunk boundaries at multiples of 64 elements (whole cache lines)
 # Every loop body and parallel driver is therefore named after what it
 # computes (``fwd__leaky_relu``, ``adam__decoupled__wd``, ``par__fwd__relu``):
 # one name, one computation, in every process (tests/test_numba_cache.py).
+# The loop of a prange is compiled as a function of its own, which numba names
+# ``__numba_parfor_gufunc_<address of an object>`` plus the per-process counter
+# and its argument types, nothing of what it computes: where two processes put
+# that object at one address (likely with address-space randomisation off) the
+# loops of relu' and leaky_relu' got one symbol again (a CI run failed so).
+# So the parallel drivers take the body into a local before the loop: it is then
+# an argument of the loop, and its type, named after the body, is in the symbol.
 
 def _named(fn, *tags):
     """``fn`` renamed ``name__tag1__tag2...`` (``__name__`` and
@@ -239,12 +246,13 @@ def _parallel(body):
 
     def par(threads, n, align, *args):
         source  # noqa: B018 - in the cache key (see _SOURCE)
+        run = body  # in the loop's symbol (see _named)
         step = _chunk(n, threads, align)
         for c in prange(threads):
             lo = c * step
             hi = min(n, lo + step)
             if lo < hi:
-                body(lo, hi, *args)
+                run(lo, hi, *args)
 
     return njit(parallel=True, **_JIT)(_named(par, body.__name__))
 
@@ -254,13 +262,14 @@ def _parallel_sum(body):
 
     def par(threads, n, align, *args):
         source  # noqa: B018 - in the cache key (see _SOURCE)
+        run = body  # in the loop's symbol (see _named)
         step = _chunk(n, threads, align)
         parts = np.zeros(threads)
         for c in prange(threads):
             lo = c * step
             hi = min(n, lo + step)
             if lo < hi:
-                parts[c] = body(lo, hi, *args)
+                parts[c] = run(lo, hi, *args)
         total = 0.0
         for c in range(threads):
             total += parts[c]
