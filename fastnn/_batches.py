@@ -33,6 +33,18 @@ fresh processes); ``O_DIRECT`` then took half the system time and 5-15 %
 more samples/s than reading through the page cache, alternating in one
 process.
 
+Not done: gathering the next batch on a thread while the step runs (a
+native thread, no GIL, two input buffers; tried and measured). On 2 cores the
+step's BLAS threads leave no core idle (OpenBLAS's workers spin between
+GEMMs): at idle priority the thread never ran before the step ended, so the
+wait cost more than the gather (148 us against ~50); at normal priority it
+woke on the training loop's core and preempted it; kept off that core, it
+slowed the step's GEMMs by what it saved (MLP, batch 128, 100,000 shuffled
+rows, alternating in one process: wall 119,000 samples/s both ways, 95.9 %
+of the step-only rate against 93.9 % only because the steps got slower). A
+machine with a core the BLAS leaves free would hide the gather (~45 us of
+random rows from memory in a ~1 ms step at batch 128).
+
 Finite check of a memmap: ``fit(check_finite=True)`` checks an array in memory
 in one pass before training (~15 GB/s), but a pass over a file on a disk
 costs as long as reading it, and a file larger than memory would then be read
