@@ -134,6 +134,33 @@ WORKER = textwrap.dedent(r"""
             return both(name, dict(pred=z, target=t, grad=np.empty_like(z)), {}, ["grad"])
         return both(name, dict(logits=z, targets=t, grad=np.empty_like(z)), {}, ["grad"])
 
+    def conv(name, rng):
+        # conv1's direct loop (9 taps), conv2's delta (col2im with the
+        # derivative) and the pooling's backward pass: specialised on the
+        # activation, each on its parallel path at these sizes
+        x = rng.standard_normal((8, 28, 28, 1)).astype(F)
+        w1 = rng.standard_normal((3, 3, 1, 32)).astype(F)
+        b1 = rng.standard_normal(32).astype(F)
+        dz = rng.standard_normal((64, 11, 11, 64)).astype(F)
+        w2 = rng.standard_normal((3, 3, 32, 64)).astype(F)
+        z = rng.standard_normal((64, 13, 13, 32)).astype(F)
+        y = np.empty_like(z)
+        ref.activation_forward(name, z, y)
+        a = rng.standard_normal((64, 26, 26, 32)).astype(F)
+        ay = np.empty_like(a)
+        ref.activation_forward(name, a, ay)
+        pooled = np.empty((64, 13, 13, 32), F)
+        argmax = np.empty(pooled.shape, np.int32)
+        ref.maxpool2d_forward(ay, pooled, argmax)
+        dp = rng.standard_normal(pooled.shape).astype(F)
+        return (both("conv2d_forward", dict(x=x, w=w1, b=b1, out=np.empty((8, 26, 26, 32), F)),
+                     dict(act=name), ["out"])
+                + both("conv2d_backprop", dict(dz=dz, w=w2, z=z, y=y, out=np.empty_like(z)),
+                       dict(act=name), ["out"])
+                + both("maxpool2d_backward", dict(dy=dp, argmax=argmax, z=a, y=ay,
+                                                  out=np.empty_like(a)),
+                       dict(act=name), ["out"]))
+
     report = {}
     for case in sys.argv[1:]:
         family, name = case.split(":")
@@ -144,6 +171,8 @@ WORKER = textwrap.dedent(r"""
             report[case] = dense(name, rng)
         elif family == "loss":
             report[case] = loss(name, rng)
+        elif family == "conv":
+            report[case] = conv(name, rng)
         else:
             report[case] = optimizer(family, name, rng)
     print("REPORT" + json.dumps(report))
@@ -154,6 +183,8 @@ OPTIMIZERS = ["sgd:plain", "sgd:momentum", "sgd:nesterov", "adam:adam", "adam:ad
               "adam:amsgrad", "rmsprop:plain", "rmsprop:centered", "rmsprop:momentum"]
 LOSSES = ["loss:softmax_cross_entropy", "loss:sigmoid_binary_cross_entropy", "loss:mse",
           "loss:softmax", "loss:dense_backward"]
+#: the convolution and pooling loops specialised on the activation
+CONVS = ["conv:relu", "conv:leaky_relu"]
 
 
 #: Run before WORKER. numba names the function it compiles for each prange
@@ -225,7 +256,8 @@ def test_shared_cache_relu_leaky_relu_adam_adamw(tmp_path):
 def test_shared_cache_every_specialised_kernel(tmp_path):
     """Every activation (elementwise forward and backward, the dense epilogues
     and backprop_delta), every optimizer variant, the losses, softmax and
-    dense_backward: each cached by its own process, all loaded by one.
+    dense_backward, and the convolution and pooling loops of two activations:
+    each cached by its own process, all loaded by one.
 
     Before the named loop bodies 9 of these 28 cases were wrong, among them
     tanh', leaky_relu, SGD with momentum, AdamW, centered RMSprop; before the
@@ -234,7 +266,7 @@ def test_shared_cache_every_specialised_kernel(tmp_path):
     the loops' names pinned (PIN) every run did. 4 min on 2 loaded cores."""
     _parallel_path()
     cases = ([f"act:{a}" for a in KERNEL_ACTIVATIONS] + [f"dense:{a}" for a in KERNEL_ACTIVATIONS]
-             + OPTIMIZERS + LOSSES)
+             + OPTIMIZERS + LOSSES + CONVS)
     wrong = _shared_cache(cases, tmp_path)
     assert not wrong, wrong
 
