@@ -3,19 +3,36 @@
 
 Three ways to a convolution, chosen by its geometry:
 
-* Winograd F(2x2, 3x3) for 3x3 kernels at stride 1 with at least
+* Winograd for 3x3 kernels at stride 1 with at least
   ``WINOGRAD_MIN_CHANNELS`` channels in and out (conv2 of Keras' MNIST
-  convnet): 2x2 output tiles, each tile's 4x4 input patch transformed, 16
-  GEMMs per chunk of tiles (``M[xi] = V[xi] @ U[xi]``, K = input channels),
-  the inverse transform with bias and activation fused: 4 multiplications
-  per output and channel pair instead of 9. ``dw`` is its adjoint (16 GEMMs
-  ``S[xi] += V[xi].T @ D[xi]`` with K = tiles, then ``dw = G^T S G``); the
-  delta below is the same forward algorithm on ``dz`` with the kernel
-  flipped, channels swapped and the derivative of the activation below
-  fused into the inverse transform. Rounding in float32: measured against
-  float64 at conv2's shapes, the forward pass's largest error is 0.35-0.55x
-  im2col's, ``dw``'s 1.0-1.3x, the delta's 1.7-2.0x, at most 5e-7 of the
-  largest output (``tests/test_cython.py::test_winograd_rounding``).
+  convnet): r x r output tiles, each tile's (r+2)x(r+2) input patch
+  transformed, (r+2)**2 GEMMs per chunk of tiles (``M[xi] = V[xi] @ U[xi]``,
+  K = input channels), the inverse transform with bias and activation
+  fused. F(4x4, 3x3) (36 GEMMs, 2.25 multiplications per output and channel
+  pair instead of 9) where its products, counting the tiles that hang over
+  the edge, are at most ``WINOGRAD4_RATIO`` of F(2x2, 3x3)'s (16 GEMMs, 4
+  multiplications): square outputs of 3, 4, 7, 8 and 11 or more a side (an
+  11x11 output: 324 products against 576, and 1,089 direct), F(2x2, 3x3) at
+  1, 2, 5, 6, 9 and 10 (where 4x4 tiles would hang over most). ``dw`` is the
+  adjoint (``S[xi] += V[xi].T @ D[xi]`` with K = tiles, then ``dw = G^T S
+  G``); the delta below is the same forward algorithm on ``dz`` with the
+  kernel flipped, channels swapped and the derivative of the activation
+  below fused into the inverse transform, its tile chosen by its own output
+  (the layer's input). Measured at conv2's shapes on 2 threads, F(4x4) over
+  F(2x2): the forward pass 0.70x the time, dw 0.84x, the delta 0.84-0.91x;
+  the convnet's training step 1.10-1.12x the samples/s.
+  Rounding in float32, measured against float64 at conv2's shapes (largest
+  error relative to the largest output): F(2x2, 3x3) 0.35-0.55x im2col's
+  error in the forward pass, 0.9-1.5x in ``dw``, 1.4-2.0x in the delta, at
+  most 1e-6 of the largest output; F(4x4, 3x3) 3-7x, 3-10x and 24-40x, at
+  most 8e-6 of the largest output (its transforms multiply by up to 8 and
+  1/24). That is within the parity tolerance (``rtol`` 1e-5, ``atol`` 1e-6
+  per term of the sum) for data at unit scale, but not for inputs spread
+  over six decades or weights ten times their initialisation scale, where
+  the error follows the largest output (``tests/test_cython.py``:
+  ``test_winograd_rounding``, ``WINO4_REL`` in ``tests/conftest.py``).
+  float64 keeps 4e-14 of the largest output; it is the path for a caller
+  who needs im2col's rounding.
 * A register-blocked loop of our own where the column width ``K = kh*kw*c``
   is at most ``DIRECT_MAX_K`` (conv1: ``K = 9``, where a GEMM runs far below
   its peak): 8 output pixels by 16 channels of accumulators (GCC vector
@@ -469,10 +486,10 @@ cdef extern from *:
             }                                                                          \
         }                                                                              \
     }                                                                                  \
-    /* dst[xi][o][c] = src[xi][c][o], in 8x8 blocks */                                 \
-    static void fnn_transpose16_##SUF(const T* src, Py_ssize_t C, Py_ssize_t O,        \
-                                      T* FNN_RESTRICT dst) {                           \
-        for (Py_ssize_t xi = 0; xi < 16; xi++)                                         \
+    /* dst[xi][o][c] = src[xi][c][o] for xi < planes, in 8x8 blocks */                 \
+    static void fnn_transpose_planes_##SUF(const T* src, Py_ssize_t planes, Py_ssize_t C, \
+                                           Py_ssize_t O, T* FNN_RESTRICT dst) {        \
+        for (Py_ssize_t xi = 0; xi < planes; xi++)                                     \
             for (Py_ssize_t c0 = 0; c0 < C; c0 += 8)                                   \
                 for (Py_ssize_t o0 = 0; o0 < O; o0 += 8)                               \
                     for (Py_ssize_t c = c0; c < c0 + 8 && c < C; c++)                  \
@@ -504,6 +521,163 @@ cdef extern from *:
     }
     FNN_WDWOUT(float, f)
     FNN_WDWOUT(double, d)
+
+    /* Winograd F(4x4, 3x3) (Lavin & Gray 2016): 4x4 output tiles from 6x6
+       input patches, 36 planes xi = 6*i + j.
+       B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0;
+              0 2 -1 -2 1 0; 0 4 0 -5 0 1]
+       G   = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6;
+              1/24 -1/12 1/6; 0 0 1]
+       A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1]
+       Each 2-D transform is two passes of a 1-D one over channel vectors
+       (along the rows into a scratch of 36 vectors, then down the columns):
+       straight loops over the channels that GCC vectorizes. */
+    #define FNN_WINO4(T, SUF)                                                           \
+    /* o_k = (B^T a)_k, six vectors a to six o */                                      \
+    static inline void fnn_bt6_##SUF(const T* const* a, T* const* o, Py_ssize_t n) {   \
+        const T *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5]; \
+        T *o0 = o[0], *o1 = o[1], *o2 = o[2], *o3 = o[3], *o4 = o[4], *o5 = o[5];      \
+        const T four = 4, five = 5, two = 2;                                           \
+        FNN_IVDEP for (Py_ssize_t c = 0; c < n; c++) {                                 \
+            T v0 = a0[c], v1 = a1[c], v2 = a2[c], v3 = a3[c], v4 = a4[c], v5 = a5[c];  \
+            o0[c] = (four * v0 - five * v2) + v4;                                      \
+            o1[c] = (v3 + v4) - four * (v1 + v2);                                      \
+            o2[c] = four * (v1 - v2) + (v4 - v3);                                      \
+            o3[c] = two * (v3 - v1) + (v4 - v2);                                       \
+            o4[c] = two * (v1 - v3) + (v4 - v2);                                       \
+            o5[c] = (four * v1 - five * v3) + v5;                                      \
+        }                                                                              \
+    }                                                                                  \
+    /* o_k = (A^T a)_k (+ b), six vectors a to four o */                               \
+    static inline void fnn_at6_##SUF(const T* const* a, T* const* o, Py_ssize_t n,     \
+                                     const T* b) {                                     \
+        const T *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5]; \
+        T *o0 = o[0], *o1 = o[1], *o2 = o[2], *o3 = o[3];                              \
+        const T two = 2, four = 4, eight = 8;                                          \
+        FNN_IVDEP for (Py_ssize_t c = 0; c < n; c++) {                                 \
+            T s12 = a1[c] + a2[c], d12 = a1[c] - a2[c];                                \
+            T s34 = a3[c] + a4[c], d34 = a3[c] - a4[c];                                \
+            T y0 = (a0[c] + s12) + s34, y1 = d12 + two * d34;                          \
+            T y2 = s12 + four * s34, y3 = (d12 + eight * d34) + a5[c];                 \
+            if (b) { T bc = b[c]; y0 = y0 + bc; y1 = y1 + bc; y2 = y2 + bc; y3 = y3 + bc; } \
+            o0[c] = y0; o1[c] = y1; o2[c] = y2; o3[c] = y3;                            \
+        }                                                                              \
+    }                                                                                  \
+    /* o_k = (A a)_k, four vectors a to six o (the adjoint of A^T) */                  \
+    static inline void fnn_a6_##SUF(const T* const* a, T* const* o, Py_ssize_t n) {    \
+        const T *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];                        \
+        T *o0 = o[0], *o1 = o[1], *o2 = o[2], *o3 = o[3], *o4 = o[4], *o5 = o[5];      \
+        const T two = 2, four = 4, eight = 8;                                          \
+        FNN_IVDEP for (Py_ssize_t c = 0; c < n; c++) {                                 \
+            T v0 = a0[c], v1 = a1[c], v2 = a2[c], v3 = a3[c];                          \
+            T s02 = v0 + v2, s13 = v1 + v3;                                            \
+            T f02 = v0 + four * v2, f13 = two * v1 + eight * v3;                       \
+            o0[c] = v0; o1[c] = s02 + s13; o2[c] = s02 - s13;                          \
+            o3[c] = f02 + f13; o4[c] = f02 - f13; o5[c] = v3;                          \
+        }                                                                              \
+    }                                                                                  \
+    /* V = B^T d B for one tile: p the 36 channel vectors of its 6x6 patch, V's     \
+       plane xi at v + xi*plane, tmp 36*C */                                           \
+    static void fnn_wino4_in_##SUF(const T* const* p, Py_ssize_t C, T* v, Py_ssize_t plane, \
+                                   T* tmp) {                                           \
+        const T* a[6]; T* o[6];                                                        \
+        for (int i = 0; i < 6; i++) {                                                  \
+            for (int k = 0; k < 6; k++) o[k] = tmp + (6 * i + k) * C;                  \
+            fnn_bt6_##SUF(p + 6 * i, o, C);                                            \
+        }                                                                              \
+        for (int k = 0; k < 6; k++) {                                                  \
+            for (int i = 0; i < 6; i++) a[i] = tmp + (6 * i + k) * C;                  \
+            for (int l = 0; l < 6; l++) o[l] = v + (6 * l + k) * plane;                \
+            fnn_bt6_##SUF(a, o, C);                                                    \
+        }                                                                              \
+    }                                                                                  \
+    /* Y = A^T M A (+ b) for one tile: y the 16 output vectors (row-major), tmp 24*O */ \
+    static void fnn_wino4_out_##SUF(const T* m, Py_ssize_t plane, Py_ssize_t O,        \
+                                    const T* b, T* const* y, T* tmp) {                 \
+        const T* a[6]; T* o[4];                                                        \
+        for (int l = 0; l < 6; l++) {                                                  \
+            for (int k = 0; k < 6; k++) a[k] = m + (6 * l + k) * plane;                \
+            for (int j = 0; j < 4; j++) o[j] = tmp + (4 * l + j) * O;                  \
+            fnn_at6_##SUF(a, o, O, NULL);                                              \
+        }                                                                              \
+        for (int j = 0; j < 4; j++) {                                                  \
+            for (int l = 0; l < 6; l++) a[l] = tmp + (4 * l + j) * O;                  \
+            for (int i = 0; i < 4; i++) o[i] = y[4 * i + j];                           \
+            fnn_at6_##SUF(a, o, O, b);                                                 \
+        }                                                                              \
+    }                                                                                  \
+    /* D = A g A^T for one tile of dz (g: its 16 vectors, row-major), db += all 16;  \
+       tmp 24*O */                                                                     \
+    static void fnn_wino4_dz_##SUF(const T* const* g, Py_ssize_t O, T* d, Py_ssize_t plane, \
+                                   double* FNN_RESTRICT db, T* tmp) {                  \
+        const T* a[6]; T* o[6];                                                        \
+        for (int i = 0; i < 4; i++) {                                                  \
+            for (int k = 0; k < 6; k++) o[k] = tmp + (6 * i + k) * O;                  \
+            fnn_a6_##SUF(g + 4 * i, o, O);                                             \
+        }                                                                              \
+        for (int k = 0; k < 6; k++) {                                                  \
+            for (int i = 0; i < 4; i++) a[i] = tmp + (6 * i + k) * O;                  \
+            for (int l = 0; l < 6; l++) o[l] = d + (6 * l + k) * plane;                \
+            fnn_a6_##SUF(a, o, O);                                                     \
+        }                                                                              \
+        for (int k = 0; k < 16; k++) {                                                 \
+            const T* gk = g[k];                                                        \
+            FNN_IVDEP for (Py_ssize_t c = 0; c < O; c++) db[c] += (double)gk[c];       \
+        }                                                                              \
+    }                                                                                  \
+    /* U[xi][c][o] = (G g G^T)[xi] for g[i][j] = w[i][j][c][o] (w[2-i][2-j] with flip) */ \
+    static void fnn_wino4_kernel_##SUF(const T* w, Py_ssize_t C, Py_ssize_t O, int flip, \
+                                       T* FNN_RESTRICT u) {                            \
+        const Py_ssize_t CO = C * O;                                                   \
+        const T q4 = (T)0.25, q6 = (T)(1.0 / 6), q12 = (T)(1.0 / 12), q24 = (T)(1.0 / 24); \
+        for (Py_ssize_t c = 0; c < C; c++) {                                           \
+            const T* g[9];                                                             \
+            for (int t = 0; t < 9; t++) g[t] = w + (flip ? 8 - t : t) * CO + c * O;    \
+            T* v = u + c * O;                                                          \
+            FNN_IVDEP for (Py_ssize_t o = 0; o < O; o++) {                             \
+                T t[6][3];                                                             \
+                for (int j = 0; j < 3; j++) {                                          \
+                    T a0 = g[j][o], a1 = g[3 + j][o], a2 = g[6 + j][o];                \
+                    t[0][j] = a0 * q4; t[1][j] = -((a0 + a2) + a1) * q6;               \
+                    t[2][j] = -((a0 + a2) - a1) * q6;                                  \
+                    t[3][j] = (a0 * q24 + a2 * q6) + a1 * q12;                         \
+                    t[4][j] = (a0 * q24 + a2 * q6) - a1 * q12; t[5][j] = a2;           \
+                }                                                                      \
+                for (int k = 0; k < 6; k++) {                                          \
+                    T a0 = t[k][0], a1 = t[k][1], a2 = t[k][2];                        \
+                    v[(6 * k) * CO + o] = a0 * q4;                                     \
+                    v[(6 * k + 1) * CO + o] = -((a0 + a2) + a1) * q6;                  \
+                    v[(6 * k + 2) * CO + o] = -((a0 + a2) - a1) * q6;                  \
+                    v[(6 * k + 3) * CO + o] = (a0 * q24 + a2 * q6) + a1 * q12;         \
+                    v[(6 * k + 4) * CO + o] = (a0 * q24 + a2 * q6) - a1 * q12;         \
+                    v[(6 * k + 5) * CO + o] = a2;                                      \
+                }                                                                      \
+            }                                                                          \
+        }                                                                              \
+    }                                                                                  \
+    /* dw[i][j][k] = (G^T S[:, k] G)[i][j] for the n channel pairs k (S: 36 planes   \
+       of n, dw: 9 planes of n) */                                                     \
+    static void fnn_wino4_dw_out_##SUF(const T* s, Py_ssize_t n, T* FNN_RESTRICT dw) { \
+        const T q4 = (T)0.25, q6 = (T)(1.0 / 6), q12 = (T)(1.0 / 12), q24 = (T)(1.0 / 24); \
+        FNN_IVDEP for (Py_ssize_t k = 0; k < n; k++) {                                 \
+            T t[3][6];                                                                 \
+            for (int a = 0; a < 6; a++) {                                              \
+                T s0 = s[a * n + k], s1 = s[(6 + a) * n + k], s2 = s[(12 + a) * n + k]; \
+                T s3 = s[(18 + a) * n + k], s4 = s[(24 + a) * n + k], s5 = s[(30 + a) * n + k]; \
+                t[0][a] = (s0 * q4 - (s1 + s2) * q6) + (s3 + s4) * q24;                \
+                t[1][a] = (s2 - s1) * q6 + (s3 - s4) * q12;                            \
+                t[2][a] = ((s3 + s4) - (s1 + s2)) * q6 + s5;                           \
+            }                                                                          \
+            for (int a = 0; a < 3; a++) {                                              \
+                T s0 = t[a][0], s1 = t[a][1], s2 = t[a][2], s3 = t[a][3], s4 = t[a][4], s5 = t[a][5]; \
+                dw[(3 * a) * n + k] = (s0 * q4 - (s1 + s2) * q6) + (s3 + s4) * q24;    \
+                dw[(3 * a + 1) * n + k] = (s2 - s1) * q6 + (s3 - s4) * q12;            \
+                dw[(3 * a + 2) * n + k] = ((s3 + s4) - (s1 + s2)) * q6 + s5;           \
+            }                                                                          \
+        }                                                                              \
+    }
+    FNN_WINO4(float, f)
+    FNN_WINO4(double, d)
     """
     uint64_t FNN_GOLDEN
     uint64_t FNN_MIX1
@@ -527,9 +701,28 @@ cdef extern from *:
                            float* u) noexcept nogil
     void fnn_wino_kernel_d(const double* w, Py_ssize_t C, Py_ssize_t O, int flip,
                            double* u) noexcept nogil
-    void fnn_transpose16_f(const float* src, Py_ssize_t C, Py_ssize_t O, float* dst) noexcept nogil
-    void fnn_transpose16_d(const double* src, Py_ssize_t C, Py_ssize_t O,
-                           double* dst) noexcept nogil
+    void fnn_transpose_planes_f(const float* src, Py_ssize_t planes, Py_ssize_t C, Py_ssize_t O,
+                                float* dst) noexcept nogil
+    void fnn_transpose_planes_d(const double* src, Py_ssize_t planes, Py_ssize_t C, Py_ssize_t O,
+                                double* dst) noexcept nogil
+    void fnn_wino4_in_f(const float** p, Py_ssize_t C, float* v, Py_ssize_t plane,
+                        float* tmp) noexcept nogil
+    void fnn_wino4_in_d(const double** p, Py_ssize_t C, double* v, Py_ssize_t plane,
+                        double* tmp) noexcept nogil
+    void fnn_wino4_out_f(const float* m, Py_ssize_t plane, Py_ssize_t O, const float* b,
+                         float** y, float* tmp) noexcept nogil
+    void fnn_wino4_out_d(const double* m, Py_ssize_t plane, Py_ssize_t O, const double* b,
+                         double** y, double* tmp) noexcept nogil
+    void fnn_wino4_dz_f(const float** g, Py_ssize_t O, float* d, Py_ssize_t plane, double* db,
+                        float* tmp) noexcept nogil
+    void fnn_wino4_dz_d(const double** g, Py_ssize_t O, double* d, Py_ssize_t plane,
+                        double* db, double* tmp) noexcept nogil
+    void fnn_wino4_kernel_f(const float* w, Py_ssize_t C, Py_ssize_t O, int flip,
+                            float* u) noexcept nogil
+    void fnn_wino4_kernel_d(const double* w, Py_ssize_t C, Py_ssize_t O, int flip,
+                            double* u) noexcept nogil
+    void fnn_wino4_dw_out_f(const float* s, Py_ssize_t n, float* dw) noexcept nogil
+    void fnn_wino4_dw_out_d(const double* s, Py_ssize_t n, double* dw) noexcept nogil
     void fnn_wino_dw_out_f(const float* s, Py_ssize_t n, float* dw) noexcept nogil
     void fnn_wino_dw_out_d(const double* s, Py_ssize_t n, double* dw) noexcept nogil
     void fnn_pool_px_f(const float* s0, const Py_ssize_t* koff, int KK, Py_ssize_t C, float* out,
@@ -578,6 +771,10 @@ cdef Py_ssize_t DIRECT_MAX_K = 32
 # tiles (input and output planes) per thread.
 cdef Py_ssize_t WINOGRAD_MIN_CHANNELS = 16
 cdef Py_ssize_t WINOGRAD_CHUNK_BYTES = 1 << 20
+# F(4x4, 3x3) where its products are at most this share of F(2x2, 3x3)'s
+# (0 = auto by that rule; 2 or 4 forces a tile side)
+cdef double WINOGRAD4_RATIO = 0.8
+cdef Py_ssize_t WINOGRAD_TILE = 0
 # dw's partial sums: units of work (see _dw_plan) and the most bytes they take
 cdef Py_ssize_t DW_UNITS = 16
 cdef Py_ssize_t DW_UNIT_BYTES = 32 << 20
@@ -604,13 +801,22 @@ def _set_parallel_min(double flops, Py_ssize_t pool, dropout=None):
 
 
 def _set_tuning(chunk_bytes=None, direct_max_k=None, winograd_min_channels=None,
-                winograd_chunk_bytes=None, dw_units=None):
+                winograd_chunk_bytes=None, dw_units=None, winograd_tile=None,
+                winograd4_ratio=None):
     """Set the chunk size (bytes of columns per chunk and thread), the widest
     column that runs the register-blocked loop, the fewest channels for
     Winograd (a huge number turns it off), its chunk size and the most units
     of dw's sums (tests, measurements); returns the old values in that order."""
     global CHUNK_BYTES, DIRECT_MAX_K, WINOGRAD_MIN_CHANNELS, WINOGRAD_CHUNK_BYTES, DW_UNITS
-    old = (CHUNK_BYTES, DIRECT_MAX_K, WINOGRAD_MIN_CHANNELS, WINOGRAD_CHUNK_BYTES, DW_UNITS)
+    global WINOGRAD_TILE, WINOGRAD4_RATIO
+    old = (CHUNK_BYTES, DIRECT_MAX_K, WINOGRAD_MIN_CHANNELS, WINOGRAD_CHUNK_BYTES, DW_UNITS,
+           WINOGRAD_TILE, WINOGRAD4_RATIO)
+    if winograd_tile is not None:
+        if winograd_tile not in (0, 2, 4):
+            raise ValueError(f"winograd_tile must be 0 (auto), 2 or 4, got {winograd_tile!r}")
+        WINOGRAD_TILE = winograd_tile
+    if winograd4_ratio is not None:
+        WINOGRAD4_RATIO = winograd4_ratio
     if dw_units is not None:
         DW_UNITS = max(1, dw_units)
     if chunk_bytes is not None:
@@ -956,7 +1162,7 @@ cdef void _conv_forward(int act, const geom* g, const floating* x, const floatin
                         const floating* b, floating* z, floating* out, char* ws) noexcept nogil:
     cdef wgeom wg
     if _winograd_fits(g):
-        _wgeom(&wg, g.n, g.h, g.w, g.c, g.p, g.q, g.o, g.top, g.left, sizeof(floating), g.threads)
+        _wgeom_forward(&wg, g, sizeof(floating))
         _wino_run(0, act, &wg, x, w, False, b, z, out, NULL, NULL, ws)
         return
     cdef Py_ssize_t itemsize = sizeof(floating), K = g.k, O = g.o, rows = g.n * g.p
@@ -1002,7 +1208,7 @@ cdef void _conv_forward(int act, const geom* g, const floating* x, const floatin
 cdef Py_ssize_t _forward_workspace(const geom* g, Py_ssize_t itemsize) noexcept nogil:
     cdef wgeom wg
     if _winograd_fits(g):
-        _wgeom(&wg, g.n, g.h, g.w, g.c, g.p, g.q, g.o, g.top, g.left, itemsize, g.threads)
+        _wgeom_forward(&wg, g, itemsize)
         return _wino_workspace(&wg, itemsize)
     cdef Py_ssize_t K = g.k, ldw = (g.o + FNN_VL - 1) // FNN_VL * FNN_VL
     return (_align(K * sizeof(Py_ssize_t)) + _align(K * ldw * itemsize)
@@ -1198,7 +1404,7 @@ cdef void _conv_backward(const geom* g, const floating* x, const floating* dz, f
                          floating* db, char* ws) noexcept nogil:
     cdef wgeom wg
     if _winograd_fits(g):
-        _wgeom(&wg, g.n, g.h, g.w, g.c, g.p, g.q, g.o, g.top, g.left, sizeof(floating), g.threads)
+        _wgeom_forward(&wg, g, sizeof(floating))
         _wino_backward(&wg, x, dz, dw, db, ws)
         return
     cdef Py_ssize_t K = g.k, O = g.o, lddw, nrows
@@ -1239,7 +1445,7 @@ cdef Py_ssize_t _backward_workspace(const geom* g, Py_ssize_t itemsize) noexcept
     cdef dwplan pl
     cdef Py_ssize_t lddw, nrows
     if _winograd_fits(g):
-        _wgeom(&wg, g.n, g.h, g.w, g.c, g.p, g.q, g.o, g.top, g.left, itemsize, g.threads)
+        _wgeom_forward(&wg, g, itemsize)
         _wino_dw_plan(&wg, itemsize, &pl)
         return _dw_plan_bytes(&pl)
     _conv_backward_plan(g, itemsize, &pl, &lddw, &nrows)
@@ -1287,9 +1493,8 @@ cdef void _conv_backprop(int act, const geom* g, const floating* dz, const float
                          const floating* zb, const floating* yb, floating* dx,
                          char* ws) noexcept nogil:
     cdef wgeom wg
-    if _winograd_fits(g):   # dz convolved with the flipped kernel, the pads turned around
-        _wgeom(&wg, g.n, g.p, g.q, g.o, g.h, g.w, g.c, 2 - g.top, 2 - g.left, sizeof(floating),
-               g.threads)
+    if _winograd_fits(g):
+        _wgeom_backprop(&wg, g, sizeof(floating))
         _wino_run(1, act, &wg, dz, w, True, NULL, dx, dx, zb, yb, ws)
         return
     cdef Py_ssize_t itemsize = sizeof(floating), K = g.k, O = g.o
@@ -1310,42 +1515,61 @@ cdef void _conv_backprop(int act, const geom* g, const floating* dz, const float
 
 
 
-# ------------------------------------------------------------------ Winograd F(2x2, 3x3)
+# ------------------------------------------------------------------ Winograd F(2x2 | 4x4, 3x3)
 #
-# A 3x3 convolution at stride 1 in 2x2 output tiles: each tile's 4x4 input
-# patch transformed (V = B^T d B), 16 GEMMs per chunk of tiles, one per
-# position xi of the 4x4 transform (M[xi] = V[xi] @ U[xi], U = G w G^T, K =
-# input channels), and the inverse transform (Y = A^T M A): 16*4 = 64
-# multiplications per tile and channel pair instead of 9*4 = 36... per output
-# 16/4 = 4 instead of 9, 2.25x fewer (less where tiles hang over the edge).
-# The weight gradient is the adjoint: S[xi] = sum over tiles of V[xi].T @
-# D[xi], D = A dz A^T, then dw = G^T S G; the delta below is the forward
-# algorithm on dz with the kernel flipped and its channels swapped.
+# A 3x3 convolution at stride 1 in r x r output tiles (r = 2 or 4): each
+# tile's (r+2)x(r+2) input patch transformed (V = B^T d B), one GEMM per
+# position xi of the transform and chunk of tiles (M[xi] = V[xi] @ U[xi], U =
+# G w G^T, K = input channels), and the inverse transform (Y = A^T M A). Per
+# output and channel pair, F(2x2, 3x3) multiplies 16/4 = 4 times and F(4x4,
+# 3x3) 36/16 = 2.25 times instead of 9 (more where tiles hang over the edge:
+# an 11x11 output is 36 tiles of 2x2 or 9 of 4x4, 576 or 324 products
+# against 1,089; a 13x13 one 784 or 576 against 1,521). The weight gradient
+# is the adjoint: S[xi] = sum over tiles of V[xi].T @ D[xi], D = A dz A^T,
+# then dw = G^T S G; the delta below is the forward algorithm on dz with the
+# kernel flipped and its channels swapped.
 #
-# Rounding: the transforms add and subtract up to 4 terms (and halve, exactly)
-# before and after the GEMM, so a float32 result carries a few more roundings
-# than im2col's dot product: tests/test_cython.py measures both against
-# float64 (test_winograd_rounding).
+# Rounding: the transforms add and subtract up to 6 terms (F(4x4): with
+# factors up to 8 and 1/24) before and after the GEMM, so a float32 result
+# carries more rounding than im2col's dot product: tests/test_cython.py
+# measures both against float64 (test_winograd_rounding) and bounds each.
 
 ctypedef struct wgeom:
     Py_ssize_t n, h, w, ci      # the input of the transformed convolution
     Py_ssize_t p, q, co         # its output
     Py_ssize_t pt, pl           # zeros before the first input row / column
+    Py_ssize_t r                # output tile side, 2 or 4
+    Py_ssize_t np               # transform planes, (r + 2)**2
     Py_ssize_t th, tw           # tiles down / across an image
     Py_ssize_t tiles            # n*th*tw
     Py_ssize_t tt               # tiles per chunk
     int threads                 # as geom.threads
 
 
+cdef inline Py_ssize_t _wino_tile(Py_ssize_t p, Py_ssize_t q) noexcept nogil:
+    """The output tile side for a ``p x q`` output: ``WINOGRAD_TILE`` when set,
+    else 4 where F(4x4)'s products (36 a tile) are at most ``WINOGRAD4_RATIO``
+    of F(2x2)'s (16 a tile), counting the tiles that hang over the edge."""
+    if WINOGRAD_TILE == 2 or WINOGRAD_TILE == 4:
+        return WINOGRAD_TILE
+    cdef double f2 = 16.0 * ((p + 1) // 2) * ((q + 1) // 2)
+    cdef double f4 = 36.0 * ((p + 3) // 4) * ((q + 3) // 4)
+    return 4 if f4 <= WINOGRAD4_RATIO * f2 else 2
+
+
 cdef void _wgeom(wgeom* g, Py_ssize_t n, Py_ssize_t h, Py_ssize_t w, Py_ssize_t ci, Py_ssize_t p,
                  Py_ssize_t q, Py_ssize_t co, Py_ssize_t pt, Py_ssize_t pl,
-                 Py_ssize_t itemsize, int threads) noexcept nogil:
+                 Py_ssize_t itemsize, int threads, Py_ssize_t r) noexcept nogil:
+    """``r``: the tile side of the forward pass (``_wino_tile`` of its output),
+    which its delta below and dw use too."""
     g.n, g.h, g.w, g.ci, g.p, g.q, g.co, g.pt, g.pl = n, h, w, ci, p, q, co, pt, pl
     g.threads = threads
-    g.th = (p + 1) // 2
-    g.tw = (q + 1) // 2
+    g.r = r
+    g.np = (r + 2) * (r + 2)
+    g.th = (p + r - 1) // r
+    g.tw = (q + r - 1) // r
     g.tiles = n * g.th * g.tw
-    g.tt = WINOGRAD_CHUNK_BYTES // (16 * (ci + co) * itemsize)
+    g.tt = WINOGRAD_CHUNK_BYTES // (g.np * (ci + co) * itemsize)
     if g.tt < 8:
         g.tt = 8
 
@@ -1355,25 +1579,38 @@ cdef inline bint _winograd_fits(const geom* g) noexcept nogil:
             and g.c >= WINOGRAD_MIN_CHANNELS and g.o >= WINOGRAD_MIN_CHANNELS)
 
 
+cdef inline void _wgeom_forward(wgeom* wg, const geom* g, Py_ssize_t itemsize) noexcept nogil:
+    """The forward pass's (and dw's) Winograd geometry."""
+    _wgeom(wg, g.n, g.h, g.w, g.c, g.p, g.q, g.o, g.top, g.left, itemsize, g.threads,
+           _wino_tile(g.p, g.q))
+
+
+cdef inline void _wgeom_backprop(wgeom* wg, const geom* g, Py_ssize_t itemsize) noexcept nogil:
+    """The delta below's: ``dz`` convolved with the flipped kernel, the pads
+    turned around; its tiles cover the input's ``h x w``."""
+    _wgeom(wg, g.n, g.p, g.q, g.o, g.h, g.w, g.c, 2 - g.top, 2 - g.left, itemsize, g.threads,
+           _wino_tile(g.h, g.w))
+
+
 cdef void _wino_patch(const wgeom* g, const floating* x, const floating* zero, Py_ssize_t t,
                       const floating** ptr) noexcept nogil:
-    """The 16 rows (channel vectors) of tile ``t``'s 4x4 input patch; ``zero``
+    """The (r+2)**2 rows (channel vectors) of tile ``t``'s input patch; ``zero``
     where the patch hangs over the image."""
     cdef Py_ssize_t per = g.th * g.tw, n = t // per, ty = (t - n * per) // g.tw
-    cdef Py_ssize_t tx = t - n * per - ty * g.tw, y0 = 2 * ty - g.pt, x0 = 2 * tx - g.pl
-    cdef Py_ssize_t a, b, yy, xx
-    for a in range(4):
+    cdef Py_ssize_t tx = t - n * per - ty * g.tw, y0 = g.r * ty - g.pt, x0 = g.r * tx - g.pl
+    cdef Py_ssize_t a, b, yy, xx, side = g.r + 2
+    for a in range(side):
         yy = y0 + a
-        for b in range(4):
+        for b in range(side):
             xx = x0 + b
             if yy >= 0 and yy < g.h and xx >= 0 and xx < g.w:
-                ptr[4 * a + b] = x + ((n * g.h + yy) * g.w + xx) * g.ci
+                ptr[side * a + b] = x + ((n * g.h + yy) * g.w + xx) * g.ci
             else:
-                ptr[4 * a + b] = zero
+                ptr[side * a + b] = zero
 
 
 cdef inline Py_ssize_t _plane(Py_ssize_t n, Py_ssize_t itemsize) noexcept nogil:
-    """Elements between two of the 16 transform planes of ``n`` elements: an odd
+    """Elements between two of the transform planes of ``n`` elements: an odd
     number of cache lines, so that the 16 streams a transform writes (or
     reads) never sit at one offset modulo 4 KB (at 128 tiles of 32 channels
     the planes were 16 KB apart and dw's transforms ran 1.2x slower: L1's 4K
@@ -1382,19 +1619,32 @@ cdef inline Py_ssize_t _plane(Py_ssize_t n, Py_ssize_t itemsize) noexcept nogil:
     return (lines | 1) * 64 // itemsize
 
 
-cdef inline Py_ssize_t _planes(Py_ssize_t tt, Py_ssize_t ch, Py_ssize_t itemsize) noexcept nogil:
-    """Bytes of 16 planes of ``tt`` tiles by ``ch`` channels (``_plane``'s gaps)."""
-    return _align(16 * (tt * ch * itemsize + 128))
+cdef inline Py_ssize_t _planes(const wgeom* g, Py_ssize_t tt, Py_ssize_t ch,
+                               Py_ssize_t itemsize) noexcept nogil:
+    """Bytes of ``g.np`` planes of ``tt`` tiles by ``ch`` channels (``_plane``'s gaps)."""
+    return _align(g.np * (tt * ch * itemsize + 128))
+
+
+cdef inline Py_ssize_t _wino_scratch(const wgeom* g, Py_ssize_t itemsize) noexcept nogil:
+    """Bytes of a thread's scratch: the outputs of a tile that fall outside the
+    image, and F(4x4)'s 36 vectors between the passes of a transform."""
+    return (_align(g.r * g.r * g.co * itemsize)
+            + (_align(36 * max(g.ci, g.co) * itemsize) if g.r == 4 else 0))
 
 
 cdef void _wino_in_chunk(const wgeom* g, const floating* x, const floating* zero,
                          floating* V, Py_ssize_t plane, Py_ssize_t t0,
-                         Py_ssize_t e) noexcept nogil:
-    cdef const floating* ptr[16]
+                         Py_ssize_t e, floating* tmp) noexcept nogil:
+    cdef const floating* ptr[36]
     cdef Py_ssize_t t
     for t in range(t0, e):
         _wino_patch(g, x, zero, t, ptr)
-        if floating is float:
+        if g.r == 4:
+            if floating is float:
+                fnn_wino4_in_f(ptr, g.ci, V + (t - t0) * g.ci, plane, tmp)
+            else:
+                fnn_wino4_in_d(ptr, g.ci, V + (t - t0) * g.ci, plane, tmp)
+        elif floating is float:
             fnn_wino_in_f(ptr, g.ci, V + (t - t0) * g.ci, plane)
         else:
             fnn_wino_in_d(ptr, g.ci, V + (t - t0) * g.ci, plane)
@@ -1409,64 +1659,69 @@ cdef void _wino_conv_tiles(int mode, int act, const wgeom* g, const floating* x,
     forward pass): ``z = y + b``, ``out = act(z)``; mode 1 (the delta below):
     ``out = y * act'(zb or yb)``."""
     cdef Py_ssize_t e, m, t, xi, per = g.th * g.tw, n, ty, tx, yy, xx, k, CO = g.co
-    cdef floating* ys[4]
-    cdef floating* zrow
+    cdef Py_ssize_t r = g.r, cols
+    cdef floating* ys[16]
+    cdef floating* tmp = <floating*>(<char*>scratch + _align(r * r * CO * sizeof(floating)))
     cdef Py_ssize_t off
-    cdef bint right
     cdef Py_ssize_t vp, mp
     while t0 < t1:
         e = min(t1, t0 + g.tt)
         m = e - t0
         vp = _plane(m * g.ci, sizeof(floating))
         mp = _plane(m * CO, sizeof(floating))
-        _wino_in_chunk(g, x, zero, V, vp, t0, e)
-        for xi in range(16):
+        _wino_in_chunk(g, x, zero, V, vp, t0, e, tmp)
+        for xi in range(g.np):
             gemm_with(_blas, c'N', c'N', <int>CO, <int>m, <int>g.ci, U + xi * g.ci * CO, <int>CO,
                       V + xi * vp, <int>g.ci, 0, M + xi * mp, <int>CO)
         for t in range(t0, e):
             n = t // per
             ty = (t - n * per) // g.tw
             tx = t - n * per - ty * g.tw
-            right = 2 * tx + 1 < g.q
-            for k in range(4):
-                yy = 2 * ty + k // 2
-                xx = 2 * tx + k % 2
+            cols = min(r, g.q - r * tx)
+            for k in range(r * r):
+                yy = r * ty + k // r
+                xx = r * tx + k % r
                 if yy < g.p and xx < g.q:
                     ys[k] = z + ((n * g.p + yy) * g.q + xx) * CO
                 else:
                     ys[k] = scratch + k * CO
-            if floating is float:
+            if r == 4:
+                if floating is float:
+                    fnn_wino4_out_f(M + (t - t0) * CO, mp, CO, b if mode == 0 else NULL, ys, tmp)
+                else:
+                    fnn_wino4_out_d(M + (t - t0) * CO, mp, CO, b if mode == 0 else NULL, ys, tmp)
+            elif floating is float:
                 fnn_wino_out_f(M + (t - t0) * CO, mp, CO, b if mode == 0 else NULL,
                                ys[0], ys[1], ys[2], ys[3])
             else:
                 fnn_wino_out_d(M + (t - t0) * CO, mp, CO, b if mode == 0 else NULL,
                                ys[0], ys[1], ys[2], ys[3])
-            for k in range(2):          # the tile's one or two rows of outputs
-                yy = 2 * ty + k
+            for k in range(r):          # the tile's rows of outputs inside the image
+                yy = r * ty + k
                 if yy >= g.p:
                     break
-                off = ((n * g.p + yy) * g.q + 2 * tx) * CO
+                off = ((n * g.p + yy) * g.q + r * tx) * CO
                 if mode == 0:
-                    act_forward_range(act, z + off, out + off, 0, (2 if right else 1) * CO)
+                    act_forward_range(act, z + off, out + off, 0, cols * CO)
                 else:
                     act_backward_range(act, z + off, zb + off if zb != NULL else NULL,
-                                       yb + off if yb != NULL else NULL, z + off, 0,
-                                       (2 if right else 1) * CO)
+                                       yb + off if yb != NULL else NULL, z + off, 0, cols * CO)
         t0 = e
 
 
 cdef void _wino_dw_tiles(const wgeom* g, const floating* x, const floating* dz,
-                         const floating* zero, floating* V, floating* D, floating* S, double* dbt,
-                         Py_ssize_t t0, Py_ssize_t t1) noexcept nogil:
+                         const floating* zero, floating* V, floating* D, floating* tmp,
+                         floating* S, double* dbt, Py_ssize_t t0, Py_ssize_t t1) noexcept nogil:
     """This thread's ``S[xi] = sum V[xi].T @ D[xi]`` and ``db`` over tiles ``[t0, t1)``
     (``g`` is the forward geometry: ``x`` in, ``dz`` out)."""
     cdef Py_ssize_t e, m, t, xi, per = g.th * g.tw, n, ty, tx, yy, xx, k, CO = g.co
-    cdef const floating* gp[4]
+    cdef Py_ssize_t r = g.r
+    cdef const floating* gp[16]
     cdef bint first = True
     for k in range(CO):
         dbt[k] = 0
     if t0 >= t1:
-        for k in range(16 * g.ci * CO):
+        for k in range(g.np * g.ci * CO):
             S[k] = 0
     cdef Py_ssize_t vp, dp
     while t0 < t1:
@@ -1474,20 +1729,25 @@ cdef void _wino_dw_tiles(const wgeom* g, const floating* x, const floating* dz,
         m = e - t0
         vp = _plane(m * g.ci, sizeof(floating))
         dp = _plane(m * CO, sizeof(floating))
-        _wino_in_chunk(g, x, zero, V, vp, t0, e)
+        _wino_in_chunk(g, x, zero, V, vp, t0, e, tmp)
         for t in range(t0, e):
             n = t // per
             ty = (t - n * per) // g.tw
             tx = t - n * per - ty * g.tw
-            for k in range(4):
-                yy = 2 * ty + k // 2
-                xx = 2 * tx + k % 2
+            for k in range(r * r):
+                yy = r * ty + k // r
+                xx = r * tx + k % r
                 gp[k] = dz + ((n * g.p + yy) * g.q + xx) * CO if yy < g.p and xx < g.q else zero
-            if floating is float:
+            if r == 4:
+                if floating is float:
+                    fnn_wino4_dz_f(gp, CO, D + (t - t0) * CO, dp, dbt, tmp)
+                else:
+                    fnn_wino4_dz_d(gp, CO, D + (t - t0) * CO, dp, dbt, tmp)
+            elif floating is float:
                 fnn_wino_dz_f(gp[0], gp[1], gp[2], gp[3], CO, D + (t - t0) * CO, dp, dbt)
             else:
                 fnn_wino_dz_d(gp[0], gp[1], gp[2], gp[3], CO, D + (t - t0) * CO, dp, dbt)
-        for xi in range(16):
+        for xi in range(g.np):
             gemm_with(_blas, c'N', c'T', <int>CO, <int>g.ci, <int>m, D + xi * dp, <int>CO,
                       V + xi * vp, <int>g.ci, 0 if first else 1, S + xi * g.ci * CO,
                       <int>CO)
@@ -1495,40 +1755,50 @@ cdef void _wino_dw_tiles(const wgeom* g, const floating* x, const floating* dz,
         t0 = e
 
 
-cdef void _wino_kernel(const floating* w, Py_ssize_t C, Py_ssize_t O, bint flip,
+cdef void _wino_kernel(const wgeom* g, const floating* w, Py_ssize_t C, Py_ssize_t O, bint flip,
                        floating* U, floating* tmp) noexcept nogil:
-    """``U[xi] = (G g G^T)[xi]`` for every channel pair: ``U`` is ``(16, C, O)``
-    with ``g = w[:, :, c, o]``, or with ``flip`` ``(16, O, C)`` with ``g =
+    """``U[xi] = (G g G^T)[xi]`` for every channel pair: ``U`` is ``(np, C, O)``
+    with ``g = w[:, :, c, o]``, or with ``flip`` ``(np, O, C)`` with ``g =
     w[::-1, ::-1, c, o]`` (the transposed convolution's kernel, through ``tmp``)."""
+    cdef floating* dst = tmp if flip else U
     if floating is float:
-        if flip:
-            fnn_wino_kernel_f(w, C, O, 1, tmp)
-            fnn_transpose16_f(tmp, C, O, U)
+        if g.r == 4:
+            fnn_wino4_kernel_f(w, C, O, flip, dst)
         else:
-            fnn_wino_kernel_f(w, C, O, 0, U)
+            fnn_wino_kernel_f(w, C, O, flip, dst)
+        if flip:
+            fnn_transpose_planes_f(tmp, g.np, C, O, U)
     else:
-        if flip:
-            fnn_wino_kernel_d(w, C, O, 1, tmp)
-            fnn_transpose16_d(tmp, C, O, U)
+        if g.r == 4:
+            fnn_wino4_kernel_d(w, C, O, flip, dst)
         else:
-            fnn_wino_kernel_d(w, C, O, 0, U)
+            fnn_wino_kernel_d(w, C, O, flip, dst)
+        if flip:
+            fnn_transpose_planes_d(tmp, g.np, C, O, U)
 
 
-cdef void _wino_dw_out(const floating* S, Py_ssize_t C, Py_ssize_t O, floating* dw) noexcept nogil:
-    """``dw[:, :, c, o] = G^T S[:, c, o] G`` (``fnn_wino_dw_out``)."""
+cdef void _wino_dw_out(const wgeom* g, const floating* S, Py_ssize_t C, Py_ssize_t O,
+                       floating* dw) noexcept nogil:
+    """``dw[:, :, c, o] = G^T S[:, c, o] G``."""
     if floating is float:
-        fnn_wino_dw_out_f(S, C * O, dw)
+        if g.r == 4:
+            fnn_wino4_dw_out_f(S, C * O, dw)
+        else:
+            fnn_wino_dw_out_f(S, C * O, dw)
     else:
-        fnn_wino_dw_out_d(S, C * O, dw)
+        if g.r == 4:
+            fnn_wino4_dw_out_d(S, C * O, dw)
+        else:
+            fnn_wino_dw_out_d(S, C * O, dw)
 
 
 cdef Py_ssize_t _wino_workspace(const wgeom* g, Py_ssize_t itemsize) noexcept nogil:
     """Bytes of the forward pass (and the delta below): shared ``U``, its flipped
     copy and a zero row; per thread ``V``, ``M`` and scratch."""
-    cdef Py_ssize_t shared = (2 * _align(16 * g.ci * g.co * itemsize)
+    cdef Py_ssize_t shared = (2 * _align(g.np * g.ci * g.co * itemsize)
                               + _align(max(g.ci, g.co) * itemsize))
-    cdef Py_ssize_t per = (_planes(g.tt, g.ci, itemsize) + _planes(g.tt, g.co, itemsize)
-                           + _align(4 * g.co * itemsize))
+    cdef Py_ssize_t per = (_planes(g, g.tt, g.ci, itemsize) + _planes(g, g.tt, g.co, itemsize)
+                           + _wino_scratch(g, itemsize))
     return shared + g.threads * per
 
 
@@ -1538,30 +1808,30 @@ cdef void _wino_run(int mode, int act, const wgeom* g, const floating* x, const 
     """The forward pass (mode 0) or the delta below (mode 1) by Winograd; the
     chunks of tiles go to the threads as they come free."""
     cdef Py_ssize_t itemsize = sizeof(floating), t, k, nch
-    cdef Py_ssize_t ushare = _align(16 * g.ci * g.co * itemsize)
+    cdef Py_ssize_t ushare = _align(g.np * g.ci * g.co * itemsize)
     cdef Py_ssize_t shared = 2 * ushare + _align(max(g.ci, g.co) * itemsize)
-    cdef Py_ssize_t vsz = _planes(g.tt, g.ci, itemsize), msz = _planes(g.tt, g.co, itemsize)
-    cdef Py_ssize_t per = vsz + msz + _align(4 * g.co * itemsize)
+    cdef Py_ssize_t vsz = _planes(g, g.tt, g.ci, itemsize), msz = _planes(g, g.tt, g.co, itemsize)
+    cdef Py_ssize_t per = vsz + msz + _wino_scratch(g, itemsize)
     cdef floating* U = <floating*>ws
     cdef floating* zero = <floating*>(ws + ushare)
-    cdef int T = _threads_for(g.threads, <double>g.tiles * 16 * g.ci * g.co / 2.25,
+    cdef int T = _threads_for(g.threads, <double>g.n * g.p * g.q * g.ci * g.co * 4,
                               PAR_MIN_FLOPS, g.tiles)
     cdef wgeom gp = g[0]
     cdef char* mine
     for k in range(max(g.ci, g.co)):
         zero[k] = 0
     if flip:
-        _wino_kernel(w, g.co, g.ci, True, U,
+        _wino_kernel(g, w, g.co, g.ci, True, U,
                      <floating*>(ws + ushare + _align(max(g.ci, g.co) * itemsize)))
     else:
-        _wino_kernel(w, g.ci, g.co, False, U, NULL)
+        _wino_kernel(g, w, g.ci, g.co, False, U, NULL)
     if T == 1:
         mine = ws + shared
         _wino_conv_tiles(mode, act, g, x, U, b, z, out, zb, yb, zero, <floating*>mine,
                          <floating*>(mine + vsz), <floating*>(mine + vsz + msz), 0, g.tiles)
         return
     # smaller chunks when there are few (a tile's result does not depend on its chunk)
-    gp.tt = min(g.tt, max(<Py_ssize_t>16, (g.tiles + 4 * T - 1) // (4 * T)))
+    gp.tt = min(g.tt, max(<Py_ssize_t>(64 // g.r), (g.tiles + 4 * T - 1) // (4 * T)))
     nch = (g.tiles + gp.tt - 1) // gp.tt
     _region_enter()
     for t in prange(nch, schedule="dynamic", num_threads=T):
@@ -1575,22 +1845,25 @@ cdef void _wino_run(int mode, int act, const wgeom* g, const floating* x, const 
 
 cdef void _wino_dw_plan(const wgeom* g, Py_ssize_t itemsize, dwplan* pl) noexcept nogil:
     """Units of ``dw`` over the tiles: shared zero row and sum; per unit ``S`` and
-    ``db``; per thread ``V`` and ``D``."""
-    cdef Py_ssize_t n16 = 16 * g.ci * g.co
-    _dw_plan(pl, g.threads, <double>g.tiles * n16 / 2.25, g.tiles, 128,
-             _align(n16 * itemsize) + _align(max(g.ci, g.co) * itemsize),
-             _align(n16 * itemsize) + _align(g.co * sizeof(double)),
-             _planes(g.tt, g.ci, itemsize) + _planes(g.tt, g.co, itemsize))
+    ``db``; per thread ``V``, ``D`` and scratch."""
+    cdef Py_ssize_t nxi = g.np * g.ci * g.co
+    _dw_plan(pl, g.threads, <double>g.n * g.p * g.q * g.ci * g.co * 4, g.tiles, 512 // (g.r * g.r),
+             _align(nxi * itemsize) + _align(max(g.ci, g.co) * itemsize),
+             _align(nxi * itemsize) + _align(g.co * sizeof(double)),
+             _planes(g, g.tt, g.ci, itemsize) + _planes(g, g.tt, g.co, itemsize)
+             + _wino_scratch(g, itemsize))
 
 
 cdef void _wino_dw_unit(const wgeom* g, const dwplan* pl, const floating* x, const floating* dz,
                         const floating* zero, char* ws, Py_ssize_t u, Py_ssize_t t) noexcept nogil:
-    cdef Py_ssize_t n16 = 16 * g.ci * g.co
+    cdef Py_ssize_t nxi = g.np * g.ci * g.co
     cdef char* mine = ws + pl.shared + u * pl.unit
     cdef char* scratch = ws + pl.shared + pl.U * pl.unit + t * pl.thread
-    _wino_dw_tiles(g, x, dz, zero, <floating*>scratch,
-                   <floating*>(scratch + _planes(g.tt, g.ci, sizeof(floating))),
-                   <floating*>mine, <double*>(mine + _align(n16 * sizeof(floating))),
+    cdef Py_ssize_t vsz = _planes(g, g.tt, g.ci, sizeof(floating))
+    cdef Py_ssize_t dsz = _planes(g, g.tt, g.co, sizeof(floating))
+    _wino_dw_tiles(g, x, dz, zero, <floating*>scratch, <floating*>(scratch + vsz),
+                   <floating*>(scratch + vsz + dsz + _align(g.r * g.r * g.co * sizeof(floating))),
+                   <floating*>mine, <double*>(mine + _align(nxi * sizeof(floating))),
                    u * pl.parts // pl.U, (u + 1) * pl.parts // pl.U)
 
 
@@ -1599,8 +1872,8 @@ cdef void _wino_backward(const wgeom* g, const floating* x, const floating* dz, 
     """``dw`` and ``db`` by Winograd: units of tiles (``_dw_plan``), each summing
     ``S[xi] = V[xi].T @ D[xi]`` into its own buffer, then ``S`` in unit order
     and ``dw = G^T S G``."""
-    cdef Py_ssize_t itemsize = sizeof(floating), u, k, CO = g.co, n16 = 16 * g.ci * g.co
-    cdef Py_ssize_t ssz = _align(n16 * itemsize)
+    cdef Py_ssize_t itemsize = sizeof(floating), u, k, CO = g.co, nxi = g.np * g.ci * g.co
+    cdef Py_ssize_t ssz = _align(nxi * itemsize)
     cdef dwplan pl
     cdef floating* S = <floating*>ws
     cdef floating* zero = <floating*>(ws + ssz)
@@ -1618,8 +1891,8 @@ cdef void _wino_backward(const wgeom* g, const floating* x, const floating* dz, 
         for u in prange(pl.U, schedule="dynamic", num_threads=pl.T):
             _wino_dw_unit(g, &pl, x, dz, zero, ws, u, threadid())
         _region_leave()
-    _sum_units(<floating*>base, pl.unit // itemsize, pl.U, n16, S)
-    _wino_dw_out(S, g.ci, g.co, dw)
+    _sum_units(<floating*>base, pl.unit // itemsize, pl.U, nxi, S)
+    _wino_dw_out(g, S, g.ci, g.co, dw)
     for k in range(CO):
         sd = (<double*>(base + ssz))[k]
         for u in range(1, pl.U):
@@ -1630,7 +1903,7 @@ cdef void _wino_backward(const wgeom* g, const floating* x, const floating* dz, 
 cdef Py_ssize_t _backprop_workspace(const geom* g, Py_ssize_t itemsize) noexcept nogil:
     cdef wgeom wg
     if _winograd_fits(g):
-        _wgeom(&wg, g.n, g.p, g.q, g.o, g.h, g.w, g.c, 2 - g.top, 2 - g.left, itemsize, g.threads)
+        _wgeom_backprop(&wg, g, itemsize)
         return _wino_workspace(&wg, itemsize)
     return g.threads * _align(_chunk_rows(g.k, itemsize) * g.k * itemsize)
 
@@ -1941,6 +2214,23 @@ cdef void _pool_back_typed(int act, const floating[:, :, :, ::1] dy,
 # ------------------------------------------------------------------ the contract's kernels
 
 _EMPTY4 = {4: np.empty((0, 0, 0, 0), "float32"), 8: np.empty((0, 0, 0, 0), "float64")}
+
+
+def _winograd_tiles(xshape, wshape, stride=(1, 1), padding=(0, 0, 0, 0)):
+    """``(forward, backprop)``: the Winograd output tile side (2 or 4) that
+    ``conv2d_forward`` and ``conv2d_backward`` (the first) and
+    ``conv2d_backprop`` (the second) use at this geometry with the current
+    settings, 0 where they do not use Winograd (tests: F(4x4, 3x3) rounds more)."""
+    cdef geom g
+    n, h, w, c = xshape
+    kh, kw = wshape[0], wshape[1]
+    top, bottom, left, right = padding
+    p = (h + top + bottom - kh) // stride[0] + 1
+    q = (w + left + right - kw) // stride[1] + 1
+    _geometry(&g, tuple(xshape), tuple(wshape), (n, p, q, wshape[3]), stride, padding)
+    if not _winograd_fits(&g):
+        return 0, 0
+    return _wino_tile(g.p, g.q), _wino_tile(g.h, g.w)
 
 
 def conv2d_forward(x, w, b, str act, out, preact=None, stride=(1, 1), padding=(0, 0, 0, 0)):

@@ -27,7 +27,7 @@ import pytest
 
 import fastnn
 from fastnn.kernels import reference as ref
-from conftest import DTYPES, assert_close
+from conftest import DTYPES, WINO4_REL, assert_close, tolerance
 
 cy = pytest.importorskip("fastnn.kernels.cython_cpu", reason="the Cython extensions are not built")
 
@@ -166,11 +166,13 @@ def _battery(k, dtype, seed=0):
 
 def _conv_battery(k, a, dtype, r):
     """The convolution, pooling and dropout kernels: the register-blocked path
-    (K = 9), the GEMM path with padding and strides, overlapping pools."""
+    (K = 9), the GEMM path with padding and strides, Winograd F(2x2, 3x3) (a
+    6x5 output) and F(4x4, 3x3) (9x8), overlapping pools."""
     for tag, (n, h, w, c, o, kh, kw, stride, pads) in (
             ("direct", (3, 12, 11, 1, 20, 3, 3, (1, 1), (0, 0, 0, 0))),
             ("gemm", (2, 9, 10, 6, 11, 3, 2, (2, 1), (1, 1, 0, 1))),
-            ("winograd", (2, 9, 8, 16, 17, 3, 3, (1, 1), (1, 1, 1, 1)))):
+            ("winograd", (2, 6, 5, 16, 17, 3, 3, (1, 1), (1, 1, 1, 1))),
+            ("winograd4", (2, 9, 8, 16, 17, 3, 3, (1, 1), (1, 1, 1, 1)))):
         p = (h + pads[0] + pads[1] - kh) // stride[0] + 1
         q = (w + pads[2] + pads[3] - kw) // stride[1] + 1
         x, wk, b = a(n, h, w, c), a(kh, kw, c, o, scale=0.3), a(o)
@@ -253,8 +255,23 @@ def test_variant_equals_baseline_bit_for_bit_and_the_reference(variant, dtype, p
     for key, value in reference.items():
         if isinstance(value, float):
             assert got[key] == pytest.approx(value, rel=1e-4, nan_ok=True), key
+        elif ".winograd4" in key:
+            rtol, atol = tolerance(dtype, 67)
+            atol = max(atol, WINO4_REL[np.dtype(dtype)] * _wino4_scale(key, reference))
+            np.testing.assert_allclose(got[key], value, rtol=rtol, atol=atol,
+                                       err_msg=f"{variant}: {key}")
         else:
             assert_close(got[key], value, dtype, reduction=67, err_msg=f"{variant}: {key}")
+
+
+def _wino4_scale(key, reference):
+    """The largest value of the convolution's own output behind ``key`` (before
+    the activation or its derivative): F(4x4, 3x3)'s rounding follows it."""
+    if key.startswith("conv2d_forward."):
+        return float(np.abs(reference[key.replace(".winograd4[", ".winograd4.z[")]).max())
+    if key.startswith("conv2d_backprop."):
+        return float(np.abs(reference["conv2d_backprop.winograd4[identity]"]).max())
+    return float(np.abs(reference[key]).max())
 
 
 def _probe(env_variant, code="", **env):

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import fastnn
 from fastnn.kernels import reference as ref
-from conftest import DTYPES, assert_close
+from conftest import DTYPES, WINO4_REL, assert_close, tolerance
 
 cy = pytest.importorskip("fastnn.kernels.cython_cpu",
                          reason="the Cython extensions are not built")
@@ -452,11 +452,27 @@ def _conv_shapes(n, h, w, c, o, kh, kw, stride, pads):
     return p, q
 
 
+def _assert_conv_close(actual, expected, dtype, reduction, tile, err_msg, scale=None):
+    """The parity tolerance; for F(4x4, 3x3) (``tile`` 4) ``atol`` at least
+    ``WINO4_REL`` of ``scale``: the largest value of the convolution's own
+    output (before an activation or its derivative; default: ``expected``'s)."""
+    if tile != 4:
+        assert_close(actual, expected, dtype, reduction=reduction, err_msg=err_msg)
+        return
+    rtol, atol = tolerance(dtype, reduction)
+    if scale is None:
+        scale = float(np.abs(expected).max(initial=0))
+    atol = max(atol, WINO4_REL[np.dtype(dtype)] * scale)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol,
+                               err_msg=f"{err_msg} (Winograd F(4x4, 3x3))")
+
+
 def _check_conv(geometry, dtype, acts=("relu", "tanh"), seed=0, exact_forward=None):
     """The three convolution kernels of the backend against the reference on one
     geometry ``(n, h, w, c, o, kh, kw, stride, pads)``; returns the outputs."""
     n, h, w, c, o, kh, kw, stride, pads = geometry
     p, q = _conv_shapes(*geometry)
+    tile_fwd, tile_back = _cy_conv._winograd_tiles((n, h, w, c), (kh, kw, c, o), stride, pads)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, h, w, c)).astype(dtype)
     k = rng.standard_normal((kh, kw, c, o)).astype(dtype)
@@ -466,8 +482,9 @@ def _check_conv(geometry, dtype, acts=("relu", "tanh"), seed=0, exact_forward=No
         out, z, eout, ez = (np.empty((n, p, q, o), dtype) for _ in range(4))
         cy.conv2d_forward(x, k, b, act, out, z, stride, pads)
         ref.conv2d_forward(x, k, b, act, eout, ez, stride, pads)
-        assert_close(z, ez, dtype, reduction=kh * kw * c, err_msg=f"forward z {geometry}")
-        assert_close(out, eout, dtype, reduction=kh * kw * c, err_msg=f"forward {act} {geometry}")
+        _assert_conv_close(z, ez, dtype, kh * kw * c, tile_fwd, f"forward z {geometry}")
+        _assert_conv_close(out, eout, dtype, kh * kw * c, tile_fwd, f"forward {act} {geometry}",
+                           scale=float(np.abs(ez).max(initial=0)))
         alone = np.empty_like(out)          # without preact: the same values
         cy.conv2d_forward(x, k, b, act, alone, None, stride, pads)
         np.testing.assert_array_equal(alone, out)
@@ -476,9 +493,11 @@ def _check_conv(geometry, dtype, acts=("relu", "tanh"), seed=0, exact_forward=No
     dw, db, edw, edb = np.empty_like(k), np.empty_like(b), np.empty_like(k), np.empty_like(b)
     cy.conv2d_backward(x, dz, dw, db, stride, pads)
     ref.conv2d_backward(x, dz, edw, edb, stride, pads)
-    assert_close(dw, edw, dtype, reduction=n * p * q, err_msg=f"dw {geometry}")
-    assert_close(db, edb, dtype, reduction=n * p * q, err_msg=f"db {geometry}")
+    _assert_conv_close(dw, edw, dtype, n * p * q, tile_fwd, f"dw {geometry}")
+    _assert_conv_close(db, edb, dtype, n * p * q, tile_fwd, f"db {geometry}")
     results["dw"], results["db"] = dw, db
+    plain = np.empty_like(x)        # the delta before the derivative: F(4x4)'s scale
+    ref.conv2d_backprop(dz, k, None, x, "identity", plain, stride, pads)
     for act in acts:
         zb = rng.standard_normal((n, h, w, c)).astype(dtype)
         yb = np.empty_like(zb)
@@ -486,21 +505,23 @@ def _check_conv(geometry, dtype, acts=("relu", "tanh"), seed=0, exact_forward=No
         dx, edx = np.empty_like(x), np.empty_like(x)
         cy.conv2d_backprop(dz, k, zb, yb, act, dx, stride, pads)
         ref.conv2d_backprop(dz, k, zb, yb, act, edx, stride, pads)
-        assert_close(dx, edx, dtype, reduction=kh * kw * o, err_msg=f"backprop {act} {geometry}")
+        _assert_conv_close(dx, edx, dtype, kh * kw * o, tile_back, f"backprop {act} {geometry}",
+                           scale=float(np.abs(plain).max(initial=0)))
         results[f"backprop[{act}]"] = dx
     return results
 
 
 @contextlib.contextmanager
 def _conv_settings(threads=None, par_min=None, chunk_bytes=None, direct_max_k=None,
-                   winograd=None, winograd_chunk_bytes=None, dw_units=None):
+                   winograd=None, winograd_chunk_bytes=None, dw_units=None, tile=None):
     """Thread count, parallel thresholds and tuning of ``_cy_conv`` for the block
     (``winograd``: True for every 3x3 stride-1 kernel, False for none, None
-    for the default)."""
+    for the default; ``tile``: its output tiles, 2 or 4, None for the default
+    choice by the output's size)."""
     saved_min = _cy_conv._set_parallel_min(*par_min) if par_min else None
     saved_tuning = _cy_conv._set_tuning(
         chunk_bytes, direct_max_k, None if winograd is None else (1 if winograd else 10**9),
-        winograd_chunk_bytes, dw_units)
+        winograd_chunk_bytes, dw_units, tile)
     if threads is not None:
         _cy_conv.set_num_threads(threads)
     try:
@@ -539,8 +560,9 @@ def test_conv_geometries_every_code_path(geometry, dtype):
         _check_conv(geometry, dtype)
     with _conv_settings(direct_max_k=10**6, winograd=False):
         _check_conv(geometry, dtype)
-    with _conv_settings(winograd=True):
-        _check_conv(geometry, dtype)
+    for tile in (2, 4):
+        with _conv_settings(winograd=True, tile=tile):
+            _check_conv(geometry, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -556,7 +578,7 @@ def test_conv_on_both_blas_libraries(blas, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("chunk_bytes", [1, 1000, 40_000])
-@pytest.mark.parametrize("path", ["gemm", "direct", "winograd"])
+@pytest.mark.parametrize("path", ["gemm", "direct", "winograd", "winograd2"])
 def test_conv_chunk_boundaries(chunk_bytes, path, dtype):
     """Chunks of 8 rows or tiles (the least), of a few more than a multiple of
     8, and of several images; rows n*p*q (tiles) not a multiple of the chunk;
@@ -571,54 +593,79 @@ def test_conv_chunk_boundaries(chunk_bytes, path, dtype):
     for threads in (1, 3):
         with _conv_settings(threads=threads, par_min=(1, 1), chunk_bytes=chunk_bytes,
                             direct_max_k=10**6 if path == "direct" else 0,
-                            winograd=path == "winograd", winograd_chunk_bytes=chunk_bytes):
+                            winograd=path.startswith("winograd"),
+                            winograd_chunk_bytes=chunk_bytes,
+                            tile=2 if path == "winograd2" else None):
             for geometry in geometries:
                 _check_conv(geometry, dtype, acts=("relu",))
 
 
+#: The largest float32 error of Winograd at conv2's shapes, as a multiple of
+#: the im2col GEMM's (both against float64, relative to the largest output):
+#: measured F(2x2, 3x3) forward 0.35-0.55x, dw 0.9-1.5x, delta 1.4-2.0x;
+#: F(4x4, 3x3) forward 3.3-7.3x, dw 3.2-10x, delta 24-40x (im2col's delta
+#: is the most exact of the three, 2e-7). The bounds leave 1.5-2x over that.
+WINOGRAD_ROUNDING = {2: {"forward": 3, "dw": 3, "dx": 3},
+                     4: {"forward": 12, "dw": 16, "dx": 64}}
+#: ... and relative to the largest output: F(4x4, 3x3) measured at most 8e-6
+WINOGRAD_ROUNDING_MAX = {2: 1e-6, 4: 1.5e-5}
+
+
+@pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("scale", ["uniform", "signed", "wide"])
-def test_winograd_rounding(scale):
-    """What Winograd F(2x2, 3x3)'s transforms cost in float32, at the convnet's
-    conv2 shapes: against the float64 result, its largest error (relative to
-    the largest output) stays within 3x the im2col GEMM's and within the parity
-    tolerance (measured here: the forward pass 0.35-0.55x the GEMM's error, dw
-    1.0-1.3x, the delta below 1.7-2.0x, at most 5e-7 of the largest output)."""
+def test_winograd_rounding(scale, tile):
+    """What Winograd's transforms cost in float32, at the convnet's conv2 shapes
+    (batch 8 and 32): against the float64 result, its largest error (relative
+    to the largest output) stays within ``WINOGRAD_ROUNDING`` times the
+    im2col GEMM's and within ``WINOGRAD_ROUNDING_MAX`` of the largest output;
+    at batch 8 within the parity tolerance too, except F(4x4, 3x3) on the
+    data over six decades (outputs in the hundreds, where the parity
+    tolerance's absolute part is a relative 1e-6; im2col misses it too at
+    batch 32): there, 1.5e-5 of the largest output."""
     rng = np.random.default_rng({"uniform": 1, "signed": 2, "wide": 3}[scale])
-    n = 8
-    if scale == "uniform":      # a pooled ReLU output
-        x = rng.random((n, 13, 13, 32))
-    elif scale == "signed":
-        x = rng.standard_normal((n, 13, 13, 32))
-    else:                       # magnitudes over six decades
-        x = rng.standard_normal((n, 13, 13, 32)) * 10.0 ** rng.uniform(-3, 3, (n, 13, 13, 32))
-    w = rng.standard_normal((3, 3, 32, 64)) * 0.06
-    b = rng.standard_normal(64) * 0.1
-    dz = rng.standard_normal((n, 11, 11, 64)) * 1e-2
-    exact = {}
-    exact["forward"] = np.empty((n, 11, 11, 64))
-    ref.conv2d_forward(x, w, b, "identity", exact["forward"])
-    exact["dw"], exact["db"] = np.empty_like(w), np.empty(64)
-    ref.conv2d_backward(x, dz, exact["dw"], exact["db"])
-    exact["dx"] = np.empty_like(x)
-    ref.conv2d_backprop(dz, w, None, x, "identity", exact["dx"])
-    f = np.float32
-    xf, wf, bf, dzf = x.astype(f), w.astype(f), b.astype(f), dz.astype(f)
-    errors = {}
-    for winograd in (False, True):
-        with _conv_settings(winograd=winograd):
-            got = {"forward": np.empty((n, 11, 11, 64), f), "dw": np.empty_like(wf),
-                   "db": np.empty(64, f), "dx": np.empty_like(xf)}
-            cy.conv2d_forward(xf, wf, bf, "identity", got["forward"])
-            cy.conv2d_backward(xf, dzf, got["dw"], got["db"])
-            cy.conv2d_backprop(dzf, wf, None, xf, "identity", got["dx"])
+    for n in (8, 32):
+        if scale == "uniform":      # a pooled ReLU output
+            x = rng.random((n, 13, 13, 32))
+        elif scale == "signed":
+            x = rng.standard_normal((n, 13, 13, 32))
+        else:                       # magnitudes over six decades
+            x = (rng.standard_normal((n, 13, 13, 32))
+                 * 10.0 ** rng.uniform(-3, 3, (n, 13, 13, 32)))
+        w = rng.standard_normal((3, 3, 32, 64)) * 0.06
+        b = rng.standard_normal(64) * 0.1
+        dz = rng.standard_normal((n, 11, 11, 64)) * 1e-2
+        exact = {}
+        exact["forward"] = np.empty((n, 11, 11, 64))
+        ref.conv2d_forward(x, w, b, "identity", exact["forward"])
+        exact["dw"], exact["db"] = np.empty_like(w), np.empty(64)
+        ref.conv2d_backward(x, dz, exact["dw"], exact["db"])
+        exact["dx"] = np.empty_like(x)
+        ref.conv2d_backprop(dz, w, None, x, "identity", exact["dx"])
+        f = np.float32
+        xf, wf, bf, dzf = x.astype(f), w.astype(f), b.astype(f), dz.astype(f)
+        errors = {}
+        for winograd in (False, True):
+            with _conv_settings(winograd=winograd, tile=tile):
+                assert _cy_conv._winograd_tiles(xf.shape, wf.shape) == ((tile, tile) if winograd
+                                                                       else (0, 0))
+                got = {"forward": np.empty((n, 11, 11, 64), f), "dw": np.empty_like(wf),
+                       "db": np.empty(64, f), "dx": np.empty_like(xf)}
+                cy.conv2d_forward(xf, wf, bf, "identity", got["forward"])
+                cy.conv2d_backward(xf, dzf, got["dw"], got["db"])
+                cy.conv2d_backprop(dzf, wf, None, xf, "identity", got["dx"])
+            for key in ("forward", "dw", "dx"):
+                errors[winograd, key] = (np.abs(got[key] - exact[key]).max()
+                                         / np.abs(exact[key]).max())
+                reduction = {"forward": 288, "dw": n * 121, "dx": 576}[key]
+                # the parity tolerance at batch 8 (at 32 the wide data's extremes pass
+                # im2col's too); F(4x4) only at unit scale (see WINO4_REL)
+                if n == 8 and (tile == 2 or not winograd or scale != "wide"):
+                    assert_close(got[key], exact[key].astype(f), f, reduction=reduction,
+                                 err_msg=f"winograd={winograd} tile={tile} {key}")
         for key in ("forward", "dw", "dx"):
-            errors[winograd, key] = (np.abs(got[key] - exact[key]).max()
-                                     / np.abs(exact[key]).max())
-            reduction = {"forward": 288, "dw": n * 121, "dx": 576}[key]
-            assert_close(got[key], exact[key].astype(f), f, reduction=reduction,
-                         err_msg=f"winograd={winograd} {key}")
-    for key in ("forward", "dw", "dx"):
-        assert errors[True, key] <= 3 * errors[False, key] + 1e-7, (key, errors)
+            assert errors[True, key] <= (WINOGRAD_ROUNDING[tile][key] * errors[False, key]
+                                         + 1e-7), (n, key, errors)
+            assert errors[True, key] <= WINOGRAD_ROUNDING_MAX[tile], (n, key, errors)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -628,7 +675,7 @@ def test_conv_big_image(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("path", ["gemm", "direct", "winograd"])
+@pytest.mark.parametrize("path", ["gemm", "direct", "winograd", "winograd2"])
 def test_conv_serial_and_parallel_paths(path, dtype):
     """Two and three threads (uneven shares, handed out as threads come free)
     against one. The forward pass, the delta below, pooling and dropout work
@@ -639,7 +686,8 @@ def test_conv_serial_and_parallel_paths(path, dtype):
     geometry = (5, 13, 13, 16, 24, 3, 3, (1, 1), (1, 1, 1, 1))
     settings = {"gemm": dict(direct_max_k=0, winograd=False),
                 "direct": dict(direct_max_k=10**6, winograd=False),
-                "winograd": dict(winograd=True)}[path]
+                "winograd": dict(winograd=True),            # F(4x4, 3x3) at 13x13
+                "winograd2": dict(winograd=True, tile=2)}[path]
     with _conv_settings(threads=1, **settings):
         serial = _check_conv(geometry, dtype, acts=("relu", "gelu"), seed=4)
     for threads in (2, 3):
