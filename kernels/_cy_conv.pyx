@@ -14,18 +14,22 @@ Three ways to a convolution, chosen by its geometry:
   multiplications): square outputs of 3, 4, 7, 8 and 11 or more a side (an
   11x11 output: 324 products against 576, and 1,089 direct), F(2x2, 3x3) at
   1, 2, 5, 6, 9 and 10 (where 4x4 tiles would hang over most). ``dw`` is the
-  adjoint (``S[xi] += V[xi].T @ D[xi]`` with K = tiles, then ``dw = G^T S
-  G``); the delta below is the same forward algorithm on ``dz`` with the
-  kernel flipped, channels swapped and the derivative of the activation
-  below fused into the inverse transform, its tile chosen by its own output
-  (the layer's input). Measured at conv2's shapes on 2 threads, F(4x4) over
-  F(2x2): the forward pass 0.70x the time, dw 0.84x, the delta 0.84-0.91x;
-  the convnet's training step 1.10-1.12x the samples/s.
+  adjoint of the forward pass (``S[xi] += V[xi].T @ D[xi]`` with K = tiles,
+  then ``dw = G^T S G``). The delta below is the adjoint too where F(4x4)
+  pays (by the same rule, the layer's output against its input): ``D = A dz
+  A^T`` per tile, ``dV[xi] = D[xi] @ U[xi].T``, each tile's 6x6 patch ``+= B
+  dV B^T`` into whole images owned by one thread (patches overlap), then the
+  derivative of the activation below; else F(2x2, 3x3) on ``dz`` with the
+  kernel flipped and channels swapped, the derivative fused into its inverse
+  transform. Measured at conv2's shapes (batch 32 and 128, 2 threads),
+  F(4x4) against F(2x2): the forward pass 0.70-0.80x the time, dw 0.81-0.86x,
+  the delta 0.53-0.72x (the adjoint has the forward pass's 9 tiles of 4x4
+  per image; F(2x2) on dz needs 49 of 2x2 for the 13x13 input).
   Rounding in float32, measured against float64 at conv2's shapes (largest
   error relative to the largest output): F(2x2, 3x3) 0.35-0.55x im2col's
-  error in the forward pass, 0.9-1.5x in ``dw``, 1.4-2.0x in the delta, at
-  most 1e-6 of the largest output; F(4x4, 3x3) 3-7x, 3-10x and 24-40x, at
-  most 8e-6 of the largest output (its transforms multiply by up to 8 and
+  error in the forward pass, 1.0-1.6x in ``dw``, 1.4-2.0x in the delta, at
+  most 1e-6 of the largest output; F(4x4, 3x3) 3-7x, 5-17x and 6-8x, at
+  most 6.2e-6 of the largest output (its transforms multiply by up to 8 and
   1/24). That is within the parity tolerance (``rtol`` 1e-5, ``atol`` 1e-6
   per term of the sum) for data at unit scale, but not for inputs spread
   over six decades or weights ten times their initialisation scale, where
@@ -576,6 +580,40 @@ cdef extern from *:
             o3[c] = f02 + f13; o4[c] = f02 - f13; o5[c] = v3;                          \
         }                                                                              \
     }                                                                                  \
+    /* o_i += (B a)_i = sum_l B^T[l][i] a_l, six vectors a added into six o (the
+       adjoint of fnn_bt6) */                                                       \
+    static inline void fnn_b6_add_##SUF(const T* const* a, T* const* o, Py_ssize_t n) { \
+        const T *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5]; \
+        T *o0 = o[0], *o1 = o[1], *o2 = o[2], *o3 = o[3], *o4 = o[4], *o5 = o[5];      \
+        const T four = 4, five = 5, two = 2;                                           \
+        FNN_IVDEP for (Py_ssize_t c = 0; c < n; c++) {                                 \
+            T v0 = a0[c], v1 = a1[c], v2 = a2[c], v3 = a3[c], v4 = a4[c], v5 = a5[c];  \
+            o0[c] += four * v0;                                                        \
+            o1[c] += (four * (v2 - v1) + two * (v4 - v3)) + four * v5;                 \
+            o2[c] += (-five * v0 - four * (v1 + v2)) - (v3 + v4);                      \
+            o3[c] += ((v1 - v2) + two * (v3 - v4)) - five * v5;                        \
+            o4[c] += (v0 + (v1 + v2)) + (v3 + v4);                                     \
+            o5[c] += v5;                                                               \
+        }                                                                              \
+    }                                                                                  \
+    /* p[6i + j] += (B dV B^T)[i][j] for one tile: the adjoint of fnn_wino4_in (dV's  \
+       plane xi at v + xi*plane; p: the patch's 36 vectors in dx, a sink outside the \
+       image); tmp 36*C, zeroed here */                                                \
+    static void fnn_wino4_in_adj_##SUF(const T* v, Py_ssize_t plane, Py_ssize_t C,     \
+                                       T* const* p, T* tmp) {                          \
+        const T* a[6]; T* o[6];                                                        \
+        memset(tmp, 0, (size_t)(36 * C) * sizeof(T));                                  \
+        for (int l = 0; l < 6; l++) {                                                  \
+            for (int k = 0; k < 6; k++) a[k] = v + (6 * l + k) * plane;                \
+            for (int j = 0; j < 6; j++) o[j] = tmp + (6 * l + j) * C;                  \
+            fnn_b6_add_##SUF(a, o, C);                                                 \
+        }                                                                              \
+        for (int j = 0; j < 6; j++) {                                                  \
+            for (int l = 0; l < 6; l++) a[l] = tmp + (6 * l + j) * C;                  \
+            for (int i = 0; i < 6; i++) o[i] = p[6 * i + j];                           \
+            fnn_b6_add_##SUF(a, o, C);                                                 \
+        }                                                                              \
+    }                                                                                  \
     /* V = B^T d B for one tile: p the 36 channel vectors of its 6x6 patch, V's     \
        plane xi at v + xi*plane, tmp 36*C */                                           \
     static void fnn_wino4_in_##SUF(const T* const* p, Py_ssize_t C, T* v, Py_ssize_t plane, \
@@ -606,7 +644,8 @@ cdef extern from *:
             fnn_at6_##SUF(a, o, O, b);                                                 \
         }                                                                              \
     }                                                                                  \
-    /* D = A g A^T for one tile of dz (g: its 16 vectors, row-major), db += all 16;  \
+    /* D = A g A^T for one tile of dz (g: its 16 vectors, row-major), db += all 16   \
+       (unless db is NULL);                                                        \
        tmp 24*O */                                                                     \
     static void fnn_wino4_dz_##SUF(const T* const* g, Py_ssize_t O, T* d, Py_ssize_t plane, \
                                    double* FNN_RESTRICT db, T* tmp) {                  \
@@ -620,7 +659,7 @@ cdef extern from *:
             for (int l = 0; l < 6; l++) o[l] = d + (6 * l + k) * plane;                \
             fnn_a6_##SUF(a, o, O);                                                     \
         }                                                                              \
-        for (int k = 0; k < 16; k++) {                                                 \
+        for (int k = 0; k < 16 && db; k++) {                                           \
             const T* gk = g[k];                                                        \
             FNN_IVDEP for (Py_ssize_t c = 0; c < O; c++) db[c] += (double)gk[c];       \
         }                                                                              \
@@ -722,6 +761,10 @@ cdef extern from *:
     void fnn_wino4_kernel_d(const double* w, Py_ssize_t C, Py_ssize_t O, int flip,
                             double* u) noexcept nogil
     void fnn_wino4_dw_out_f(const float* s, Py_ssize_t n, float* dw) noexcept nogil
+    void fnn_wino4_in_adj_f(const float* v, Py_ssize_t plane, Py_ssize_t C, float** p,
+                            float* tmp) noexcept nogil
+    void fnn_wino4_in_adj_d(const double* v, Py_ssize_t plane, Py_ssize_t C, double** p,
+                            double* tmp) noexcept nogil
     void fnn_wino4_dw_out_d(const double* s, Py_ssize_t n, double* dw) noexcept nogil
     void fnn_wino_dw_out_f(const float* s, Py_ssize_t n, float* dw) noexcept nogil
     void fnn_wino_dw_out_d(const double* s, Py_ssize_t n, double* dw) noexcept nogil
@@ -1333,8 +1376,8 @@ ctypedef struct dwplan:
 
 cdef void _dw_plan(dwplan* pl, int threads, double work, Py_ssize_t parts, Py_ssize_t least,
                    Py_ssize_t shared, Py_ssize_t unit, Py_ssize_t thread) noexcept nogil:
-    """Split ``dw``'s sums into units of at least ``least`` parts: ``DW_UNITS``
-    of them at most (fewer when their partial sums would pass
+    """Split ``dw``'s sums into units of at least ``least`` parts, a power of
+    two of them and ``DW_UNITS`` at most (fewer when their partial sums would pass
     ``DW_UNIT_BYTES``, but never fewer than the threads), handed to the
     threads as they come free and added in unit order: the result does not
     depend on which thread ran which unit, nor (up to ``DW_UNITS`` threads)
@@ -1342,6 +1385,10 @@ cdef void _dw_plan(dwplan* pl, int threads, double work, Py_ssize_t parts, Py_ss
     pl.T = _threads_for(threads, work, PAR_MIN_FLOPS, parts)
     pl.threads = threads
     pl.U = min(<Py_ssize_t>DW_UNITS, max(<Py_ssize_t>1, parts // least))
+    # a power of two: 9 units on 2 threads ran as 5 + 4 (Winograd dw at batch
+    # 128: 1.79 ms with 9 units, 1.61 ms with 8)
+    while pl.U & (pl.U - 1):
+        pl.U &= pl.U - 1
     if pl.U * unit > DW_UNIT_BYTES:
         pl.U = max(min(<Py_ssize_t>pl.T, parts), DW_UNIT_BYTES // unit)
     pl.U = max(pl.U, 1)
@@ -1494,8 +1541,12 @@ cdef void _conv_backprop(int act, const geom* g, const floating* dz, const float
                          char* ws) noexcept nogil:
     cdef wgeom wg
     if _winograd_fits(g):
-        _wgeom_backprop(&wg, g, sizeof(floating))
-        _wino_run(1, act, &wg, dz, w, True, NULL, dx, dx, zb, yb, ws)
+        if _wino_delta_tile(g) == 4:
+            _wgeom_forward(&wg, g, sizeof(floating), 4)
+            _wino_delta(act, &wg, dz, w, zb, yb, dx, ws)
+        else:
+            _wgeom_backprop(&wg, g, sizeof(floating))
+            _wino_run(1, act, &wg, dz, w, True, NULL, dx, dx, zb, yb, ws)
         return
     cdef Py_ssize_t itemsize = sizeof(floating), K = g.k, O = g.o
     cdef Py_ssize_t chunk = _chunk_rows(K, itemsize)
@@ -1579,17 +1630,18 @@ cdef inline bint _winograd_fits(const geom* g) noexcept nogil:
             and g.c >= WINOGRAD_MIN_CHANNELS and g.o >= WINOGRAD_MIN_CHANNELS)
 
 
-cdef inline void _wgeom_forward(wgeom* wg, const geom* g, Py_ssize_t itemsize) noexcept nogil:
-    """The forward pass's (and dw's) Winograd geometry."""
+cdef inline void _wgeom_forward(wgeom* wg, const geom* g, Py_ssize_t itemsize,
+                                Py_ssize_t r=0) noexcept nogil:
+    """The forward pass's Winograd geometry (dw's, and the adjoint delta's with
+    ``r`` 4), its tile side ``r`` or ``_wino_tile``'s choice."""
     _wgeom(wg, g.n, g.h, g.w, g.c, g.p, g.q, g.o, g.top, g.left, itemsize, g.threads,
-           _wino_tile(g.p, g.q))
+           r if r else _wino_tile(g.p, g.q))
 
 
 cdef inline void _wgeom_backprop(wgeom* wg, const geom* g, Py_ssize_t itemsize) noexcept nogil:
-    """The delta below's: ``dz`` convolved with the flipped kernel, the pads
-    turned around; its tiles cover the input's ``h x w``."""
-    _wgeom(wg, g.n, g.p, g.q, g.o, g.h, g.w, g.c, 2 - g.top, 2 - g.left, itemsize, g.threads,
-           _wino_tile(g.h, g.w))
+    """The F(2x2, 3x3) delta below's: ``dz`` convolved with the flipped kernel,
+    the pads turned around; its tiles cover the input's ``h x w``."""
+    _wgeom(wg, g.n, g.p, g.q, g.o, g.h, g.w, g.c, 2 - g.top, 2 - g.left, itemsize, g.threads, 2)
 
 
 cdef void _wino_patch(const wgeom* g, const floating* x, const floating* zero, Py_ssize_t t,
@@ -1843,11 +1895,136 @@ cdef void _wino_run(int mode, int act, const wgeom* g, const floating* x, const 
     _region_leave()
 
 
+cdef inline Py_ssize_t _wino_delta_tile(const geom* g) noexcept nogil:
+    """The delta below's algorithm: 4, the adjoint of the forward pass's F(4x4,
+    3x3) (36 products a 4x4 tile of the layer's output), or 2, F(2x2, 3x3) on
+    ``dz`` with the kernel flipped (16 products a 2x2 tile of its input); by
+    ``WINOGRAD_TILE`` when set, else by ``WINOGRAD4_RATIO`` as ``_wino_tile``."""
+    if WINOGRAD_TILE == 2 or WINOGRAD_TILE == 4:
+        return WINOGRAD_TILE
+    cdef double f2 = 16.0 * ((g.h + 1) // 2) * ((g.w + 1) // 2)
+    cdef double f4 = 36.0 * ((g.p + 3) // 4) * ((g.q + 3) // 4)
+    return 4 if f4 <= WINOGRAD4_RATIO * f2 else 2
+
+
+cdef inline Py_ssize_t _wino_delta_per(const wgeom* g, Py_ssize_t itemsize) noexcept nogil:
+    """Bytes per thread of the adjoint delta: ``D`` and ``dV`` planes, the
+    transforms' scratch and a sink row (patch positions outside the image)."""
+    return (_planes(g, g.tt, g.co, itemsize) + _planes(g, g.tt, g.ci, itemsize)
+            + _align(36 * max(g.ci, g.co) * itemsize) + _align(g.ci * itemsize))
+
+
+cdef Py_ssize_t _wino_delta_workspace(const wgeom* g, Py_ssize_t itemsize) noexcept nogil:
+    """Bytes of the adjoint delta: shared ``U`` and a zero row, then per thread
+    ``_wino_delta_per``."""
+    return (_align(g.np * g.ci * g.co * itemsize) + _align(max(g.ci, g.co) * itemsize)
+            + g.threads * _wino_delta_per(g, itemsize))
+
+
+cdef void _wino_delta_images(int act, const wgeom* g, const floating* dz, const floating* U,
+                             const floating* zb, const floating* yb, floating* dx,
+                             const floating* zero, char* mine, Py_ssize_t n0,
+                             Py_ssize_t n1) noexcept nogil:
+    """Images ``[n0, n1)`` of the delta below by the adjoint of the forward
+    pass's F(4x4, 3x3) (``g``: its geometry, ``x`` in, ``dz`` out): per chunk
+    of tiles ``D = A dz A^T``, ``dV[xi] = D[xi] @ U[xi].T`` (K = the layer's
+    output channels), each tile's 6x6 patch ``+= B dV B^T`` into the zeroed
+    images (patches overlap by two rows and columns: a thread owns whole
+    images), then the derivative of the activation below over each image
+    whose last tile is in."""
+    cdef Py_ssize_t per = g.th * g.tw, hwc = g.h * g.w * g.ci, CO = g.co, C = g.ci
+    cdef Py_ssize_t t0 = n0 * per, t1 = n1 * per, e, m, t, xi, n, ty, tx, yy, xx, k
+    cdef Py_ssize_t nd = n0, dp, vp, y0, x0
+    cdef Py_ssize_t dsz = _planes(g, g.tt, CO, sizeof(floating))
+    cdef Py_ssize_t vsz = _planes(g, g.tt, C, sizeof(floating))
+    cdef floating* D = <floating*>mine
+    cdef floating* dV = <floating*>(mine + dsz)
+    cdef floating* tmp = <floating*>(mine + dsz + vsz)
+    cdef floating* sink = <floating*>(mine + dsz + vsz
+                                      + _align(36 * max(C, CO) * sizeof(floating)))
+    cdef const floating* gp[16]
+    cdef floating* pp[36]
+    cdef const floating* zp
+    cdef const floating* yp
+    memset(dx + n0 * hwc, 0, (n1 - n0) * hwc * sizeof(floating))
+    while t0 < t1:
+        e = min(t1, t0 + g.tt)
+        m = e - t0
+        dp = _plane(m * CO, sizeof(floating))
+        vp = _plane(m * C, sizeof(floating))
+        for t in range(t0, e):
+            n = t // per
+            ty = (t - n * per) // g.tw
+            tx = t - n * per - ty * g.tw
+            for k in range(16):
+                yy = 4 * ty + k // 4
+                xx = 4 * tx + k % 4
+                gp[k] = dz + ((n * g.p + yy) * g.q + xx) * CO if yy < g.p and xx < g.q else zero
+            if floating is float:
+                fnn_wino4_dz_f(gp, CO, D + (t - t0) * CO, dp, NULL, tmp)
+            else:
+                fnn_wino4_dz_d(gp, CO, D + (t - t0) * CO, dp, NULL, tmp)
+        for xi in range(36):
+            gemm_with(_blas, c'T', c'N', <int>C, <int>m, <int>CO, U + xi * C * CO, <int>CO,
+                      D + xi * dp, <int>CO, 0, dV + xi * vp, <int>C)
+        for t in range(t0, e):
+            n = t // per
+            ty = (t - n * per) // g.tw
+            tx = t - n * per - ty * g.tw
+            y0 = 4 * ty - g.pt
+            x0 = 4 * tx - g.pl
+            for k in range(36):
+                yy = y0 + k // 6
+                xx = x0 + k % 6
+                if yy >= 0 and yy < g.h and xx >= 0 and xx < g.w:
+                    pp[k] = dx + ((n * g.h + yy) * g.w + xx) * C
+                else:
+                    pp[k] = sink
+            if floating is float:
+                fnn_wino4_in_adj_f(dV + (t - t0) * C, vp, C, pp, tmp)
+            else:
+                fnn_wino4_in_adj_d(dV + (t - t0) * C, vp, C, pp, tmp)
+        while (nd + 1) * per <= e:      # images complete after this chunk
+            zp = zb + nd * hwc if zb != NULL else NULL
+            yp = yb + nd * hwc if yb != NULL else NULL
+            act_backward_range(act, dx + nd * hwc, zp, yp, dx + nd * hwc, 0, hwc)
+            nd += 1
+        t0 = e
+
+
+cdef void _wino_delta(int act, const wgeom* g, const floating* dz, const floating* w,
+                      const floating* zb, const floating* yb, floating* dx,
+                      char* ws) noexcept nogil:
+    """The delta below by the adjoint of F(4x4, 3x3): groups of whole images
+    handed to the threads as they come free."""
+    cdef Py_ssize_t itemsize = sizeof(floating), k, t, step
+    cdef Py_ssize_t ushare = _align(g.np * g.ci * g.co * itemsize)
+    cdef Py_ssize_t shared = ushare + _align(max(g.ci, g.co) * itemsize)
+    cdef Py_ssize_t per = _wino_delta_per(g, itemsize)
+    cdef floating* U = <floating*>ws
+    cdef floating* zero = <floating*>(ws + ushare)
+    cdef int T = _threads_for(g.threads, <double>g.n * g.p * g.q * g.ci * g.co * 4,
+                              PAR_MIN_FLOPS, g.n)
+    for k in range(max(g.ci, g.co)):
+        zero[k] = 0
+    _wino_kernel(g, w, g.ci, g.co, False, U, NULL)
+    if T == 1:
+        _wino_delta_images(act, g, dz, U, zb, yb, dx, zero, ws + shared, 0, g.n)
+        return
+    # about 4 groups a thread, each at most a chunk of tiles
+    step = max(1, min(g.tt // (g.th * g.tw), (g.n + 4 * T - 1) // (4 * T)))
+    _region_enter()
+    for t in prange((g.n + step - 1) // step, schedule="dynamic", num_threads=T):
+        _wino_delta_images(act, g, dz, U, zb, yb, dx, zero, ws + shared + threadid() * per,
+                           t * step, min(g.n, (t + 1) * step))
+    _region_leave()
+
+
 cdef void _wino_dw_plan(const wgeom* g, Py_ssize_t itemsize, dwplan* pl) noexcept nogil:
     """Units of ``dw`` over the tiles: shared zero row and sum; per unit ``S`` and
     ``db``; per thread ``V``, ``D`` and scratch."""
     cdef Py_ssize_t nxi = g.np * g.ci * g.co
-    _dw_plan(pl, g.threads, <double>g.n * g.p * g.q * g.ci * g.co * 4, g.tiles, 512 // (g.r * g.r),
+    _dw_plan(pl, g.threads, <double>g.n * g.p * g.q * g.ci * g.co * 4, g.tiles, 128,
              _align(nxi * itemsize) + _align(max(g.ci, g.co) * itemsize),
              _align(nxi * itemsize) + _align(g.co * sizeof(double)),
              _planes(g, g.tt, g.ci, itemsize) + _planes(g, g.tt, g.co, itemsize)
@@ -1903,6 +2080,9 @@ cdef void _wino_backward(const wgeom* g, const floating* x, const floating* dz, 
 cdef Py_ssize_t _backprop_workspace(const geom* g, Py_ssize_t itemsize) noexcept nogil:
     cdef wgeom wg
     if _winograd_fits(g):
+        if _wino_delta_tile(g) == 4:
+            _wgeom_forward(&wg, g, itemsize, 4)
+            return _wino_delta_workspace(&wg, itemsize)
         _wgeom_backprop(&wg, g, itemsize)
         return _wino_workspace(&wg, itemsize)
     return g.threads * _align(_chunk_rows(g.k, itemsize) * g.k * itemsize)
@@ -2230,7 +2410,7 @@ def _winograd_tiles(xshape, wshape, stride=(1, 1), padding=(0, 0, 0, 0)):
     _geometry(&g, tuple(xshape), tuple(wshape), (n, p, q, wshape[3]), stride, padding)
     if not _winograd_fits(&g):
         return 0, 0
-    return _wino_tile(g.p, g.q), _wino_tile(g.h, g.w)
+    return _wino_tile(g.p, g.q), _wino_delta_tile(&g)
 
 
 def conv2d_forward(x, w, b, str act, out, preact=None, stride=(1, 1), padding=(0, 0, 0, 0)):

@@ -27,7 +27,7 @@ TOLERANCE = {np.dtype(np.float32): (1e-5, 1e-6), np.dtype(np.float64): (1e-12, 1
 #: transforms multiply by up to 8 and 1/24 and add six terms, so the error
 #: follows the outputs' scale rather than the sum's length (the parity
 #: tolerance's ``atol`` per term). test_winograd_rounding measures it at the
-#: convnet's shapes (float32: at most 8e-6 of the largest output).
+#: convnet's shapes (float32: at most 6.2e-6 of the largest output).
 WINO4_REL = {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 4e-14}
 
 
