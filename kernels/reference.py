@@ -15,6 +15,16 @@ Conventions (``../shared/DESIGN.md``, "The kernel contract"):
   ``dy``); the output of a kernel with a GEMM must not overlap its inputs.
 * Non-finite values are computed as IEEE arithmetic does, never rejected.
 * Kernels trust their inputs: ``fastnn._validate`` checks them first.
+* Rounding: a backend matches these results within ``rtol`` 1e-5 and ``atol``
+  1e-6 per term of a sum it may reorder (float64: 1e-12 and 1e-13;
+  ``tests/conftest.py``). The one exception is a fewer-multiplication
+  convolution: the cython backend's 3x3, stride-1 convolutions with 16 or more
+  channels in and out run Winograd F(2x2, 3x3) (within the tolerance) or,
+  for outputs where it saves more, F(4x4, 3x3), whose float32 error follows
+  the largest output instead: at most 6.2e-6 of it measured at the MNIST
+  convnet's shapes (3-17x im2col's error; within the tolerance for data at
+  unit scale, not for inputs spread over six decades), bounded at 2e-5 of it
+  in the tests (``WINO4_REL``). float64 keeps 4e-14 of it.
 """
 
 import math

@@ -612,6 +612,26 @@ WINOGRAD_ROUNDING = {2: {"forward": 3, "dw": 3, "dx": 3},
 WINOGRAD_ROUNDING_MAX = {2: 1e-6, 4: 1e-5}
 
 
+def test_winograd_tile_choice():
+    """F(4x4, 3x3) where its products (with the tiles that hang over) are at most
+    0.8x F(2x2)'s: the forward pass by the output's size, the delta (the
+    forward pass's adjoint against F(2x2) on the input's size) by both; no
+    Winograd under 16 channels; a tile other than 0, 2, 4 is refused."""
+    with _conv_settings():
+        assert _cy_conv._winograd_tiles((2, 13, 13, 32), (3, 3, 32, 64)) == (4, 4)
+        assert _cy_conv._winograd_tiles((2, 7, 7, 16), (3, 3, 16, 16)) == (2, 4)
+        assert _cy_conv._winograd_tiles((2, 5, 5, 16), (3, 3, 16, 16), (1, 1),
+                                        (1, 1, 1, 1)) == (2, 2)
+        assert _cy_conv._winograd_tiles((2, 13, 13, 8), (3, 3, 8, 64)) == (0, 0)
+        assert _cy_conv._winograd_tiles((2, 13, 13, 32), (3, 3, 32, 64), (2, 2)) == (0, 0)
+    with _conv_settings(tile=2):
+        assert _cy_conv._winograd_tiles((2, 13, 13, 32), (3, 3, 32, 64)) == (2, 2)
+    before = _cy_conv._set_tuning()
+    with pytest.raises(ValueError, match="winograd_tile"):
+        _cy_conv._set_tuning(winograd_tile=3)
+    assert _cy_conv._set_tuning() == before
+
+
 @pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("scale", ["uniform", "signed", "wide"])
 def test_winograd_rounding(scale, tile):
