@@ -10,6 +10,12 @@ cimported from SciPy, so importing this module does not import
 ``scipy.linalg`` (0.14 s); called before ``_set_blas``, a kernel loads
 SciPy's BLAS itself.
 
+One product is not BLAS's: ``x @ w`` in ``dense_forward`` where ``w`` has at
+most a vector of columns (16 float32, 8 float64) and ``x`` at least
+``SKINNY_MIN_K`` (the classifier after a Flatten: seed 003's 32x21632 @
+21632x10, where OpenBLAS packs all of ``x`` and reaches about 20 GFLOP/s)
+runs our register-blocked loop (``fnn_skinny``), reading ``x`` once.
+
 Row-major arrays seen by column-major BLAS are transposed, so row-major
 ``C = A @ B`` is ``gemm('N', 'N', n, m, k, 1, B, n, A, k, 0, C, n)``;
 ``x.T @ dz`` and ``dy @ w.T`` put a ``'T'`` on the right operand; nothing is
@@ -93,6 +99,103 @@ cdef extern from *:
                           unsigned int* timeout) noexcept nogil
     void fnn_region_leave(fnn_set_threads_t s, unsigned int* timeout) noexcept nogil
 
+
+cdef extern from *:
+    """
+    #include <string.h>
+    /* x @ w for a narrow w (n <= FNN_SK_LANES output columns: the classifier
+       after a Flatten, 32x21632 @ 21632x10, where OpenBLAS packs all of x and
+       runs at ~20 GFLOP/s): 8 rows of x at a time, one vector of
+       accumulators a row (GCC vector extensions, 64 bytes: 16 float lanes or
+       8 double), w's row k read as one vector (its lanes past n hold the next
+       row's values and are never stored; the last rows, where that would read
+       past w, through a zero-padded copy). Each lane a multiply then an add in
+       k order: the same bits on every instruction set and thread count. */
+    /* each row's sum in blocks of FNN_SK_BLOCK terms, the blocks added in order
+       (a running sum over 21,632 terms rounded 4.5e-6 of the largest output in
+       float32, 12x OpenBLAS's blocked sum) */
+    #define FNN_SK_BLOCK 256
+    #if defined(__GNUC__)
+    typedef float fnn_skf __attribute__((vector_size(64)));
+    typedef double fnn_skd __attribute__((vector_size(64)));
+    #define FNN_SK_HAVE 1
+    #define FNN_SKINNY(T, V, SUF)                                                       \
+    static inline V fnn_sk_row_##SUF(const T* w, Py_ssize_t kk, Py_ssize_t n, Py_ssize_t safe) { \
+        V v;                                                                           \
+        if (kk < safe) { memcpy(&v, w + kk * n, sizeof(V)); return v; }               \
+        T pad[sizeof(V) / sizeof(T)] = {0};                                            \
+        memcpy(pad, w + kk * n, (size_t)n * sizeof(T));                                \
+        memcpy(&v, pad, sizeof(V));                                                    \
+        return v;                                                                      \
+    }                                                                                  \
+    /* z[r*n + l] = sum_kk x[r*K + kk] * w[kk*n + l], rows [r0, r1), l < n */          \
+    static void fnn_skinny_##SUF(const T* x, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t K, \
+                                 const T* w, Py_ssize_t n, T* z) {                     \
+        const Py_ssize_t L = sizeof(V) / sizeof(T);                                    \
+        /* rows of w that can be read as a whole vector inside w */                   \
+        Py_ssize_t safe = K - (L - n + n - 1) / n;                                     \
+        if (safe < 0) safe = 0;                                                        \
+        for (Py_ssize_t r = r0; r < r1; r += 8) {                                      \
+            const T* x0 = x + r * K;                                                   \
+            T out[8][sizeof(V) / sizeof(T)];                                           \
+            int R = (int)(r1 - r < 8 ? r1 - r : 8);                                    \
+            if (R == 8) {                                                              \
+                V s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, s4 = {0}, s5 = {0}, s6 = {0}, s7 = {0}; \
+                for (Py_ssize_t k0 = 0; k0 < K; k0 += FNN_SK_BLOCK) {                  \
+                    Py_ssize_t k1 = K - k0 < FNN_SK_BLOCK ? K : k0 + FNN_SK_BLOCK;      \
+                    V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0}; \
+                    for (Py_ssize_t kk = k0; kk < k1; kk++) {                          \
+                        V wv = fnn_sk_row_##SUF(w, kk, n, safe);                       \
+                        a0 = a0 + x0[kk] * wv; a1 = a1 + x0[K + kk] * wv;              \
+                        a2 = a2 + x0[2 * K + kk] * wv; a3 = a3 + x0[3 * K + kk] * wv;  \
+                        a4 = a4 + x0[4 * K + kk] * wv; a5 = a5 + x0[5 * K + kk] * wv;  \
+                        a6 = a6 + x0[6 * K + kk] * wv; a7 = a7 + x0[7 * K + kk] * wv;  \
+                    }                                                                  \
+                    s0 = s0 + a0; s1 = s1 + a1; s2 = s2 + a2; s3 = s3 + a3;            \
+                    s4 = s4 + a4; s5 = s5 + a5; s6 = s6 + a6; s7 = s7 + a7;            \
+                }                                                                      \
+                memcpy(out[0], &s0, sizeof(V)); memcpy(out[1], &s1, sizeof(V));        \
+                memcpy(out[2], &s2, sizeof(V)); memcpy(out[3], &s3, sizeof(V));        \
+                memcpy(out[4], &s4, sizeof(V)); memcpy(out[5], &s5, sizeof(V));        \
+                memcpy(out[6], &s6, sizeof(V)); memcpy(out[7], &s7, sizeof(V));        \
+            } else {                                                                   \
+                for (int i = 0; i < R; i++) {                                          \
+                    V s = {0};                                                         \
+                    for (Py_ssize_t k0 = 0; k0 < K; k0 += FNN_SK_BLOCK) {              \
+                        Py_ssize_t k1 = K - k0 < FNN_SK_BLOCK ? K : k0 + FNN_SK_BLOCK;  \
+                        V a = {0};                                                     \
+                        for (Py_ssize_t kk = k0; kk < k1; kk++)                        \
+                            a = a + x0[i * K + kk] * fnn_sk_row_##SUF(w, kk, n, safe); \
+                        s = s + a;                                                     \
+                    }                                                                  \
+                    memcpy(out[i], &s, sizeof(V));                                     \
+                }                                                                      \
+            }                                                                          \
+            for (int i = 0; i < R; i++)                                                \
+                for (Py_ssize_t l = 0; l < n; l++) z[(r + i) * n + l] = out[i][l];     \
+        }                                                                              \
+    }
+    FNN_SKINNY(float, fnn_skf, f)
+    FNN_SKINNY(double, fnn_skd, d)
+    #define FNN_SK_LANES_F 16
+    #define FNN_SK_LANES_D 8
+    #else
+    #define FNN_SK_HAVE 0
+    #define FNN_SK_LANES_F 0
+    #define FNN_SK_LANES_D 0
+    static void fnn_skinny_f(const float* x, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t K,
+                             const float* w, Py_ssize_t n, float* z) {}
+    static void fnn_skinny_d(const double* x, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t K,
+                             const double* w, Py_ssize_t n, double* z) {}
+    #endif
+    """
+    int FNN_SK_LANES_F
+    int FNN_SK_LANES_D
+    void fnn_skinny_f(const float* x, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t K, const float* w,
+                      Py_ssize_t n, float* z) noexcept nogil
+    void fnn_skinny_d(const double* x, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t K,
+                      const double* w, Py_ssize_t n, double* z) noexcept nogil
+
 #: True when this extension was compiled with OpenMP.
 OPENMP = bool(FASTNN_OPENMP)
 
@@ -101,6 +204,15 @@ OPENMP = bool(FASTNN_OPENMP)
 cdef Py_ssize_t PAR_MIN_CHEAP = 1 << 20
 cdef Py_ssize_t PAR_MIN_TRANS = 1 << 19
 cdef int _num_threads = 1
+# x @ w by our own loop (fnn_skinny) where w has at most a vector of columns
+# (16 float32, 8 float64) and x at least SKINNY_MIN_K of them: SKINNY_MIN_K
+# and SKINNY_PAR_MIN (multiply-adds from which its row groups go to the
+# threads). Measured (m x K @ K x 10, float32, 2 threads, us, BLAS / ours on
+# 1 thread / on 2): m 32: K 4096 65 / 42 / 44, K 8192 128 / 83 / 65, K 21632
+# 350 / 216 / 137; m 128: K 1024 46 / 43 / 47, K 21632 1061 / 894 / 541 (below
+# about 2 M multiply-adds the second thread costs its wake-up).
+cdef Py_ssize_t SKINNY_MIN_K = 4096
+cdef double SKINNY_PAR_MIN = 1 << 21
 
 
 def set_num_threads(int n):
@@ -108,6 +220,19 @@ def set_num_threads(int n):
     are set through threadpoolctl by ``fastnn.set_num_threads``)."""
     global _num_threads
     _num_threads = max(1, n)
+
+
+def _set_skinny(min_k=None, par_min=None):
+    """Set the narrowest ``x`` (columns) that takes the narrow-``w`` loop (a huge
+    number turns it off) and its parallel threshold in multiply-adds (tests,
+    measurements); returns the old pair."""
+    global SKINNY_MIN_K, SKINNY_PAR_MIN
+    old = (SKINNY_MIN_K, SKINNY_PAR_MIN)
+    if min_k is not None:
+        SKINNY_MIN_K = min_k
+    if par_min is not None:
+        SKINNY_PAR_MIN = par_min
+    return old
 
 
 def _set_parallel_min(Py_ssize_t cheap, Py_ssize_t trans):
@@ -227,6 +352,29 @@ cdef void _dense_forward(int act,
                          x.shape[0], x.shape[1], w.shape[1])
 
 
+cdef void _skinny(const floating* x, const floating* w, floating* z, int m, int k,
+                  int n) noexcept nogil:
+    """``z = x @ w`` (``fnn_skinny``): groups of 8 rows, to the threads above
+    ``SKINNY_PAR_MIN`` multiply-adds."""
+    cdef Py_ssize_t groups = (m + 7) // 8, t
+    cdef int T = 1
+    if _num_threads > 1 and <double>m * k * n >= SKINNY_PAR_MIN and groups > 1:
+        T = <int>min(<Py_ssize_t>_num_threads, groups)
+    if T == 1:
+        if floating is float:
+            fnn_skinny_f(x, 0, m, k, w, n, z)
+        else:
+            fnn_skinny_d(x, 0, m, k, w, n, z)
+        return
+    _region_enter()
+    for t in prange(groups, schedule="dynamic", num_threads=T):
+        if floating is float:
+            fnn_skinny_f(x, 8 * t, min(<Py_ssize_t>m, 8 * t + 8), k, w, n, z)
+        else:
+            fnn_skinny_d(x, 8 * t, min(<Py_ssize_t>m, 8 * t + 8), k, w, n, z)
+    _region_leave()
+
+
 cdef void _dense_forward_p(int act, const floating* x, const floating* w, const floating* bp,
                            floating* o, floating* z, int m, int k, int n) noexcept nogil:
     """``o = act(x @ w + b)`` for ``x`` (m, k), ``w`` (k, n); ``z`` keeps
@@ -234,7 +382,13 @@ cdef void _dense_forward_p(int act, const floating* x, const floating* w, const 
     cdef Py_ssize_t c, nc, step
     if z == NULL:
         z = o
-    gemm(c'N', c'N', n, m, k, w, n, x, k, z, n)
+    cdef int lanes = FNN_SK_LANES_D
+    if floating is float:
+        lanes = FNN_SK_LANES_F
+    if k >= SKINNY_MIN_K and n <= lanes:
+        _skinny(x, w, z, m, k, n)
+    else:
+        gemm(c'N', c'N', n, m, k, w, n, x, k, z, n)
     nc = _act_chunks(act, <Py_ssize_t>m * n)
     if nc == 1:
         bias_act_rows(act, z, bp, o, 0, m, n)

@@ -112,6 +112,11 @@ def _battery(k, dtype, seed=0):
     r = {}
     x, w, b = a(B, I), a(I, O, scale=0.3), a(O)
     z, dy = a(B, O, scale=3, special=True), a(B, O)
+    # x @ w by the cython backend's own loop for a narrow w (4,100 columns of x)
+    xn, wn, bn = a(9, 4100), a(4100, 10, scale=0.03), a(10)
+    out = np.empty((9, 10), dtype)
+    k.dense_forward(xn, wn, bn, "relu", out)
+    r["dense_forward.narrow"] = out
     with np.errstate(all="ignore"):
         for act in ref.ACTIVATIONS:
             out, pre = np.empty((B, O), dtype), np.empty((B, O), dtype)

@@ -371,6 +371,54 @@ def _check_dense_kernels(batch, n_in, n_out, dtype, act):
     assert_close(db, edb, dtype, reduction=batch)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_forward_narrow_w(dtype):
+    """x @ w by our own loop where w has at most a vector of columns (16
+    float32, 8 float64) and x many (the classifier after a Flatten): against
+    the reference for every width up to the vector and one above (BLAS),
+    batches that are not a multiple of its 8-row groups, every activation and
+    a NaN in x; the same bits on 1, 2 and 3 threads and with the loop's
+    threshold at its default (21,632 columns: seed 003's Dense layer)."""
+    lanes = 16 if np.dtype(dtype) == np.float32 else 8
+    rng = np.random.default_rng(21)
+    saved_min, saved_threads = _cy_dense._set_skinny(), cy.get_num_threads()
+    try:
+        for k, widths, batches in ((1100, (1, 3, lanes - 1, lanes, lanes + 1), (1, 7, 8, 9, 33)),
+                                   (21632, (10,), (32,))):
+            for n in widths:
+                for m in batches:
+                    x = rng.standard_normal((m, k)).astype(dtype)
+                    w = (rng.standard_normal((k, n)) * 0.03).astype(dtype)
+                    b = rng.standard_normal(n).astype(dtype)
+                    if m == 9:
+                        x[4, 17] = np.nan
+                    for act in (("identity", "relu", "gelu") if m == 9 else ("relu",)):
+                        expected, ez = np.empty((m, n), dtype), np.empty((m, n), dtype)
+                        ref.dense_forward(x, w, b, act, expected, ez)
+                        runs = []
+                        for threads, min_k in ((1, 1), (2, 1), (3, 1), (2, None)):
+                            _cy_dense._set_skinny(min_k if min_k else saved_min[0], 1)
+                            _cy_dense.set_num_threads(threads)
+                            out, z = np.empty((m, n), dtype), np.empty((m, n), dtype)
+                            cy.dense_forward(x, w, b, act, out, z)
+                            runs.append((out, z))
+                        for out, z in runs:
+                            assert_close(z, ez, dtype, reduction=k, err_msg=f"{m}x{k}x{n}")
+                            assert_close(out, expected, dtype, reduction=k,
+                                         err_msg=f"{m}x{k}x{n} {act}")
+                            if m == 9:
+                                assert np.isnan(z[4]).all() and not np.isnan(z[3]).any()
+                        if n <= lanes and (k >= saved_min[0]):
+                            for out, z in runs[1:]:
+                                np.testing.assert_array_equal(z, runs[0][1])
+                        elif n <= lanes:
+                            for out, z in runs[1:3]:
+                                np.testing.assert_array_equal(z, runs[0][1])
+    finally:
+        _cy_dense._set_skinny(*saved_min)
+        _cy_dense.set_num_threads(saved_threads)
+
+
 def _readonly(a):
     a = a.copy()
     a.flags.writeable = False
