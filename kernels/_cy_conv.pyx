@@ -664,14 +664,15 @@ cdef extern from *:
             FNN_IVDEP for (Py_ssize_t c = 0; c < O; c++) db[c] += (double)gk[c];       \
         }                                                                              \
     }                                                                                  \
-    /* U[xi][c][o] = (G g G^T)[xi] for g[i][j] = w[i][j][c][o] (w[2-i][2-j] with flip) */ \
-    static void fnn_wino4_kernel_##SUF(const T* w, Py_ssize_t C, Py_ssize_t O, int flip, \
+    /* U[xi][c][o] = (G g G^T)[xi] for g[i][j] = w[i][j][c][o] (never flipped: the     \
+       F(4x4) delta below is the forward pass's adjoint) */                          \
+    static void fnn_wino4_kernel_##SUF(const T* w, Py_ssize_t C, Py_ssize_t O,          \
                                        T* FNN_RESTRICT u) {                            \
         const Py_ssize_t CO = C * O;                                                   \
         const T q4 = (T)0.25, q6 = (T)(1.0 / 6), q12 = (T)(1.0 / 12), q24 = (T)(1.0 / 24); \
         for (Py_ssize_t c = 0; c < C; c++) {                                           \
             const T* g[9];                                                             \
-            for (int t = 0; t < 9; t++) g[t] = w + (flip ? 8 - t : t) * CO + c * O;    \
+            for (int t = 0; t < 9; t++) g[t] = w + t * CO + c * O;                     \
             T* v = u + c * O;                                                          \
             FNN_IVDEP for (Py_ssize_t o = 0; o < O; o++) {                             \
                 T t[6][3];                                                             \
@@ -756,9 +757,9 @@ cdef extern from *:
                         float* tmp) noexcept nogil
     void fnn_wino4_dz_d(const double** g, Py_ssize_t O, double* d, Py_ssize_t plane,
                         double* db, double* tmp) noexcept nogil
-    void fnn_wino4_kernel_f(const float* w, Py_ssize_t C, Py_ssize_t O, int flip,
+    void fnn_wino4_kernel_f(const float* w, Py_ssize_t C, Py_ssize_t O,
                             float* u) noexcept nogil
-    void fnn_wino4_kernel_d(const double* w, Py_ssize_t C, Py_ssize_t O, int flip,
+    void fnn_wino4_kernel_d(const double* w, Py_ssize_t C, Py_ssize_t O,
                             double* u) noexcept nogil
     void fnn_wino4_dw_out_f(const float* s, Py_ssize_t n, float* dw) noexcept nogil
     void fnn_wino4_in_adj_f(const float* v, Py_ssize_t plane, Py_ssize_t C, float** p,
@@ -1810,21 +1811,22 @@ cdef void _wino_dw_tiles(const wgeom* g, const floating* x, const floating* dz,
 cdef void _wino_kernel(const wgeom* g, const floating* w, Py_ssize_t C, Py_ssize_t O, bint flip,
                        floating* U, floating* tmp) noexcept nogil:
     """``U[xi] = (G g G^T)[xi]`` for every channel pair: ``U`` is ``(np, C, O)``
-    with ``g = w[:, :, c, o]``, or with ``flip`` ``(np, O, C)`` with ``g =
-    w[::-1, ::-1, c, o]`` (the transposed convolution's kernel, through ``tmp``)."""
+    with ``g = w[:, :, c, o]``, or with ``flip`` (F(2x2) only: its delta below)
+    ``(np, O, C)`` with ``g = w[::-1, ::-1, c, o]`` (the transposed
+    convolution's kernel, through ``tmp``)."""
     cdef floating* dst = tmp if flip else U
     if floating is float:
         if g.r == 4:
-            fnn_wino4_kernel_f(w, C, O, flip, dst)
-        else:
-            fnn_wino_kernel_f(w, C, O, flip, dst)
+            fnn_wino4_kernel_f(w, C, O, U)
+            return
+        fnn_wino_kernel_f(w, C, O, flip, dst)
         if flip:
             fnn_transpose_planes_f(tmp, g.np, C, O, U)
     else:
         if g.r == 4:
-            fnn_wino4_kernel_d(w, C, O, flip, dst)
-        else:
-            fnn_wino_kernel_d(w, C, O, flip, dst)
+            fnn_wino4_kernel_d(w, C, O, U)
+            return
+        fnn_wino_kernel_d(w, C, O, flip, dst)
         if flip:
             fnn_transpose_planes_d(tmp, g.np, C, O, U)
 
