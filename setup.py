@@ -162,7 +162,7 @@ class BuildExt(build_ext):
 #: name lets ``fastnn.ops`` import it whatever variant the kernels load.
 BASELINE_ONLY = ("_cy_gate",)
 #: Modules that read NumPy's array struct, compiled against NumPy's headers.
-NUMPY_HEADERS = ("_cy_gate", "_cy_data")
+NUMPY_HEADERS = ("_cy_gate", "_cy_data", "_cy_loss")
 
 
 def _stem(pyx):

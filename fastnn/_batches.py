@@ -252,10 +252,10 @@ class Stager:
         base = x.ctypes.data - start + offset - offset % mmap.ALLOCATIONGRANULARITY
         return cls(x, os.fspath(path), base)
 
-    def epoch(self, order, spans):
+    def epoch(self, order, spans, batch=None):
         self.close()
         spans = list(spans)
-        st = self._plan(order, spans)
+        st = self._plan(order, spans, batch)
         if st is None:
             return
         # room for a window read from and to DIRECT_ALIGN boundaries, aligned
@@ -267,12 +267,15 @@ class Stager:
         threading.Thread(target=self._run, args=(st, self.slots), daemon=True,
                          name="fastnn-stage").start()
 
-    def _plan(self, order, spans):
-        """The windows to read and which of them each span needs, or None."""
+    def _plan(self, order, spans, batch=None):
+        """The windows to read and which of them each span needs, or None.
+        ``batch``: the batch ``order`` was drawn for (its blocks are
+        ``SHUFFLE_BLOCK_BATCHES`` batches), by default the first span's size;
+        a rank of a distributed ``fit`` takes a part of each batch."""
         n = self.x.shape[0]
         if not spans or spans[-1][1] > n:
             return None
-        batch = max(1, spans[0][1] - spans[0][0])
+        batch = max(1, spans[0][1] - spans[0][0] if batch is None else batch)
         if order is None:
             window = batch * max(SHUFFLE_BLOCK_BATCHES, STAGE_BYTES // (batch * self.stride))
             pos = np.arange(0, spans[-1][1], window)
@@ -444,6 +447,13 @@ class Source:
         self.stager = Stager.of(x) if host else None
         #: check every batch for NaN and inf before it is used (``check_rows``)
         self.check = False
+        # the backend's one-call batch (x rows and targets; cython) where
+        # nothing else is to be done per batch: data in memory, on the host,
+        # and the backend's own gather_rows (not one set on it: a spy, a patch)
+        fast = getattr(be.module, "gather_batch", None)
+        self.gather_batch = (fast if host and self.stager is None and self.pages.mmap is None
+                             and be.gather_rows is getattr(be.module, "gather_rows", None)
+                             else None)
 
     def in_order(self, start, stop):
         """Indices ``start:stop`` (a view of one cached ``arange``)."""
@@ -451,13 +461,15 @@ class Source:
             self._ramp = np.arange(self.n, dtype=np.intp)
         return self._ramp[start:stop]
 
-    def epoch(self, order, batch):
+    def epoch(self, order, batch, spans=None):
         """Batches of ``batch`` rows, ``order[lo:hi]`` (rows ``lo:hi`` when
-        ``order`` is None) for ``lo`` = 0, batch, ..., come next: a memmap's
+        ``order`` is None) for ``lo`` = 0, batch, ..., come next, or the
+        ``(lo, hi)`` of ``spans`` (a rank's parts of those batches): a memmap's
         file is read ahead."""
         if self.stager is not None:
-            self.stager.epoch(order, [(s, min(s + batch, self.n))
-                                      for s in range(0, self.n, batch)])
+            if spans is None:
+                spans = [(s, min(s + batch, self.n)) for s in range(0, self.n, batch)]
+            self.stager.epoch(order, spans, batch)
 
     def close(self):
         """Stop reading ahead (the thread also ends by itself when idle)."""
@@ -467,6 +479,10 @@ class Source:
     def batch(self, plan, order, start, stop):
         """``(xb, yb)`` for rows ``order[start:stop]`` (or ``start:stop`` when
         ``order`` is None), in ``plan``'s buffers unless a slice will do."""
+        if self.gather_batch is not None and order is not None and not self.check:
+            xb, yb, _ = plan.inputs()
+            self.gather_batch(self.x, order, start, stop, xb, self.y, yb)
+            return xb, yb
         pieces = None if self.stager is None else self.stager.take(start, stop)
         if pieces is None:
             self.pages.read((stop - start) * (self.row_bytes if order is None else

@@ -38,36 +38,13 @@ from libc.stdlib cimport calloc, free
 
 from _cy_call cimport FASTNN_CALL_CAPSULE, FASTNN_MAXD, FASTNN_MAXP, fastnn_call, fastnn_entry
 from _cy_math cimport act_code
-
-cdef extern from *:
-    """
-    #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
-    """
-
-cdef extern from "numpy/arrayobject.h":
-    ctypedef Py_ssize_t npy_intp
-    ctypedef struct PyArray_Descr:
-        char kind
-        int type_num
-    ctypedef struct PyArrayObject:
-        pass
-    bint PyArray_Check(PyObject* o)
-    int PyArray_NDIM(PyArrayObject* a)
-    npy_intp* PyArray_DIMS(PyArrayObject* a)
-    char* PyArray_BYTES(PyArrayObject* a)
-    int PyArray_FLAGS(PyArrayObject* a)
-    int PyArray_TYPE(PyArrayObject* a)
-    npy_intp PyArray_ITEMSIZE(PyArrayObject* a)
-    npy_intp PyArray_SIZE(PyArrayObject* a)
-    PyArray_Descr* PyArray_DESCR(PyArrayObject* a)
-    bint PyArray_ISNOTSWAPPED(PyArrayObject* a)
-    bint PyTypeNum_ISINTEGER(int t)
-    bint PyTypeNum_ISBOOL(int t)
-    bint PyTypeNum_ISFLOAT(int t)
-    npy_intp* PyArray_STRIDES(PyArrayObject* a)
-    int NPY_ARRAY_C_CONTIGUOUS, NPY_ARRAY_ALIGNED, NPY_ARRAY_WRITEABLE
-    int NPY_FLOAT, NPY_DOUBLE
-    int _import_array() except -1
+from _cy_numpy cimport (
+    NPY_ARRAY_ALIGNED, NPY_ARRAY_C_CONTIGUOUS, NPY_ARRAY_WRITEABLE, NPY_DOUBLE, NPY_FLOAT,
+    PyArrayObject, PyArray_BYTES, PyArray_Check, PyArray_DESCR, PyArray_DIMS,
+    PyArray_Descr, PyArray_FLAGS, PyArray_ISNOTSWAPPED, PyArray_ITEMSIZE, PyArray_NDIM,
+    PyArray_SIZE, PyArray_STRIDES, PyArray_TYPE, PyTypeNum_ISBOOL, PyTypeNum_ISFLOAT,
+    PyTypeNum_ISINTEGER, _import_array, npy_intp,
+)
 
 cdef extern from "Python.h":
     PyObject* PyTuple_GET_ITEM(PyObject* t, Py_ssize_t i)

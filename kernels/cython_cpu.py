@@ -8,13 +8,14 @@ activations:
 * ``_cy_dense``: ``dense_forward``, ``backprop_delta``, ``dense_backward``
   (GEMM by BLAS plus fused epilogues; which BLAS: below);
 * ``_cy_loss``: ``softmax_cross_entropy``, ``sigmoid_binary_cross_entropy``,
-  ``mse``, ``softmax``;
+  ``mse``, ``softmax`` (and ``count_correct``, the backend's accuracy hook);
 * ``_cy_optim``: ``sgd_step``, ``adam_step``, ``rmsprop_step``;
 * ``_cy_conv``: ``conv2d_forward``, ``conv2d_backward``, ``conv2d_backprop``,
   ``maxpool2d_forward``, ``maxpool2d_backward``, ``dropout_forward``,
   ``dropout_backward`` (chunked im2col GEMMs on the same BLAS, read through
   ``_cy_dense``'s table; a workspace per calling thread);
-* ``_cy_data``: ``gather_rows`` (row copies and dtype conversion, for ``fit``).
+* ``_cy_data``: ``gather_rows`` (row copies and dtype conversion, for ``fit``;
+  ``gather_batch``, not in the contract, is ``fit``'s batch and targets in one call).
 
 The shared inline math (vectorizable exp/tanh/sigmoid, the activations over
 raw-pointer ranges) lives in ``_cy_math.pxd``. Importing this module fails (and
@@ -178,6 +179,10 @@ maxpool2d_backward = _cy_conv.maxpool2d_backward
 dropout_forward = _cy_conv.dropout_forward
 dropout_backward = _cy_conv.dropout_backward
 gather_rows = _cy_data.gather_rows
+#: ``fit``'s batch in one call (``fastnn._batches.Source``; not a contract kernel)
+gather_batch = _cy_data.gather_batch
+#: the ``count_correct`` hook (``fastnn._backend``): compiled for the usual case
+count_correct = _cy_loss.count_correct
 
 __all__ = [
     "dense_forward", "activation_forward", "activation_backward", "backprop_delta",

@@ -196,3 +196,82 @@ def test_memmap_pages_are_handed_back(tmp_path, monkeypatch, mode, released):
         assert grown < 16384, grown
     else:
         assert grown > 50000, grown    # the whole file was read and stays mapped
+
+
+def _argmax_first(row):
+    """NumPy's argmax, written out: the first NaN, else the first largest."""
+    for j, v in enumerate(row):
+        if v != v:
+            return j
+    best = 0
+    for j, v in enumerate(row):
+        if v > row[best]:
+            best = j
+    return best
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_count_correct_equals_the_host_reference(backend, dtype):
+    """Each backend's ``count_correct`` hook (the cython one is compiled)
+    against the host reference, and the reference against an argmax written
+    out: ties (the first wins), -0.0 against 0.0, infinities, NaN (the first
+    NaN wins, as NumPy's argmax), one output (a positive logit), labels of
+    another integer width, logits that are not contiguous, no rows."""
+    rng = np.random.default_rng(8)
+    z = rng.standard_normal((41, 5)).astype(dtype)
+    z[0] = [1, 3, 3, 0, 2]
+    z[1] = [-0.0, 0.0, -1, -2, -3]
+    z[2] = [np.inf, 1, np.inf, 0, 0]
+    z[3] = [1, np.nan, 5, np.nan, 0]
+    z[4] = [np.nan, 9, 1, 1, 1]
+    z[5] = [-np.inf] * 5
+    z[6] = [0, 0, 0, 0, np.nan]
+    labels = rng.integers(0, 5, 41)
+    labels[:7] = [1, 0, 0, 1, 0, 0, 4]
+    wanted = sum(_argmax_first(row) == lab for row, lab in zip(z.tolist(), labels))
+    assert _backend._count_correct(z, labels) == wanted
+    be = _backend.load(backend)
+    cases = [(z, labels), (z, labels.astype(np.int32)), (z[::2], labels[::2]),
+             (np.asfortranarray(z), labels), (z[:, 1:], labels % 4), (z[:0], labels[:0]),
+             (z[:, :1], (labels > 2).astype(dtype).reshape(-1, 1))]
+    for logits, lab in cases:
+        got = be.count_correct(logits, lab)
+        assert type(got) is int
+        assert got == _backend._count_correct(logits, lab), (logits.shape, lab.dtype)
+
+
+def test_cython_fit_batches_in_one_call_as_the_generic_path_does(monkeypatch):
+    """The cython backend's batch in one call (x rows and targets) gives the
+    generic path's model bit for bit, sees every row once an epoch in the
+    permutation the seed fixes, and a gather_rows set on the backend (a spy)
+    turns it off."""
+    pytest.importorskip("fastnn.kernels.cython_cpu")
+    from fastnn.kernels import cython_cpu
+
+    be = _backend.load("cython")
+    x, y = _data(n=103)
+    seen = []
+    original = cython_cpu.gather_batch
+
+    def spy(xs, order, start, stop, xb, ys, yb):
+        seen.append(np.array(order[start:stop]))
+        return original(xs, order, start, stop, xb, ys, yb)
+    monkeypatch.setattr(cython_cpu, "gather_batch", spy)
+    with fn.use_backend("cython"):
+        fast = _model(dtype="float32")
+        fast.fit(x, y, epochs=3, batch_size=10, seed=4, verbose=0)
+    assert [len(b) for b in seen] == ([10] * 10 + [3]) * 3
+    for e in range(3):
+        np.testing.assert_array_equal(np.sort(np.concatenate(seen[e * 11:(e + 1) * 11])),
+                                      np.arange(103))
+    fast_rows = np.concatenate(seen)
+    generic = _spy_gather(monkeypatch, "cython")
+    del seen[:]
+    with fn.use_backend("cython"):
+        slow = _model(dtype="float32")
+        slow.fit(x, y, epochs=3, batch_size=10, seed=4, verbose=0)
+    assert not seen and len(generic) >= 33
+    np.testing.assert_array_equal(np.concatenate(generic[-33:]), fast_rows)
+    np.testing.assert_array_equal(fast.params, slow.params)
+    assert be.count_correct is cython_cpu.count_correct

@@ -221,3 +221,81 @@ def test_row_numbers_past_2_31(backend, tmp_path):
         fastnn.ops.gather_rows(ro, small, out32)
         np.testing.assert_array_equal(out32, [7, 9, 11, 13])
     del mm, ro
+
+
+# ------------------------------------------------------------------ cython: fit's one-call batch
+
+def _cython_data():
+    pytest.importorskip("fastnn.kernels.cython_cpu")
+    from fastnn.kernels import cython_cpu
+    return cython_cpu._cy_data
+
+
+@pytest.mark.parametrize("span", [0, 64, 8192, 1 << 20])
+def test_prefetch_distance_changes_no_bit(span):
+    """The prefetch ahead (none, one line, the default, more than the data)
+    moves no value: rows of 13 bytes to 24 KB, float32 from every kind of
+    source, serial and in chunks."""
+    mod = _cython_data()
+    rng = np.random.default_rng(5)
+    old = mod._set_prefetch(span)
+    try:
+        for row, src_dtype in ((13, np.uint8), (784, np.float32), (784, np.uint8),
+                               (6000, np.float64), (97, np.bool_), (3, np.int64)):
+            src = _source(rng, (50, row), src_dtype)
+            index = rng.integers(0, 50, 37)
+            want = np.empty((37, row), np.float32)
+            with np.errstate(all="ignore"):
+                ref.gather_rows(src, index, want)
+                got = np.empty_like(want)
+                mod.gather_rows(src, index, got)
+                np.testing.assert_array_equal(_bits(got), _bits(want))
+                with _parallel("cython"):
+                    got[...] = 0
+                    mod.gather_rows(src, index, got)
+            np.testing.assert_array_equal(_bits(got), _bits(want))
+    finally:
+        mod._set_prefetch(old)
+
+
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES)
+def test_gather_batch_is_gather_rows_and_take(out_dtype):
+    """``gather_batch(x, order, start, stop, xb, y, yb)``: ``xb`` as
+    ``gather_rows(x, order[start:stop], xb)`` and ``yb`` as ``y[order[start:stop]]``,
+    bit for bit, for the targets it copies itself (int64 or int32 labels, float
+    targets, one or more columns) and those it leaves to ``np.take`` (rows that
+    are not contiguous); nothing it reads is written."""
+    mod = _cython_data()
+    rng = np.random.default_rng(6)
+    n = 61
+    xs = [_source(rng, (n, 5), np.float32), _source(rng, (n, 2, 3), np.uint8),
+          _source(rng, (n, 4), np.float16), _source(rng, (n, 9), np.float64)[:, ::3]]
+    wide = rng.standard_normal((n, 6)).astype(out_dtype)
+    ys = [rng.integers(0, 10, n), rng.standard_normal((n, 1)).astype(out_dtype),
+          rng.standard_normal((n, 3)).astype(out_dtype), rng.integers(0, 10, n).astype(np.int32),
+          wide[:, ::2], None]
+    orders = [rng.permutation(n), rng.permutation(n).astype(np.int32),
+              np.array(rng.permutation(n), ">i8")]
+    for x in xs:
+        x_bytes = x.tobytes()
+        for y in ys:
+            for order in orders:
+                order_bytes = order.tobytes()
+                for start, stop in ((0, 16), (48, 61), (60, 61), (5, 5 + 33)):
+                    k = stop - start
+                    index = order[start:stop].astype(np.intp)
+                    want = np.empty((k,) + x.shape[1:], out_dtype)
+                    with np.errstate(all="ignore"):
+                        ref.gather_rows(x, index, want)
+                    xb = np.full_like(want, 7)
+                    yb = None
+                    if y is not None:
+                        ydt = y.dtype     # fit's targets are in the loss kernel's form
+                        yb = np.full((k,) + y.shape[1:], 3, ydt)
+                    with np.errstate(all="ignore"):
+                        mod.gather_batch(x, order, start, stop, xb, y, yb)
+                    np.testing.assert_array_equal(_bits(xb), _bits(want))
+                    if y is not None:
+                        np.testing.assert_array_equal(yb, y[index].astype(ydt))
+                    assert order.tobytes() == order_bytes
+        assert x.tobytes() == x_bytes
