@@ -386,6 +386,11 @@ class _Trainer:
             lo, hi = split(rows, c.rank, c.size)
             self.spans.append((start + lo, start + hi, rows))
         self.steps = {}   # (rows here, rows in all) -> (plan, step)
+        self.batch = batch
+
+    def stage(self, order):
+        """Start reading this rank's rows of the epoch ahead (a memmap's)."""
+        self.source.epoch(order, self.batch, [(lo, hi) for lo, hi, _ in self.spans if hi > lo])
 
     def _empty_step(self):
         """This rank has no rows of the batch: a zero gradient joins the sums,

@@ -921,7 +921,8 @@ class Sequential:
                 order = _batches.epoch_order(rng, n, shuffle, batch)
                 if trainer is None:
                     source.epoch(order, batch)
-                if trainer is not None:   # sums over the ranks
+                else:   # this rank's rows read ahead; the figures summed over the ranks
+                    trainer.stage(order)
                     total_loss, correct, step_time, seen = trainer.epoch(
                         order, bar, batch_cbs, classification)
                 for i, start in enumerate(starts):

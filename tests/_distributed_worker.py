@@ -6,7 +6,8 @@ Cases: ``equivalence`` (every model x optimizer x dtype, 20 steps, parameters,
 history and evaluate to OUT/equivalence.npz from rank 0), ``identical``
 (100 steps with dropout; every rank's parameter checksum), ``raise`` (rank 1
 fails at its 5th step), ``nan`` (rank 1's data holds a NaN), ``mismatch``
-(rank 1 has fewer rows), ``save_fail`` (rank 0's save fails as on a full disk).
+(rank 1 has fewer rows), ``save_fail`` (rank 0's save fails as on a full disk),
+``memmap`` (a memmap against the same rows in memory; batches served staged).
 """
 
 import hashlib
@@ -147,6 +148,36 @@ def main(case, out, reduce=None):
                             checksum(net.optimizer._states[0]["m"])), root=0)
         if rank == 0:
             with open(os.path.join(out, "identical.json"), "w") as f:
+                json.dump(sums, f)
+    elif case == "memmap":
+        from fastnn import _batches
+
+        served = [0]
+        take = _batches.Stager.take
+
+        def counting_take(self, lo, hi):
+            pieces = take(self, lo, hi)
+            served[0] += pieces is not None
+            return pieces
+        _batches.Stager.take = counting_take
+        x, y = data("mlp", n=40 * BATCH + 5)
+        x = x.astype(np.float32)
+        if rank == 0:
+            np.save(os.path.join(out, "x.npy"), x)
+        comm.Barrier()
+        xm = np.load(os.path.join(out, "x.npy"), mmap_mode="r")
+        result = {}
+        for shuffle in ("batch", False):
+            nets = []
+            for data_x in (xm, x):
+                net = build("mlp", "adam", "float32")
+                net.fit(data_x, y, epochs=2, batch_size=BATCH, shuffle=shuffle,
+                        seed=SHUFFLE_SEED, verbose=0)
+                nets.append(net)
+            result[str(shuffle)] = bool(np.array_equal(nets[0].params, nets[1].params))
+        sums = comm.gather((result, served[0]), root=0)
+        if rank == 0:
+            with open(os.path.join(out, "memmap.json"), "w") as f:
                 json.dump(sums, f)
     elif case == "raise":
         class FailOnRank1(fn.schedules.LearningRateSchedule):

@@ -234,6 +234,22 @@ def test_batch_callbacks_and_early_stopping_as_one_process(tmp_path):
         assert err <= 1e-12, key
 
 
+@needs_mpi
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_memmap_rows_are_read_ahead_on_every_rank(tmp_path, ranks):
+    """Each rank reads its parts of the batches of a memmap through the
+    read-ahead thread (``shuffle="batch"`` and in order), and trains as it
+    does on the same rows in memory, bit for bit."""
+    rc, stdout, stderr, _ = run_ranks(ranks, ["memmap", str(tmp_path)])
+    assert rc == 0, stderr
+    sums = json.loads((tmp_path / "memmap.json").read_text())
+    assert len(sums) == ranks
+    for result, served in sums:
+        assert result == {"batch": True, "False": True}
+        # two epochs of each of the two orders, 41 batches, every one of them
+        assert served >= 2 * 2 * 40, served
+
+
 def _assert_all_ended(rc, stdout, stderr, message, failing_rank):
     assert rc != 0
     assert message in stderr

@@ -177,20 +177,52 @@ def test_windows_cover_each_batch(tmp_path):
             if shuffle is True:
                 assert plan is None
                 continue
-            w = plan.window
-            assert len(plan.ids) == len(set(plan.ids)) == -(-n // w)
-            for i, (lo, hi) in enumerate(spans):
-                rows = np.arange(lo, hi) if order is None else order[lo:hi]
-                covered = 0
-                for s in range(plan.first[i], plan.last[i] + 1):
-                    p0, p1 = max(lo, plan.pos[s]), min(hi, plan.ends[s])
-                    part = rows[p0 - lo:p1 - lo]
-                    assert part.size and (part // w == plan.ids[s]).all()
-                    covered += part.size
-                assert covered == hi - lo
-                assert plan.last[i] - plan.first[i] < _batches.STAGE_SLOTS
-                straddled += plan.last[i] > plan.first[i]
+            assert len(plan.ids) == len(set(plan.ids)) == -(-n // plan.window)
+            _assert_windows_cover(plan, order, spans)
+            straddled += sum(a < b for a, b in zip(plan.first, plan.last))
     assert straddled > 0
+
+
+def _assert_windows_cover(plan, order, spans):
+    """Each span's rows lie in the windows the plan gives it, all of them, in
+    at most as many windows as there are buffers."""
+    w = plan.window
+    for i, (lo, hi) in enumerate(spans):
+        rows = np.arange(lo, hi) if order is None else order[lo:hi]
+        covered = 0
+        for s in range(plan.first[i], plan.last[i] + 1):
+            p0, p1 = max(lo, plan.pos[s]), min(hi, plan.ends[s])
+            part = rows[p0 - lo:p1 - lo]
+            assert part.size and (part // w == plan.ids[s]).all()
+            covered += part.size
+        assert covered == hi - lo
+        assert plan.last[i] - plan.first[i] < _batches.STAGE_SLOTS
+
+
+def test_windows_cover_a_ranks_parts_of_each_batch(tmp_path):
+    """A rank of a distributed fit takes its part of each batch (the spans of
+    ``fastnn.distributed.split``; none at all of a short last batch on 3
+    ranks): the windows are the global batch's blocks and cover each part."""
+    from fastnn.distributed import split
+
+    n, batch = 1000, 24
+    xm, _ = _files(tmp_path, n=n)
+    st = _batches.Stager.of(xm)
+    rng = np.random.default_rng(1)
+    for shuffle in ("batch", False):
+        order = _batches.epoch_order(rng, n, shuffle, batch)
+        for size in (2, 3):
+            for rank in range(size):
+                spans = []
+                for start in range(0, n, batch):
+                    lo, hi = split(min(batch, n - start), rank, size)
+                    if hi > lo:
+                        spans.append((start + lo, start + hi))
+                plan = st._plan(order, spans, batch)
+                assert plan is not None
+                if shuffle:
+                    assert plan.window == _batches.SHUFFLE_BLOCK_BATCHES * batch
+                _assert_windows_cover(plan, order, spans)
 
 
 # ------------------------------------------------------- checked as read
