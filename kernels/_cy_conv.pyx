@@ -1502,6 +1502,21 @@ cdef Py_ssize_t _backward_workspace(const geom* g, Py_ssize_t itemsize) noexcept
 
 # ------------------------------------------------------------------ backprop
 
+cdef inline Py_ssize_t _derive_images(int act, floating* dx, const floating* zb,
+                                      const floating* yb, Py_ssize_t hwc, Py_ssize_t nd,
+                                      Py_ssize_t done) noexcept nogil:
+    """The activation's derivative over images ``[nd, done)`` of ``dx`` (those
+    whose last row or tile is in); returns ``done``."""
+    cdef const floating* zp
+    cdef const floating* yp
+    while nd < done:
+        zp = zb + nd * hwc if zb != NULL else NULL
+        yp = yb + nd * hwc if yb != NULL else NULL
+        act_backward_range(act, dx + nd * hwc, zp, yp, dx + nd * hwc, 0, hwc)
+        nd += 1
+    return nd
+
+
 cdef void _backprop_images(int act, const geom* g, const floating* dz, const floating* w,
                            const floating* zb, const floating* yb, floating* dx, floating* dcol,
                            Py_ssize_t chunk, Py_ssize_t n0, Py_ssize_t n1) noexcept nogil:
@@ -1509,7 +1524,7 @@ cdef void _backprop_images(int act, const geom* g, const floating* dz, const flo
     w.T`` (BLAS), col2im into the zeroed images, then the derivative of the
     activation below over each image whose last row is in."""
     cdef Py_ssize_t pq = g.p * g.q, hwc = g.h * g.w * g.c, K = g.k, O = g.o
-    cdef Py_ssize_t r0 = n0 * pq, r1 = n1 * pq, e, n, nz = n0, nd = n0
+    cdef Py_ssize_t r0 = n0 * pq, r1 = n1 * pq, e, nz = n0, nd = n0
     cdef const floating* zp
     cdef const floating* yp
     while r0 < r1:
@@ -1528,12 +1543,7 @@ cdef void _backprop_images(int act, const geom* g, const floating* dz, const flo
         gemm_with(_blas, c'T', c'N', <int>K, <int>(e - r0), <int>O, w, <int>O, dz + r0 * O,
                   <int>O, 0, dcol, <int>K)
         _col2im(g, dcol, dx, r0, e)
-        while (nd + 1) * pq <= e:   # images complete after this chunk
-            n = nd
-            zp = zb + n * hwc if zb != NULL else NULL
-            yp = yb + n * hwc if yb != NULL else NULL
-            act_backward_range(act, dx + n * hwc, zp, yp, dx + n * hwc, 0, hwc)
-            nd += 1
+        nd = _derive_images(act, dx, zb, yb, hwc, nd, e // pq)
         r0 = e
 
 
@@ -1946,8 +1956,6 @@ cdef void _wino_delta_images(int act, const wgeom* g, const floating* dz, const 
                                       + _align(36 * max(C, CO) * sizeof(floating)))
     cdef const floating* gp[16]
     cdef floating* pp[36]
-    cdef const floating* zp
-    cdef const floating* yp
     memset(dx + n0 * hwc, 0, (n1 - n0) * hwc * sizeof(floating))
     while t0 < t1:
         e = min(t1, t0 + g.tt)
@@ -1986,11 +1994,7 @@ cdef void _wino_delta_images(int act, const wgeom* g, const floating* dz, const 
                 fnn_wino4_in_adj_f(dV + (t - t0) * C, vp, C, pp, tmp)
             else:
                 fnn_wino4_in_adj_d(dV + (t - t0) * C, vp, C, pp, tmp)
-        while (nd + 1) * per <= e:      # images complete after this chunk
-            zp = zb + nd * hwc if zb != NULL else NULL
-            yp = yb + nd * hwc if yb != NULL else NULL
-            act_backward_range(act, dx + nd * hwc, zp, yp, dx + nd * hwc, 0, hwc)
-            nd += 1
+        nd = _derive_images(act, dx, zb, yb, hwc, nd, e // per)
         t0 = e
 
 
