@@ -28,7 +28,8 @@ Three ways to a convolution, chosen by its geometry:
   Rounding in float32, measured against float64 at conv2's shapes (largest
   error relative to the largest output): F(2x2, 3x3) 0.35-0.55x im2col's
   error in the forward pass, 1.0-1.6x in ``dw``, 1.4-2.0x in the delta, at
-  most 1e-6 of the largest output; F(4x4, 3x3) 3-7x, 5-17x and 6-8x, at
+  most 1e-6 of the largest output; F(4x4, 3x3) 3-7x, 5-17x and 6-8x (8-23x
+  with OpenBLAS's Haswell kernels, ``OPENBLAS_CORETYPE=Haswell``), at
   most 6.2e-6 of the largest output (its transforms multiply by up to 8 and
   1/24). That is within the parity tolerance (``rtol`` 1e-5, ``atol`` 1e-6
   per term of the sum) for data at unit scale, but not for inputs spread

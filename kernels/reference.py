@@ -22,7 +22,7 @@ Conventions (``../shared/DESIGN.md``, "The kernel contract"):
   channels in and out run Winograd F(2x2, 3x3) (within the tolerance) or,
   for outputs where it saves more, F(4x4, 3x3), whose float32 error follows
   the largest output instead: at most 6.2e-6 of it measured at the MNIST
-  convnet's shapes (3-17x im2col's error; within the tolerance for data at
+  convnet's shapes (3-23x im2col's error, by the BLAS's kernels; within the tolerance for data at
   unit scale, not for inputs spread over six decades), bounded at 2e-5 of it
   in the tests (``WINO4_REL``). float64 keeps 4e-14 of it.
 """

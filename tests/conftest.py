@@ -4,6 +4,7 @@ Hypothesis runs with ``deadline=None`` and a bounded number of examples,
 derandomized in CI (``CI`` set) so that a run is repeatable.
 """
 
+import functools
 import os
 
 import numpy as np
@@ -29,6 +30,37 @@ TOLERANCE = {np.dtype(np.float32): (1e-5, 1e-6), np.dtype(np.float64): (1e-12, 1
 #: tolerance's ``atol`` per term). test_winograd_rounding measures it at the
 #: convnet's shapes (float32: at most 6.2e-6 of the largest output).
 WINO4_REL = {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 4e-14}
+
+
+@functools.cache
+def blas_rounds_rows_alike(dtype):
+    """Whether the cython backend's BLAS gives a row of an 845x144 @ 144x24
+    product the same bits on 1 and 2 threads and wherever the row falls (the
+    rows shifted by 5). OpenBLAS's SkylakeX kernels do; its Haswell kernels
+    (``OPENBLAS_CORETYPE=Haswell``, set on some machines) do not: there a
+    row's rounding depends on the micro-kernel its position gives it. Tests
+    that claim the same bits for a GEMM cut into other pieces (threads,
+    chunks) claim them where this holds, and the GEMM's tolerance elsewhere.
+    (A product of a few rows may round otherwise in either: OpenBLAS's small-
+    matrix kernels.)"""
+    from threadpoolctl import threadpool_limits
+
+    from fastnn.kernels import cython_cpu as cy
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((845, 144)).astype(dtype)
+    w = rng.standard_normal((144, 24)).astype(dtype)
+    b = np.zeros(24, dtype)
+
+    def product(start, threads):
+        out = np.empty((845 - start, 24), dtype)
+        with threadpool_limits(threads, user_api="blas"):
+            cy.dense_forward(x[start:], w, b, "identity", out)
+        return out
+
+    product(844, 1)   # the BLAS loaded before its threads are limited
+    whole = product(0, 2)
+    return np.array_equal(whole, product(0, 1)) and np.array_equal(whole[5:], product(5, 2))
 
 
 def tolerance(dtype, reduction=1):

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import fastnn
 from fastnn.kernels import reference as ref
-from conftest import DTYPES, WINO4_REL, assert_close, tolerance
+from conftest import DTYPES, WINO4_REL, assert_close, blas_rounds_rows_alike, tolerance
 
 cy = pytest.importorskip("fastnn.kernels.cython_cpu",
                          reason="the Cython extensions are not built")
@@ -652,10 +652,12 @@ def test_conv_chunk_boundaries(chunk_bytes, path, dtype):
 #: the im2col GEMM's (both against float64, relative to the largest output):
 #: measured F(2x2, 3x3) forward 0.35-0.55x, dw 1.0-1.6x, delta 1.4-2.0x;
 #: F(4x4, 3x3) forward 3.3-7.3x, dw 5.2-16.5x (a unit of dw's sum spans up
-#: to 128 tiles), delta (the forward pass's adjoint) 6.3-8.4x. The bounds
-#: leave 1.5-2x over that.
+#: to 128 tiles), delta (the forward pass's adjoint) 6.3-8.4x with OpenBLAS's
+#: SkylakeX kernels and 8.4-22.6x with its Haswell kernels
+#: (``OPENBLAS_CORETYPE=Haswell``: the delta's error 1.3-2.6x larger, im2col's
+#: the same). The bounds leave 1.5-2x over that.
 WINOGRAD_ROUNDING = {2: {"forward": 3, "dw": 3, "dx": 3},
-                     4: {"forward": 12, "dw": 24, "dx": 16}}
+                     4: {"forward": 12, "dw": 24, "dx": 36}}
 #: ... and relative to the largest output: F(4x4, 3x3) measured at most 6.2e-6
 WINOGRAD_ROUNDING_MAX = {2: 1e-6, 4: 1e-5}
 
@@ -749,22 +751,33 @@ def test_conv_serial_and_parallel_paths(path, dtype):
     """Two and three threads (uneven shares, handed out as threads come free)
     against one. The forward pass, the delta below, pooling and dropout work
     per row or tile; dw and db are summed in units whose number does not
-    depend on the threads, then added in unit order: bit for bit, except
-    that the im2col forward pass and delta (one GEMM per chunk) may round a
-    row by where it falls in a chunk in some BLAS (not in OpenBLAS)."""
+    depend on the threads, then added in unit order: bit for bit where the
+    BLAS rounds a row alike wherever it falls and on any thread count
+    (``blas_rounds_rows_alike``: OpenBLAS's SkylakeX kernels, not its Haswell
+    ones), else what goes through a GEMM within the GEMM's tolerance. The
+    im2col forward pass and delta (one GEMM per chunk) may round a row by
+    where it falls in a chunk in any BLAS (chunks of a few rows take
+    OpenBLAS's small-matrix kernels)."""
     geometry = (5, 13, 13, 16, 24, 3, 3, (1, 1), (1, 1, 1, 1))
     settings = {"gemm": dict(direct_max_k=0, winograd=False),
                 "direct": dict(direct_max_k=10**6, winograd=False),
                 "winograd": dict(winograd=True),            # F(4x4, 3x3) at 13x13
                 "winograd2": dict(winograd=True, tile=2)}[path]
+    # what goes through a GEMM, and the length of its sums
+    by_gemm = {"forward": 144, "backprop": 216, "dw": 845}
+    if path == "direct":
+        by_gemm = {"backprop": 216}   # the delta below; the forward pass and dw are loops
+    exact_gemm = blas_rounds_rows_alike(dtype)
     with _conv_settings(threads=1, **settings):
         serial = _check_conv(geometry, dtype, acts=("relu", "gelu"), seed=4)
     for threads in (2, 3):
         with _conv_settings(threads=threads, par_min=(1, 1), **settings):
             parallel = _check_conv(geometry, dtype, acts=("relu", "gelu"), seed=4)
         for key, value in serial.items():
-            if path == "gemm" and key.startswith(("forward", "backprop")):
-                assert_close(parallel[key], value, dtype, reduction=144, err_msg=key)
+            reduction = by_gemm.get(key.split("[")[0])
+            if reduction and (not exact_gemm or (path == "gemm" and key != "dw")):
+                assert_close(parallel[key], value, dtype, reduction=reduction,
+                             err_msg=f"{key} {threads}")
             else:
                 np.testing.assert_array_equal(parallel[key], value, err_msg=f"{key} {threads}")
     rng = np.random.default_rng(8)
